@@ -1,0 +1,145 @@
+"""Matmul backends for ``QuantLinear`` and the rule that picks one.
+
+A backend is an object with::
+
+    name: str
+    can_implement(spec: LinearSpec) -> tuple[bool, str]   # (ok, reason when not ok)
+    prepare(layer) -> None          # one-time work before the first forward (e.g. repack)
+    forward(layer, x) -> Tensor     # y = x @ dequant(W).T + bias
+
+Backends are tried in registration order (fastest first); the pure-torch backend
+is registered last and implements every spec on every device, so a choice always
+exists — but a *forced* backend that cannot implement a spec raises with every
+reason instead of silently falling back. Force one with ``QuantLinear(...,
+backend="torch")``, ``llmq.nn.set_backend(model, "torch")`` or the environment
+variable ``LLMQ_BACKEND``. The choice is logged once per (backend, reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from llmq.quant.packing import unpack
+
+if TYPE_CHECKING:
+    from llmq.nn.quant_linear import QuantLinear
+
+logger = logging.getLogger("llmq")
+
+BACKEND_ENV = "LLMQ_BACKEND"
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Everything a backend needs to decide whether it can run a layer on an input."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    device_type: str  # "cpu", "cuda", ...
+    act_dtype: torch.dtype
+
+
+class LinearBackend(Protocol):
+    name: str
+
+    def can_implement(self, spec: LinearSpec) -> tuple[bool, str]: ...
+
+    def prepare(self, layer: "QuantLinear") -> None: ...
+
+    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    """Reference backend: unpack + dequantize the whole weight, then ``x @ W.T``.
+
+    Runs anywhere (CPU and CUDA) in the activation dtype; materialises the float
+    weight for the duration of the call, so it is the slow, always-correct path.
+    """
+
+    name = "torch"
+
+    def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
+        return True, "pure-torch reference runs every layer on every device"
+
+    def prepare(self, layer: "QuantLinear") -> None:
+        return None
+
+    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_packed(layer).to(x.dtype)  # [K, N]
+        y = x @ w
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        return y
+
+
+def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
+    """Float32 ``[K, N]`` weight (transposed w.r.t. ``nn.Linear``) from a layer's buffers."""
+    k = layer.in_features
+    codes = unpack(layer.qweight, layer.bits, k).to(torch.int32)  # [K, N]
+    gidx = torch.arange(k, device=codes.device) // layer.effective_group_size  # [K]
+    scales = layer.scales.float()[gidx]  # [K, N]
+    if layer.qzeros is not None:
+        zeros = layer.qzeros.to(torch.int32)[gidx]
+    else:
+        zeros = 1 << (layer.bits - 1)
+    return (codes - zeros).float() * scales
+
+
+_REGISTRY: list[LinearBackend] = []
+
+
+def register_backend(backend: LinearBackend, *, first: bool = True) -> None:
+    """Add a backend; ``first=True`` puts it ahead of the existing ones (preferred)."""
+    if any(b.name == backend.name for b in _REGISTRY):
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    if first:
+        _REGISTRY.insert(0, backend)
+    else:
+        _REGISTRY.append(backend)
+
+
+def available_backends() -> list[str]:
+    return [b.name for b in _REGISTRY]
+
+
+def get_backend(name: str) -> LinearBackend:
+    for b in _REGISTRY:
+        if b.name == name:
+            return b
+    raise ValueError(f"unknown backend {name!r}: available backends are {available_backends()}")
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def choose_backend(spec: LinearSpec, forced: str | None = None) -> LinearBackend:
+    """The first registered backend that can implement ``spec`` (or the forced one).
+
+    Raises ``ValueError`` listing every backend's reason when none fits, or when the
+    forced backend cannot implement the spec.
+    """
+    forced = forced or os.environ.get(BACKEND_ENV) or None
+    candidates = [get_backend(forced)] if forced else list(_REGISTRY)
+    reasons = []
+    for backend in candidates:
+        ok, reason = backend.can_implement(spec)
+        if ok:
+            key = (backend.name, reason)
+            if key not in _logged:
+                _logged.add(key)
+                logger.info("llmq: QuantLinear backend %r (%s)", backend.name, reason)
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    how = f"forced backend {forced!r}" if forced else "no registered backend"
+    raise ValueError(f"{how} cannot run {spec}: " + "; ".join(reasons))
+
+
+register_backend(TorchBackend())

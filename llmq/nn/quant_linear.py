@@ -1,0 +1,123 @@
+"""``QuantLinear``: a weight-only quantized drop-in for ``nn.Linear``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmq.nn.backends import LinearBackend, LinearSpec, choose_backend
+from llmq.quant.packing import pack, packed_rows
+from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
+from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W).T + bias`` with W stored as packed integer codes.
+
+    Buffers (K = in_features, N = out_features, P = codes per int32 word,
+    G = ceil(K / group_size), or 1 per channel)::
+
+        qweight  [ceil(K / P), N]  int32    codes packed along K (llmq.quant.packing layout;
+                                            = GPTQ qweight for 4/8 bit); codes past K are 0 and
+                                            never used (every backend masks K)
+        scales   [G, N]            float16  per-group scales (from_pretrained casts them to the
+                                            model dtype)
+        qzeros   [G, N]            uint8    per-group integer zero points; absent when symmetric
+                                            (zero = 2**(bits-1))
+        bias     [N]               float    optional
+
+    Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``.
+
+    ``forward`` runs through a backend chosen once per (device, dtype) by
+    ``llmq.nn.backends.choose_backend``; ``backend=`` forces one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in SUPPORTED_WEIGHT_BITS:
+            raise ValueError(f"unsupported weight bits {bits}: choose one of {SUPPORTED_WEIGHT_BITS}")
+        if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"unsupported group size {group_size}: choose one of {SUPPORTED_GROUP_SIZES} or None")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.backend_name = backend
+        self._backend: dict[tuple[str, torch.dtype], LinearBackend] = {}
+        g = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.ones(g, out_features, dtype=SCALE_DTYPE, device=device))
+        if symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.zeros(g, out_features, dtype=torch.uint8, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def effective_group_size(self) -> int:
+        return effective_group_size(self.in_features, self.group_size)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str | None = None
+    ) -> "QuantLinear":
+        """Pack a ``QuantizedWeight`` (``[N, K]`` codes) into a new layer on the codes' device."""
+        n, k = qw.shape
+        layer = cls(k, n, qw.bits, qw.group_size, qw.symmetric, bias=bias is not None,
+                    dtype=None if bias is None else bias.dtype, device=qw.codes.device, backend=backend)
+        layer.qweight.copy_(pack(qw.codes.t(), qw.bits))
+        layer.scales.copy_(qw.scales.t().to(SCALE_DTYPE))
+        if layer.qzeros is not None:
+            layer.qzeros.copy_(qw.zeros.t().to(torch.uint8))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def spec(self, x: torch.Tensor) -> LinearSpec:
+        return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
+                          x.device.type, x.dtype)
+
+    def backend_for(self, x: torch.Tensor) -> LinearBackend:
+        key = (x.device.type, x.dtype)
+        backend = self._backend.get(key)
+        if backend is None:
+            backend = choose_backend(self.spec(x), forced=self.backend_name)
+            backend.prepare(self)
+            self._backend[key] = backend
+        return backend
+
+    def set_backend(self, name: str | None) -> None:
+        """Force a backend by name (``None`` = automatic choice); takes effect at the next forward."""
+        self.backend_name = name
+        self._backend.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
+        return self.backend_for(x).forward(self, x)
+
+    def storage_bytes(self) -> int:
+        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size is None else self.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={g}, symmetric={self.symmetric}, bias={self.bias is not None}")
