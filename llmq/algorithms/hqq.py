@@ -1,0 +1,128 @@
+"""HQQ-style calibration-free optimisation of scales and integer zeros.
+
+Badri, Shaji, "Half-Quadratic Quantization of Large Machine Learning Models"
+(Mobius Labs, 2023; reference code ``hqq/core/optimize.py``,
+``optimize_weights_proximal``).
+
+HQQ fits the quantization parameters to the *weights* alone with a robust
+``ℓp`` loss (``p < 1``), which lets a few outliers keep a large error instead of
+stretching the grid for everyone::
+
+    min_{S, z}  ‖ W − (Q − z) · S ‖_p ,   Q = clamp(round(W / S + z), 0, Qmax)
+
+Half-quadratic splitting adds an auxiliary error ``W_e`` and alternates:
+
+    1. W_e ← shrink_p(W − (Q − z)·S, β)          (generalised soft threshold, p-norm prox)
+    2. (S, z) ← argmin ‖(Q − z)·S − (W − W_e)‖²   (closed form, per group)
+    3. Q ← clamp(round(W / S + z)),  β ← κ·β
+
+Canonical integer zeros (our choice, documented): the reference HQQ updates a
+*float* zero with a fixed scale. llmq stores integer zeros, so step 2 here is a
+per-group least-squares line fit ``W − W_e ≈ S·Q + b`` whose zero ``−b/S`` is
+rounded to an integer in ``[0, Qmax]`` (projection onto the feasible set), then
+the scale is re-fitted for that integer zero. Symmetric recipes keep
+``z = 2**(bits-1)`` and fit ``S`` only. The best ``(S, z)`` seen per group (by the
+``ℓp`` objective, started from RTN's parameters) is kept and the scale rounded
+to fp16, so the result never has a larger ``ℓp`` error than RTN and the codes
+are recomputed for the exact stored parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmq.quant.primitives import (
+    QuantizedWeight,
+    check_finite,
+    choose_qparams,
+    qmax,
+    quantize,
+    quantize_with_params,
+    to_groups,
+)
+
+_TINY = torch.finfo(torch.float16).tiny
+
+
+def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of ``|x|^p / β`` (HQQ's generalised soft thresholding)."""
+    ax = x.abs()
+    return torch.sign(x) * torch.relu(ax - ax.clamp(min=1e-8).pow(p - 1) / beta)
+
+
+class HQQ:
+    """HQQ-style half-quadratic solver for one Linear weight; needs no calibration data.
+
+    Usage::
+
+        qw = HQQ(linear.weight, bits=3, group_size=64, symmetric=False).quantize()
+
+    Args:
+        weight: ``[N, K]`` float (``nn.Linear.weight`` layout); not modified.
+        iters: proximal iterations.
+        lp_norm: ``p`` of the robust loss (0.7 in the reference).
+        beta, kappa: initial penalty and its growth per iteration (10, 1.01).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        iters: int = 20,
+        lp_norm: float = 0.7,
+        beta: float = 10.0,
+        kappa: float = 1.01,
+        name: str = "weight",
+    ) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D [out_features, in_features] weight, got {tuple(weight.shape)}")
+        if not 0 < lp_norm <= 1:
+            raise ValueError(f"lp_norm must be in (0, 1], got {lp_norm}")
+        check_finite(weight, name)
+        self.W = weight
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.iters, self.lp_norm, self.beta, self.kappa = iters, lp_norm, beta, kappa
+
+    def _objective(self, Wg, S, z) -> torch.Tensor:
+        """``[N, G]`` ℓp error of the groups ``Wg`` ``[N, G, g]`` under ``(S, z)``."""
+        Q = quantize(Wg, S[..., None], z[..., None], self.bits).float()
+        return (Wg - (Q - z[..., None]) * S[..., None]).abs().pow(self.lp_norm).sum(-1)
+
+    @torch.no_grad()
+    def quantize(self) -> QuantizedWeight:
+        W = self.W.detach().float()
+        Wg = to_groups(W, self.group_size)  # [N, G, g]; padded zeros fit exactly (0 ↦ z)
+        qm = qmax(self.bits)
+        S, z = choose_qparams(Wg, self.bits, self.symmetric)  # RTN start, [N, G]
+        best_S, best_z, best_err = S, z, self._objective(Wg, S, z)
+        zf = z.float()
+        beta = self.beta
+        for _ in range(self.iters):
+            Q = torch.round(Wg / S[..., None] + zf[..., None]).clamp(0, qm)
+            We = shrink_lp(Wg - (Q - zf[..., None]) * S[..., None], beta, self.lp_norm)
+            T = Wg - We  # target the grid should reproduce
+            if not self.symmetric:
+                # line fit T ≈ S·Q + b, then project the zero -b/S onto the integers
+                qc = Q - Q.mean(-1, keepdim=True)
+                var = (qc * qc).sum(-1)
+                slope = (qc * T).sum(-1) / var.clamp(min=1e-12)
+                b = T.mean(-1) - slope * Q.mean(-1)
+                ok = (var > 0) & (slope > 0)
+                zf = torch.where(ok, torch.round(-b / slope.clamp(min=_TINY)).clamp(0, qm), zf)
+            qz = Q - zf[..., None]
+            den = (qz * qz).sum(-1)
+            S_new = (qz * T).sum(-1) / den.clamp(min=1e-12)
+            S = torch.where((den > 0) & (S_new > 0), S_new, S).clamp(min=_TINY)
+            beta *= self.kappa
+            # candidate with an fp16-representable scale, as it will be stored
+            S16 = S.to(torch.float16).float().clamp(min=_TINY)
+            zi = zf.to(torch.int32)
+            err = self._objective(Wg, S16, zi)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_S = torch.where(better, S16, best_S)
+            best_z = torch.where(better, zi, best_z)
+        codes = quantize_with_params(W, best_S, best_z, self.bits, self.group_size)
+        return QuantizedWeight(codes, best_S, best_z, self.bits, self.group_size, self.symmetric)
