@@ -1,0 +1,11 @@
+"""Calibration data for activation-aware methods (GPTQ, AWQ)."""
+
+from llmq.calibration.data import (
+    DEFAULT_SOURCE,
+    CalibrationSpec,
+    calibration_batch,
+    check_calibration_source,
+    load_calibration_texts,
+)
+
+__all__ = ["DEFAULT_SOURCE", "CalibrationSpec", "calibration_batch", "check_calibration_source", "load_calibration_texts"]

@@ -1,0 +1,299 @@
+"""Layer-sequential quantization: one decoder layer in memory at a time.
+
+::
+
+    calibration ids ─▶ embeddings ─▶ [pre-hook on layer 0 raises] ─▶ inputs X₀ (+ kwargs: mask, rotary, …)
+    for each decoder layer i:
+        materialise layer i from the safetensors files (or take it from an in-memory model)
+        for each sub-group (q/k/v, o, gate/up, down):         true-sequential
+            run the layer on X_i, hooks feed the sub-group's input to the algorithm, stop early
+            quantize the sub-group, write the dequantized weights back (the layer now runs quantized)
+        swap the Linears for QuantLinear, run the quantized layer: X_{i+1} = layer_i(X_i)
+    materialise the final norm and lm_head
+
+Memory: the embeddings, one float decoder layer, the calibration activations
+(two copies of ``[nsamples, seqlen, hidden]`` fp32) and the quantized layers
+done so far — never the float model. ``max_memory_mb`` checks that plan
+before any work starts; on CUDA it moves the activations to host memory when
+they do not fit beside the layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from accelerate.utils import set_module_tensor_to_device
+
+from llmq.model.rtn import QuantizationSummary, model_bytes
+from llmq.model.swap import set_submodule
+from llmq.nn.quant_linear import QuantLinear
+from llmq.pipeline.lazy import LazyCheckpoint, empty_model, materialise
+from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups
+from llmq.quant.primitives import QuantizedWeight
+from llmq.recipes import WeightRecipe
+from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs; the rest of the forward is skipped."""
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for every calibration batch."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)  # [b, T, hidden] each
+    kwargs: list[dict] = field(default_factory=list)  # attention mask, position embeddings, ...
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(prefix, layers)`` of the repeated decoder blocks (the ``ModuleList`` of ``num_hidden_layers``)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of num_hidden_layers={n} decoder layers found; "
+                     f"the layer pipeline supports decoder-only transformers (Llama, Mistral, Qwen2, ...)")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                          device: torch.device, store: torch.device) -> LayerInputs:
+    """Run the model up to decoder layer 0 for each batch of ``input_ids`` ``[n, T]``; keep its inputs."""
+    captured = LayerInputs()
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.to(store))
+        captured.kwargs.append(_to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in input_ids.split(batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> list[torch.Tensor]:
+    outs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer(hidden.to(device), **_to(kwargs, device))
+        outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
+    return outs
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: LayerInputs | None,
+                   device: torch.device) -> tuple[list[torch.Tensor] | None, int, int, int]:
+    """Quantize the selected Linears of one decoder ``layer`` in place (swapped for ``QuantLinear``).
+
+    Returns ``(next-layer inputs or None, #linears, #weights, float bytes of the linears)``.
+    """
+    selected = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and recipe.matches(f"{prefix}.{n}")]
+    qweights: dict[str, QuantizedWeight] = {}
+    for sub in plan_subgroups(layer, selected):
+        quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)
+        if quantizer.needs_data:
+            first = layer.get_submodule(sub.names[0])
+
+            def hook(module, args, q=quantizer):
+                q.add_batch(args[0])
+                raise _StopForward
+
+            handle = first.register_forward_pre_hook(hook)
+            try:
+                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                    try:
+                        layer(hidden.to(device), **_to(kwargs, device))
+                    except _StopForward:
+                        pass
+            finally:
+                handle.remove()
+        qweights.update(quantizer.quantize(layer, qweights))
+    n_weights = n_bytes = 0
+    for name in selected:
+        linear = layer.get_submodule(name)
+        n_weights += linear.weight.numel()
+        n_bytes += linear.weight.numel() * 4
+        set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
+    outs = _run_layer(layer, inputs, device) if inputs is not None else None
+    return outs, len(selected), n_weights, n_bytes
+
+
+def _check_plan(max_memory_mb, parts: dict[str, float], device: torch.device) -> bool:
+    """``True`` if the activations must live on the host (CUDA only); raises if the plan cannot fit."""
+    if max_memory_mb is None:
+        return False
+    total = sum(parts.values())
+    if total <= max_memory_mb:
+        return False
+    acts = parts.get("calibration activations", 0.0)
+    if device.type == "cuda" and total - acts <= max_memory_mb:
+        return True
+    detail = ", ".join(f"{k} {v:.0f} MB" for k, v in parts.items())
+    raise ValueError(f"the layer-wise plan needs about {total:.0f} MB ({detail}) but --max-memory is "
+                     f"{max_memory_mb:.0f} MB; lower --nsamples/--seqlen or raise --max-memory")
+
+
+def _check_calibration(recipe: WeightRecipe, input_ids: torch.Tensor | None) -> None:
+    method_args(recipe)  # unknown arguments fail now
+    if recipe.method in NEEDS_CALIBRATION and input_ids is None:
+        raise ValueError(f"method {recipe.method.value!r} needs calibration data (calibration_ids / --calib)")
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.numel() == 0):
+        raise ValueError(f"calibration ids must be a non-empty [nsamples, seqlen] tensor, got {tuple(input_ids.shape)}")
+
+
+def _check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> None:
+    """Every selected Linear must sit in a decoder layer; at least one must be selected."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and recipe.matches(n)]
+    outside = [n for n in names if not n.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(f"the layer pipeline quantizes Linears inside the decoder layers only, but the recipe "
+                         f"selects {outside}; exclude them (e.g. --exclude {outside[0]!r})")
+    if not names:
+        raise ValueError(f"the recipe selects no nn.Linear (include={list(recipe.include)}, "
+                         f"exclude={list(recipe.exclude)}); check the patterns against `llmq inspect` module names")
+
+
+def _default_device(device) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantize_layerwise(
+    folder: str | Path,
+    recipe: WeightRecipe,
+    calibration_ids: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    max_memory_mb: float | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, QuantizationSummary]:
+    """Quantize the float model in ``folder`` reading one decoder layer at a time from its safetensors.
+
+    Args:
+        folder: Hugging Face model folder (safetensors weights).
+        calibration_ids: ``[nsamples, seqlen]`` int64 (``llmq.calibration.calibration_batch``);
+            required by GPTQ and AWQ, unused by RTN and HQQ.
+        device: where layers run (default CUDA when available, else CPU).
+        max_memory_mb: memory budget checked before any work (host RSS on CPU, device memory on CUDA).
+
+    Returns:
+        the model (``QuantLinear`` in the decoder layers, everything else materialised
+        on the host in fp32) and a summary.
+    """
+    start = time.perf_counter()
+    _check_calibration(recipe, calibration_ids)
+    device = _default_device(device)
+    ckpt = LazyCheckpoint(folder)
+    model = empty_model(folder, trust_remote_code)
+    prefix, layers = find_decoder_layers(model)
+    _check_selection(model, prefix, recipe)
+    hidden = model.config.hidden_size
+    layer_mb = max(ckpt.nbytes(f"{prefix}.{i}.") for i in range(len(layers))) * 2 / 1e6  # fp32 of fp16 worst case
+    inner = set(f"{prefix}.{i}." for i in range(len(layers)))
+    outer_mb = sum(ckpt.nbytes(n) for n in ckpt.files if not any(n.startswith(p) for p in inner)) * 2 / 1e6
+    acts_mb = 0.0 if calibration_ids is None else 2 * calibration_ids.numel() * hidden * 4 / 1e6
+    quant_mb = ckpt.nbytes(f"{prefix}.") * 2 / 1e6 * (recipe.bits + 1) / 32
+    base = current_rss_mb() if device.type == "cpu" else 0.0
+    acts_on_host = _check_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb, "one layer": layer_mb,
+                                                "calibration activations": acts_mb, "quantized layers": quant_mb}, device)
+    store = torch.device("cpu") if acts_on_host else device
+
+    for name, _ in list(model.named_buffers()):  # rotary tables etc. are real tensors on the host
+        set_module_tensor_to_device(model, name, device)
+    # embeddings first (tied heads share them)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            materialise(model, name, ckpt, device)
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    inputs = None
+    if calibration_ids is not None:
+        inputs = capture_layer0_inputs(model, layers, calibration_ids, batch_size, device, store)
+
+    def load_layer(i):
+        return materialise(model, f"{prefix}.{i}", ckpt, device)
+
+    n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress)
+    # everything outside the decoder layers (final norm, head), on the host
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta":
+            materialise(model, name.rpartition(".")[0], ckpt, torch.device("cpu"))
+    model.to("cpu")
+    return model, _summary(model, n, weights, fp_bytes, ckpt.nbytes() / 1e6, start)
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: WeightRecipe,
+    calibration_ids: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationSummary:
+    """Same as ``quantize_layerwise`` for a model already in memory (modified in place)."""
+    start = time.perf_counter()
+    _check_calibration(recipe, calibration_ids)
+    device = _default_device(device)
+    before = model_bytes(model) / 1e6
+    prefix, layers = find_decoder_layers(model)
+    _check_selection(model, prefix, recipe)
+    home = next(model.parameters()).device
+    inputs = None
+    if calibration_ids is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Embedding):
+                module.to(device)
+        inputs = capture_layer0_inputs(model, layers, calibration_ids, batch_size, device, device)
+    n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, lambda i: layers[i].to(device),
+                                       progress)
+    model.to(home)
+    return _summary(model, n, weights, fp_bytes, before, start)
+
+
+def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress) -> tuple[int, int, int]:
+    bar = tqdm(range(len(layers)), desc=f"quantize ({recipe.method.value})", unit="layer", disable=not progress)
+    n = weights = fp_bytes = 0
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = load_layer(i)
+        outs, k, w, b = quantize_layer(layer, f"{prefix}.{i}", recipe, inputs, device)
+        n, weights, fp_bytes = n + k, weights + w, fp_bytes + b
+        if inputs is not None:
+            inputs.hidden = outs
+        if device.type == "cuda":
+            layer.to("cpu")  # finished layers wait on the host
+        bar.set_postfix({"layer_s": f"{time.perf_counter() - t0:.1f}", **memory_postfix()})
+    return n, weights, fp_bytes
+
+
+def _summary(model, n, weights, fp_bytes, before_mb, start) -> QuantizationSummary:
+    after = sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    return QuantizationSummary(
+        linears=n, quantized_params=weights, model_mb_before=before_mb, model_mb_after=model_bytes(model) / 1e6,
+        linear_mb_before=fp_bytes / 1e6, linear_mb_after=after / 1e6, bits_per_weight=8 * after / weights,
+        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+    )
