@@ -96,11 +96,51 @@ def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: to
     return captured
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> list[torch.Tensor]:
+# Blocks whose output is one Linear of a cached input: once that Linear's sub-group has
+# been calibrated, later passes replay the block from its cached input instead of
+# recomputing everything before it (the attention, or gate/up) — about half the work.
+# (container, how the container returns its last Linear's output)
+REPLAYABLE = {
+    "self_attn.o_proj": ("self_attn", lambda container, y: (y, None)),  # attention returns (out, weights)
+    "mlp.down_proj": ("mlp", lambda container, y: y),
+}
+# decoder layers known to apply exactly these blocks as ``x + block(norm(x))``
+_REPLAY_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns ``last_linear(cached input of the current batch)``."""
+
+    def __init__(self, block: nn.Module, linear: str, wrap, cached: list[torch.Tensor], state: dict) -> None:
+        super().__init__()
+        self.block, self.linear, self.wrap, self.cached, self.state = block, linear, wrap, cached, state
+
+    def forward(self, *args, **kwargs):
+        x = self.cached[self.state["batch"]].to(self.state["device"])
+        return self.wrap(self.block, self.block.get_submodule(self.linear)(x))
+
+
+def _forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> list[torch.Tensor]:
+    """Run ``layer`` on every batch (blocks in ``replays`` replayed from their caches)."""
+    originals = {}
+    for linear, cached in replays.items():
+        container, wrap = REPLAYABLE[linear]
+        originals[container] = layer.get_submodule(container)
+        local = linear[len(container) + 1:]
+        set_submodule(layer, container, _Replay(originals[container], local, wrap, cached, state))
     outs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = layer(hidden.to(device), **_to(kwargs, device))
-        outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
+    try:
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            state["batch"] = b
+            try:
+                out = layer(hidden.to(device), **_to(kwargs, device))
+            except _StopForward:
+                continue
+            if keep_outputs:
+                outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
+    finally:
+        for container, module in originals.items():
+            set_submodule(layer, container, module)
     return outs
 
 
@@ -113,33 +153,47 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     """
     selected = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and recipe.matches(f"{prefix}.{n}")]
     qweights: dict[str, QuantizedWeight] = {}
+    replays: dict[str, list[torch.Tensor]] = {}
+    state = {"batch": 0, "device": device}
     for sub in plan_subgroups(layer, selected):
         quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)
+        first = sub.names[0]
+        cache = [] if first in REPLAYABLE and _replay_ok(layer, first) else None
         if quantizer.needs_data:
-            first = layer.get_submodule(sub.names[0])
 
-            def hook(module, args, q=quantizer):
+            def hook(module, args, q=quantizer, cache=cache):
                 q.add_batch(args[0])
+                if cache is not None:
+                    cache.append(args[0])
                 raise _StopForward
 
-            handle = first.register_forward_pre_hook(hook)
+            handle = layer.get_submodule(first).register_forward_pre_hook(hook)
             try:
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-                    try:
-                        layer(hidden.to(device), **_to(kwargs, device))
-                    except _StopForward:
-                        pass
+                _forward_all(layer, inputs, device, replays, state, keep_outputs=False)
             finally:
                 handle.remove()
+            if cache is not None:
+                replays[first] = cache
         qweights.update(quantizer.quantize(layer, qweights))
+        if quantizer.folded is not None and sub.producer is not None:
+            # AWQ divided the producer of this input by s: the cached inputs shrink alike
+            for other, cached in replays.items():
+                if other in sub.names:
+                    replays[other] = [c / quantizer.folded.to(c.device) for c in cached]
     n_weights = n_bytes = 0
     for name in selected:
         linear = layer.get_submodule(name)
         n_weights += linear.weight.numel()
         n_bytes += linear.weight.numel() * 4
         set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
-    outs = _run_layer(layer, inputs, device) if inputs is not None else None
+    outs = _forward_all(layer, inputs, device, replays, state, keep_outputs=True) if inputs is not None else None
     return outs, len(selected), n_weights, n_bytes
+
+
+def _replay_ok(layer: nn.Module, linear: str) -> bool:
+    container = REPLAYABLE[linear][0]
+    modules = dict(layer.named_modules())
+    return container in modules and linear in modules and type(layer).__name__ in _REPLAY_LAYERS
 
 
 def _check_plan(max_memory_mb, parts: dict[str, float], device: torch.device) -> bool:

@@ -121,6 +121,7 @@ class SubgroupQuantizer:
 
     def __init__(self, sub: Subgroup, layer: nn.Module, recipe: WeightRecipe, prefix: str) -> None:
         self.sub, self.recipe, self.args = sub, recipe, method_args(recipe)
+        self.folded: torch.Tensor | None = None  # AWQ scales divided out of the producer
         self.linears = [layer.get_submodule(n) for n in sub.names]
         self.full_names = [f"{prefix}.{n}" for n in sub.names]
         r, a = recipe, self.args
@@ -158,6 +159,7 @@ class SubgroupQuantizer:
             out = self.awq.quantize(s)
             if s is not None:
                 fold_scales(layer, self.sub.producer, s, qweights)
+                self.folded = s
         elif r.method is WeightMethod.HQQ:
             out = [HQQ(lin.weight.data, r.bits, r.group_size, r.symmetric, iters=a["iters"],
                        lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], name=name).quantize()

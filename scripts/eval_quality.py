@@ -1,0 +1,152 @@
+"""Regenerate the quality table: SmolLM2-135M perplexity per method and setting.
+
+Every run is a fresh subprocess (so its peak RSS is its own): quantize the
+float model layer by layer (``llmq.pipeline.quantize_layerwise``), then
+evaluate ``llmq.eval.perplexity`` on the held-out BBC text (PEERS.md protocol:
+first 16,384 tokens, 512-token windows, no BOS). Calibration (GPTQ, AWQ) is
+the BBC calibration split (business + sports, odd files), seed 0.
+
+    python scripts/eval_quality.py                       # full table -> results/quality.{json,png}
+    python scripts/eval_quality.py --methods gptq --settings 4g64 --nsamples 32   # a quick look
+
+Output: ``results/quality.json`` (one object per run), ``results/quality.png``
+(perplexity vs effective bits per weight, one line per method) and a
+markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {"4g64": (4, 64), "4g128": (4, 128), "3g64": (3, 64), "2g64": (2, 64), "8ch": (8, None)}
+METHODS = ("rtn", "gptq", "awq", "hqq")
+
+
+def run_one(method: str, setting: str, args) -> dict:
+    """Quantize + evaluate in this process; returns the JSON record."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from llmq.eval.perplexity import perplexity
+    from llmq.model.source import load_model, resolve_model_path
+    from llmq.resources import peak_rss_mb
+
+    folder = resolve_model_path(args.model)
+    if method == "fp":
+        t0 = time.perf_counter()
+        model, tok, _ = load_model(folder)
+        rss = peak_rss_mb()
+        ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
+        return {"method": "fp32", "bits": 32, "group_size": None, "bits_per_weight": 32.0,
+                "perplexity": ppl.perplexity, "tokens": ppl.tokens, "quantize_s": 0.0,
+                "peak_rss_mb": rss, "load_s": time.perf_counter() - t0}
+
+    from transformers import AutoTokenizer
+
+    from llmq.calibration import CalibrationSpec, calibration_batch
+    from llmq.pipeline import NEEDS_CALIBRATION, quantize_layerwise
+    from llmq.recipes import WeightMethod, WeightRecipe
+
+    bits, group = SETTINGS[setting]
+    t0 = time.perf_counter()
+    ids, spec = None, None
+    if WeightMethod(method) in NEEDS_CALIBRATION:
+        n = args.awq_nsamples if method == "awq" else args.nsamples
+        spec = CalibrationSpec(nsamples=n, seqlen=args.seqlen, seed=0)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = calibration_batch(tok, spec)
+    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=False, method=method)
+    model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
+    quant_s = time.perf_counter() - t0
+    rss = peak_rss_mb()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
+    return {"method": method, "bits": bits, "group_size": group, "symmetric": False,
+            "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
+            "quantize_s": quant_s, "peak_rss_mb": rss,
+            "calibration": spec.to_dict() if spec else None}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fp = next((r for r in records if r["method"] == "fp32"), None)
+    for method in METHODS:
+        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["bits_per_weight"])
+        if rs:
+            ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], "o-", label=method)
+    if fp:
+        ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (scales and zeros included)")
+    ax.set_ylabel("perplexity (BBC eval, 16k tokens)")
+    ax.set_title("SmolLM2-135M: perplexity vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(records: list[dict]) -> str:
+    fp = next((r["perplexity"] for r in records if r["method"] == "fp32"), None)
+    lines = ["| method | bits | group | bits/weight | perplexity | Δ vs fp | quantize time | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        delta = "–" if fp is None or r["method"] == "fp32" else f"{100 * (r['perplexity'] / fp - 1):+.1f}%"
+        g = "–" if r["method"] == "fp32" else (r["group_size"] or "channel")
+        lines.append(f"| {r['method']} | {r['bits']} | {g} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
+                     f"{delta} | {r['quantize_s']:.1f} s | {r['peak_rss_mb'] / 1e3:.2f} GB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows (PEERS: 128)")
+    p.add_argument("--awq-nsamples", type=int, default=128, help="AWQ calibration windows")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-fp", action="store_true", help="skip the fp32 baseline row")
+    p.add_argument("--out", type=Path, default=Path("results/quality.json"))
+    p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.single:
+        print("RESULT " + json.dumps(run_one(*args.single, args)), flush=True)
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs = ([] if args.no_fp else [("fp", "-")]) + [(m, s) for s in args.settings for m in args.methods]
+    records = []
+    passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
+                   str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
+                   "--threads", str(args.threads)]
+    for method, setting in runs:
+        cmd = [sys.executable, __file__, "--single", method, setting, *passthrough]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{method} {setting} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        rec = json.loads(line[len("RESULT "):])
+        records.append(rec)
+        print(f"{method:5s} {setting:6s} ppl {rec['perplexity']:10.2f}  {rec['quantize_s']:7.1f} s  "
+              f"{rec['peak_rss_mb']:7.0f} MB", flush=True)
+        args.out.write_text(json.dumps(records, indent=1))
+    plot(records, args.out.with_suffix(".png"))
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from conftest import output_error
+
+from llmq.algorithms import HQQ, RTNClip
+from llmq.algorithms.hqq import shrink_lp
+from llmq.quant.primitives import dequantize_groups, qmax, quantize_weight, to_groups
+
+SETTINGS = [(2, 64), (3, 64), (4, 64), (4, 128), (4, None)]
+IDS = [f"int{b}-g{g or 'ch'}" for b, g in SETTINGS]
+
+
+def lp_error(w, qw, p=0.7):
+    return (w - qw.dequantize()).abs().pow(p).sum().item()
+
+
+@pytest.mark.parametrize("bits,group", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_hqq_canonical_and_better_than_rtn(bits, group, symmetric):
+    w = torch.randn(64, 200) * 0.05  # Gaussian weights, K=200 (short last group)
+    x = torch.randn(512, 200)
+    rtn = quantize_weight(w, bits, group, symmetric)
+    qw = HQQ(w, bits, group, symmetric).quantize()
+    # canonical: integer zeros in range, fp16 scales, codes consistent with them
+    assert qw.zeros.dtype == torch.int32 and 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= qmax(bits)
+    if symmetric:
+        assert (qw.zeros == 2 ** (bits - 1)).all()
+    assert torch.equal(qw.scales, qw.scales.half().float()) and (qw.scales > 0).all()
+    assert lp_error(w, qw) <= lp_error(w, rtn)  # its own objective
+    assert output_error(w, x, qw.dequantize()) < output_error(w, x, rtn.dequantize())
+
+
+def test_shrink_lp_is_a_soft_threshold():
+    x = torch.tensor([-2.0, -0.01, 0.0, 0.01, 2.0])
+    y = shrink_lp(x, beta=10.0, p=0.7)
+    assert y[1] == 0 and y[2] == 0 and y[3] == 0  # small errors are absorbed
+    assert 0 < y[4] < 2 and y[0] == -y[4]
+
+
+@pytest.mark.parametrize("bits,group", SETTINGS, ids=IDS)
+def test_rtn_mse_clip_never_worse_in_its_norm(bits, group):
+    w = torch.randn(64, 200) * 0.05
+    w[3, 7] = 1.0  # an outlier that stretches one group
+    rtn = quantize_weight(w, bits, group, False)
+    qw = RTNClip(w, bits, group, False, clip="mse").quantize()
+    err = lambda q: (to_groups(w - q.dequantize(), group).abs().pow(2.4).sum(-1))  # noqa: E731
+    assert (err(qw) <= err(rtn) + 1e-7).all()
+    assert err(qw).sum() < err(rtn).sum()
+
+
+def test_rtn_percentile_clip_limits_the_range():
+    w = torch.randn(16, 128) * 0.05
+    w[0, 0] = 5.0
+    qw = RTNClip(w, 4, 128, False, clip="percentile", percentile=99.0).quantize()
+    deq = dequantize_groups(qw.codes, qw.scales, qw.zeros, 128)
+    assert deq[0].max() < 1.0  # the outlier is clipped, the rest keeps a fine step
+    assert (deq[1:] - w[1:]).abs().max() < (quantize_weight(w, 4, 128, False).dequantize()[0] - w[0]).abs()[1:].max()
+
+
+def test_rtn_clip_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="clip mode"):
+        RTNClip(torch.randn(4, 32), 4, 32, False, clip="kl")
