@@ -12,8 +12,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-_SAFETENSORS_DTYPES = {"I32": "int32", "U8": "uint8", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
 
 def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     """Tensor table of a safetensors file, after checking the file is complete.
@@ -77,5 +75,24 @@ def verify_checkpoint(files: list[str | Path], quantization_config: dict[str, An
             f"the shards and config.json come from different runs or were damaged"
         )
     for name, cfg in quantization_config["modules"].items():
-        if cfg.get("kind") == "quant_linear" and present[f"{name}.qweight"]["dtype"] != "I32":
-            raise ValueError(f"{name}.qweight has dtype {present[f'{name}.qweight']['dtype']}, expected I32")
+        if cfg.get("kind") == "quant_linear":
+            _check_quant_linear(name, cfg, present)
+
+
+def _check_quant_linear(name: str, cfg: dict[str, Any], present: dict[str, dict]) -> None:
+    from llmq.quant.packing import packed_rows
+    from llmq.quant.primitives import num_groups
+
+    k, n = cfg["in_features"], cfg["out_features"]
+    g = num_groups(k, cfg["group_size"])
+    expected = {"qweight": ("I32", [packed_rows(k, cfg["bits"]), n]), "scales": (None, [g, n])}
+    if not cfg["symmetric"]:
+        expected["qzeros"] = ("U8", [g, n])
+    for tensor, (dtype, shape) in expected.items():
+        entry = present[f"{name}.{tensor}"]
+        if entry["shape"] != shape or (dtype is not None and entry["dtype"] != dtype):
+            raise ValueError(
+                f"{name}.{tensor} is {entry['dtype']} {entry['shape']} in the shards but its recipe "
+                f"({cfg['bits']}-bit, group {cfg['group_size']}, {k}->{n}) needs {dtype or 'float'} {shape}; "
+                f"config.json and the weights do not match"
+            )

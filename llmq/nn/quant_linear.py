@@ -96,11 +96,16 @@ class QuantLinear(nn.Module):
 
     def to_config(self) -> dict:
         """JSON description stored per module in the checkpoint (see ``llmq.nn.registry``)."""
-        return {"kind": self.KIND, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"kind": self.KIND, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     @classmethod
     def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,
                     dtype: torch.dtype | None = None, device=None) -> "QuantLinear":
+        if (cfg.get("in_features", in_features), cfg.get("out_features", out_features)) != (in_features, out_features):
+            raise ValueError(
+                f"checkpoint module is {cfg['in_features']}->{cfg['out_features']} but the model's Linear is "
+                f"{in_features}->{out_features}; config.json and the weights do not match")
         return cls(in_features, out_features, cfg["bits"], cfg["group_size"], cfg["symmetric"], bias=bias,
                    dtype=dtype, device=device)
 
