@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmq.calibration import CalibrationSpec
 from llmq.checkpoint import build_quantization_config, read_quantization_config, save_quantized, verify_checkpoint
 from llmq.checkpoint.save import check_output_dir
 from llmq.model.rtn import QuantizationSummary, quantize_model_rtn
@@ -30,18 +32,29 @@ def quantize(
     force: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    calibration: CalibrationSpec | None = None,
+    max_memory_mb: float | None = None,
+    device: str | None = None,
 ) -> QuantizeResult:
     """Quantize the float model ``model`` (folder, ``"smollm2-135m"`` or hub id) with ``recipe``.
 
     When ``out_dir`` is given the result is saved there as an llmq checkpoint
     (atomically; an existing non-empty folder needs ``force``). The source folder
     is only read. Output problems are reported before the model is loaded.
+
+    Methods other than plain RTN (GPTQ, AWQ, HQQ, RTN with ``method_args``), and
+    any run with ``max_memory_mb``, go through the layer pipeline
+    (``llmq.pipeline``): one decoder layer in memory at a time. GPTQ and AWQ
+    use ``calibration`` (default: 128 x 512 tokens of the BBC calibration split);
+    calibration problems are reported before any work starts. The method's full
+    arguments and the calibration used are recorded in ``recipe.method_args``.
     """
     source = resolve_model_path(model)
     if out_dir is not None:
         check_output_dir(out_dir, force, source_dir=source)
-    if recipe.method is not WeightMethod.RTN:
-        raise ValueError(f"method {recipe.method.value!r} is not available in this build; use 'rtn'")
+    if recipe.method is not WeightMethod.RTN or recipe.method_args or max_memory_mb is not None:
+        return _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration,
+                                   max_memory_mb, device)
     fp_model, tokenizer, _ = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     summary = quantize_model_rtn(fp_model, recipe, progress=progress)
     saved = None
@@ -49,6 +62,31 @@ def quantize(
         qcfg = build_quantization_config(fp_model, recipe)
         saved = save_quantized(fp_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
     return QuantizeResult(fp_model, tokenizer, summary, saved)
+
+
+def _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration, max_memory_mb,
+                        device) -> QuantizeResult:
+    from transformers import AutoTokenizer
+
+    from llmq.calibration import calibration_batch, check_calibration_source
+    from llmq.pipeline import NEEDS_CALIBRATION, method_args, quantize_layerwise
+
+    args = method_args(recipe)  # unknown method or arguments: fail now
+    ids = None
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if recipe.method in NEEDS_CALIBRATION:
+        calibration = calibration or CalibrationSpec()
+        check_calibration_source(calibration.source)
+        ids = calibration_batch(tokenizer, calibration)  # empty / too short: fails before any work
+        args["calibration"] = calibration.to_dict()
+    recipe = dataclasses.replace(recipe, method_args=args)
+    model, summary = quantize_layerwise(source, recipe, ids, device=device, max_memory_mb=max_memory_mb,
+                                        progress=progress, trust_remote_code=trust_remote_code)
+    saved = None
+    if out_dir is not None:
+        qcfg = build_quantization_config(model, recipe)
+        saved = save_quantized(model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
+    return QuantizeResult(model, tokenizer, summary, saved)
 
 
 def load(

@@ -54,7 +54,7 @@ def run_one(method: str, setting: str, args) -> dict:
     from llmq.recipes import WeightMethod, WeightRecipe
 
     bits, group = SETTINGS[setting]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     ids, spec = None, None
     if WeightMethod(method) in NEEDS_CALIBRATION:
         n = args.awq_nsamples if method == "awq" else args.nsamples
@@ -63,14 +63,29 @@ def run_one(method: str, setting: str, args) -> dict:
         ids = calibration_batch(tok, spec)
     recipe = WeightRecipe(bits=bits, group_size=group, symmetric=False, method=method)
     model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
-    quant_s = time.perf_counter() - t0
+    quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
     ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
     return {"method": method, "bits": bits, "group_size": group, "symmetric": False,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
-            "quantize_s": quant_s, "peak_rss_mb": rss,
+            "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
+            "load_average_1min": os.getloadavg()[0],
             "calibration": spec.to_dict() if spec else None}
+
+
+def _setting_of(r: dict) -> str:
+    if r["method"] == "fp32":
+        return "-"
+    return next(k for k, v in SETTINGS.items() if v == (r["bits"], r["group_size"]))
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (all threads): the cost on a machine shared with others."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -99,13 +114,14 @@ def plot(records: list[dict], path: Path) -> None:
 
 def table(records: list[dict]) -> str:
     fp = next((r["perplexity"] for r in records if r["method"] == "fp32"), None)
-    lines = ["| method | bits | group | bits/weight | perplexity | Δ vs fp | quantize time | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | group | bits/weight | perplexity | Δ vs fp | quantize wall | quantize CPU | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         delta = "–" if fp is None or r["method"] == "fp32" else f"{100 * (r['perplexity'] / fp - 1):+.1f}%"
         g = "–" if r["method"] == "fp32" else (r["group_size"] or "channel")
         lines.append(f"| {r['method']} | {r['bits']} | {g} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
-                     f"{delta} | {r['quantize_s']:.1f} s | {r['peak_rss_mb'] / 1e3:.2f} GB |")
+                     f"{delta} | {r['quantize_s']:.1f} s | {r.get('quantize_cpu_s', 0.0):.1f} s | "
+                     f"{r['peak_rss_mb'] / 1e3:.2f} GB |")
     return "\n".join(lines)
 
 
@@ -118,9 +134,11 @@ def main() -> None:
     p.add_argument("--awq-nsamples", type=int, default=128, help="AWQ calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (use --threads 1 with --jobs > 1)")
     p.add_argument("--no-fp", action="store_true", help="skip the fp32 baseline row")
     p.add_argument("--out", type=Path, default=Path("results/quality.json"))
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out, do the rest")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -128,22 +146,34 @@ def main() -> None:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = ([] if args.no_fp else [("fp", "-")]) + [(m, s) for s in args.settings for m in args.methods]
-    records = []
+    records: list[dict] = []
+    if args.out.exists() and args.resume:
+        records = json.loads(args.out.read_text())
+        done = {(r["method"].replace("fp32", "fp"), _setting_of(r)) for r in records}
+        runs = [r for r in runs if r not in done]
     passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
                    "--threads", str(args.threads)]
-    for method, setting in runs:
+    # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    def launch(run):
+        method, setting = run
         cmd = [sys.executable, __file__, "--single", method, setting, *passthrough]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{method} {setting} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rec = json.loads(line[len("RESULT "):])
-        records.append(rec)
-        print(f"{method:5s} {setting:6s} ppl {rec['perplexity']:10.2f}  {rec['quantize_s']:7.1f} s  "
-              f"{rec['peak_rss_mb']:7.0f} MB", flush=True)
-        args.out.write_text(json.dumps(records, indent=1))
+        return run, subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in as_completed([pool.submit(launch, run) for run in runs]):
+            (method, setting), proc = future.result()
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{method} {setting} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+                continue
+            rec = json.loads(line[len("RESULT "):])
+            records.append(rec)
+            print(f"{method:5s} {setting:6s} ppl {rec['perplexity']:10.2f}  {rec['quantize_s']:7.1f} s "
+                  f"(cpu {rec.get('quantize_cpu_s', 0):7.1f} s) {rec['peak_rss_mb']:7.0f} MB", flush=True)
+            args.out.write_text(json.dumps(records, indent=1))
     plot(records, args.out.with_suffix(".png"))
     print(table(records))
 

@@ -18,6 +18,37 @@ def _group(value: str) -> int | None:
             f"group must be one of {SUPPORTED_GROUP_SIZES} or 'channel', got {value!r}") from None
 
 
+def _memory(value: str) -> float:
+    """``"4GB"``, ``"800MB"`` or a number of MB → MB."""
+    v = value.strip().upper()
+    for suffix, mult in (("GB", 1e3), ("G", 1e3), ("MB", 1.0), ("M", 1.0)):
+        if v.endswith(suffix):
+            v, scale = v[: -len(suffix)], mult
+            break
+    else:
+        scale = 1.0
+    try:
+        mb = float(v) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"memory size must look like 4GB or 800MB, got {value!r}") from None
+    if mb <= 0:
+        raise argparse.ArgumentTypeError(f"memory size must be positive, got {value!r}")
+    return mb
+
+
+def _method_args(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare word such as clip=mse
+    return out
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "quantize",
@@ -38,6 +69,19 @@ def register(sub) -> None:
     p.set_defaults(symmetric=False)
     p.add_argument("--method", choices=[m.value for m in WeightMethod], default="rtn",
                    help="quantization algorithm (default rtn = round to nearest)")
+    p.add_argument("--calib", default="bbc", metavar="SOURCE",
+                   help="calibration text for gptq/awq: 'bbc' (embedded corpus, calibration split; default), "
+                   "a .txt or .jsonl file, or hf:NAME[:CONFIG[:SPLIT]] (needs `datasets`, online)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default 0)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm parameter, repeatable; VALUE is JSON (e.g. act_order=false, percdamp=0.05); "
+                   "see docs/quality.md for each method's parameters")
+    p.add_argument("--max-memory", type=_memory, default=None, metavar="SIZE",
+                   help="memory budget, e.g. 4GB or 800MB: quantize one decoder layer at a time from disk and "
+                   "refuse up front if the plan does not fit")
+    p.add_argument("--device", default=None, help="where layers run: cuda or cpu (default: cuda when available)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help=f"fnmatch pattern of module names to keep in float, repeatable; added to the defaults "
                    f"{list(DEFAULT_EXCLUDE)}")
@@ -57,15 +101,20 @@ def build_recipe(args: argparse.Namespace) -> WeightRecipe:
         method=args.method,
         include=tuple(args.include) if args.include else ("*",),
         exclude=DEFAULT_EXCLUDE + tuple(args.exclude),
+        method_args=_method_args(args.method_arg),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from llmq.api import quantize
 
+    from llmq.calibration import CalibrationSpec
+
     recipe = build_recipe(args)
+    calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     result = quantize(args.model, recipe, args.out, force=args.force, progress=not args.json,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, calibration=calibration,
+                      max_memory_mb=args.max_memory, device=args.device)
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "recipe": recipe.to_dict(), **result.summary.to_dict()}))
     else:

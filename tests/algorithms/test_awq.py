@@ -1,9 +1,15 @@
 import pytest
 import torch
-from conftest import output_error
+from layer_problems import layer_problem, output_error
 
 from llmq.algorithms import AWQ
 from llmq.quant.primitives import quantize_weight
+
+
+@pytest.fixture
+def problem():
+    return layer_problem(96, 200)
+
 
 SETTINGS = [(3, 64), (4, 64), (4, 128), (4, None)]
 IDS = [f"int{b}-g{g or 'ch'}" for b, g in SETTINGS]

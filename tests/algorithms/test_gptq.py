@@ -1,10 +1,16 @@
 import pytest
 import torch
-from conftest import layer_problem, output_error
+from layer_problems import layer_problem, output_error
 
 from llmq.algorithms import GPTQ
 from llmq.nn.quant_linear import QuantLinear
 from llmq.quant.primitives import qmax, quantize_weight, quantize_with_params
+
+
+@pytest.fixture
+def problem():
+    return layer_problem(96, 200)
+
 
 SETTINGS = [(2, 64), (3, 64), (4, 32), (4, 128), (4, None), (8, None)]
 IDS = [f"int{b}-g{g or 'ch'}" for b, g in SETTINGS]

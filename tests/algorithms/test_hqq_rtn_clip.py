@@ -1,10 +1,16 @@
 import pytest
 import torch
-from conftest import output_error
+from layer_problems import layer_problem, output_error
 
 from llmq.algorithms import HQQ, RTNClip
 from llmq.algorithms.hqq import shrink_lp
 from llmq.quant.primitives import dequantize_groups, qmax, quantize_weight, to_groups
+
+
+@pytest.fixture
+def problem():
+    return layer_problem(96, 200)
+
 
 SETTINGS = [(2, 64), (3, 64), (4, 64), (4, 128), (4, None)]
 IDS = [f"int{b}-g{g or 'ch'}" for b, g in SETTINGS]

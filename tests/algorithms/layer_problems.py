@@ -1,6 +1,5 @@
-"""Synthetic layer problems: a weight and correlated inputs with a few large channels (like LLM activations)."""
+"""Synthetic layer problems (helpers, imported by the tests in this folder): a weight and correlated inputs with a few large channels (like LLM activations)."""
 
-import pytest
 import torch
 
 
@@ -18,8 +17,3 @@ def output_error(w, x, w_hat, x_hat=None) -> float:
     """``‖W Xᵀ − Ŵ X̂ᵀ‖²`` / tokens."""
     x_hat = x if x_hat is None else x_hat
     return ((x @ w.T - x_hat @ w_hat.T) ** 2).sum().item() / x.shape[0]
-
-
-@pytest.fixture
-def problem():
-    return layer_problem(96, 200)
