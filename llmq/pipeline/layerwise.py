@@ -266,11 +266,15 @@ def quantize_layerwise(
     prefix, layers = find_decoder_layers(model)
     _check_selection(model, prefix, recipe)
     hidden = model.config.hidden_size
-    layer_mb = max(ckpt.nbytes(f"{prefix}.{i}.") for i in range(len(layers))) * 2 / 1e6  # fp32 of fp16 worst case
-    inner = set(f"{prefix}.{i}." for i in range(len(layers)))
-    outer_mb = sum(ckpt.nbytes(n) for n in ckpt.files if not any(n.startswith(p) for p in inner)) * 2 / 1e6
+    # everything is computed in fp32, whatever the dtype on disk;
+    # one layer in fp32, plus as much again for the algorithms' working copies
+    layer_mb = 2 * max(ckpt.numel(f"{prefix}.{i}.") for i in range(len(layers))) * 4 / 1e6
+    inner = tuple(f"{prefix}.{i}." for i in range(len(layers)))
+    outer_mb = sum(ckpt.numel(n) for n in ckpt.files if not n.startswith(inner)) * 4 / 1e6
     acts_mb = 0.0 if calibration_ids is None else 2 * calibration_ids.numel() * hidden * 4 / 1e6
-    quant_mb = ckpt.nbytes(f"{prefix}.") * 2 / 1e6 * (recipe.bits + 1) / 32
+    if calibration_ids is not None:  # replay caches: attention outputs + MLP activations
+        acts_mb += calibration_ids.numel() * (hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * 4 / 1e6
+    quant_mb = ckpt.numel(f"{prefix}.") * (recipe.bits + 1) / 8 / 1e6  # codes + scales/zeros, roughly
     base = current_rss_mb() if device.type == "cpu" else 0.0
     acts_on_host = _check_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb, "one layer": layer_mb,
                                                 "calibration activations": acts_mb, "quantized layers": quant_mb}, device)

@@ -50,9 +50,15 @@ class LazyCheckpoint:
             t = f.get_tensor(name)
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
+    def numel(self, prefix: str = "") -> int:
+        """Number of elements of the tensors whose names start with ``prefix``."""
+        self.nbytes()
+        return sum(v for k, v in self._numel.items() if k.startswith(prefix))
+
     def nbytes(self, prefix: str = "") -> int:
         """Bytes on disk of the tensors whose names start with ``prefix``."""
         if self._sizes is None:
+            self._numel = {}
             self._sizes = {}
             for shard in set(self.files.values()):
                 with safe_open(shard, framework="pt") as f:
@@ -61,6 +67,7 @@ class LazyCheckpoint:
                         numel = 1
                         for d in sl.get_shape():
                             numel *= d
+                        self._numel[name] = numel
                         self._sizes[name] = numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
         return sum(v for k, v in self._sizes.items() if k.startswith(prefix))
 
