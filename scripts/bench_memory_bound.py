@@ -6,7 +6,7 @@
 2. In a fresh subprocess, quantizes it with ``llmq.pipeline.quantize_layerwise``
    (one decoder layer materialised at a time, ``--max-memory`` checked up front)
    and saves the llmq checkpoint in small shards.
-3. Reports the subprocess's peak RSS (``ru_maxrss``) against the model size.
+3. Reports the subprocess's peak RSS (``ru_maxrss``, in MB = 10^6 bytes) against the model size.
 
     python scripts/bench_memory_bound.py --max-memory-mb 3500 --method rtn
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,6 +74,7 @@ def quantize_child(args) -> None:
     from llmq.checkpoint import build_quantization_config, save_quantized
     from llmq.pipeline import quantize_layerwise
     from llmq.recipes import WeightRecipe
+    from llmq.resources import peak_rss_mb
 
     recipe = WeightRecipe(bits=args.bits, group_size=args.group, symmetric=False, method=args.method)
     ids = None
@@ -84,10 +84,10 @@ def quantize_child(args) -> None:
     model, summary = quantize_layerwise(args.model_dir, recipe, ids, max_memory_mb=args.max_memory_mb,
                                         progress=True)
     quant_s = time.perf_counter() - t0
-    peak_quant = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    peak_quant = peak_rss_mb()
     save_quantized(model, None, args.out_dir, build_quantization_config(model, recipe), force=True,
                    max_shard_size="300MB")
-    peak_total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    peak_total = peak_rss_mb()
     print("RESULT " + json.dumps({"quantize_s": quant_s, "peak_rss_quantize_mb": peak_quant,
                                   "peak_rss_with_save_mb": peak_total, "bits_per_weight": summary.bits_per_weight,
                                   "linears": summary.linears, "model_mb_after": summary.model_mb_after}), flush=True)
