@@ -74,6 +74,7 @@ class HQQ:
         lp_norm: float = 0.7,
         beta: float = 10.0,
         kappa: float = 1.01,
+        select_norm: float = 2.0,
         name: str = "weight",
     ) -> None:
         if weight.dim() != 2:
@@ -84,11 +85,12 @@ class HQQ:
         self.W = weight
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.iters, self.lp_norm, self.beta, self.kappa = iters, lp_norm, beta, kappa
+        self.select_norm = select_norm
 
     def _objective(self, Wg, S, z) -> torch.Tensor:
-        """``[N, G]`` ℓp error of the groups ``Wg`` ``[N, G, g]`` under ``(S, z)``."""
+        """``[N, G]`` selection error ``Σ|w - ŵ|^select_norm`` of the groups ``Wg`` ``[N, G, g]``."""
         Q = quantize(Wg, S[..., None], z[..., None], self.bits).float()
-        return (Wg - (Q - z[..., None]) * S[..., None]).abs().pow(self.lp_norm).sum(-1)
+        return (Wg - (Q - z[..., None]) * S[..., None]).abs().pow(self.select_norm).sum(-1)
 
     @torch.no_grad()
     def quantize(self) -> QuantizedWeight:
