@@ -40,7 +40,7 @@ METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.RTN: {"clip": None},
     WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True},
     WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5},
-    WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01},
+    WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0},
 }
 NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
 
@@ -162,7 +162,8 @@ class SubgroupQuantizer:
                 self.folded = s
         elif r.method is WeightMethod.HQQ:
             out = [HQQ(lin.weight.data, r.bits, r.group_size, r.symmetric, iters=a["iters"],
-                       lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], name=name).quantize()
+                       lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], select_norm=a["select_norm"],
+                       name=name).quantize()
                    for lin, name in zip(self.linears, self.full_names)]
         elif a["clip"] is not None:
             out = [RTNClip(lin.weight.data, r.bits, r.group_size, r.symmetric, clip=a["clip"], name=name).quantize()
