@@ -80,6 +80,12 @@ def _setting_of(r: dict) -> str:
     return next(k for k, v in SETTINGS.items() if v == (r["bits"], r["group_size"]))
 
 
+def _order(r: dict):
+    methods = ("fp32",) + METHODS
+    return (list(SETTINGS).index(_setting_of(r)) if r["method"] != "fp32" else -1, methods.index(r["method"]),
+            (r.get("calibration") or {}).get("nsamples") or 0)
+
+
 def _cpu_s() -> float:
     """User + system CPU seconds of this process (all threads): the cost on a machine shared with others."""
     import resource
@@ -114,12 +120,14 @@ def plot(records: list[dict], path: Path) -> None:
 
 def table(records: list[dict]) -> str:
     fp = next((r["perplexity"] for r in records if r["method"] == "fp32"), None)
-    lines = ["| method | bits | group | bits/weight | perplexity | Δ vs fp | quantize wall | quantize CPU | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | group | calibration | bits/weight | perplexity | Δ vs fp | quantize wall | quantize CPU "
+             "| peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         delta = "–" if fp is None or r["method"] == "fp32" else f"{100 * (r['perplexity'] / fp - 1):+.1f}%"
         g = "–" if r["method"] == "fp32" else (r["group_size"] or "channel")
-        lines.append(f"| {r['method']} | {r['bits']} | {g} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
+        cal = r.get("calibration")
+        cal = f"{cal['nsamples']} x {cal['seqlen']}" if cal else "–"
+        lines.append(f"| {r['method']} | {r['bits']} | {g} | {cal} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
                      f"{delta} | {r['quantize_s']:.1f} s | {r.get('quantize_cpu_s', 0.0):.1f} s | "
                      f"{r['peak_rss_mb'] / 1e3:.2f} GB |")
     return "\n".join(lines)
@@ -139,12 +147,28 @@ def main() -> None:
     p.add_argument("--no-fp", action="store_true", help="skip the fp32 baseline row")
     p.add_argument("--out", type=Path, default=Path("results/quality.json"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out, do the rest")
+    p.add_argument("--report", nargs="*", type=Path, metavar="LOG",
+                   help="only rebuild the table and plot from --out, adding RESULT lines of these single-run logs "
+                   "(a later record replaces an earlier one of the same method, setting and calibration size)")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
         print("RESULT " + json.dumps(run_one(*args.single, args)), flush=True)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.report is not None:
+        records = json.loads(args.out.read_text()) if args.out.exists() else []
+        for log in args.report:
+            records += [json.loads(ln[len("RESULT "):]) for ln in log.read_text().splitlines()
+                        if ln.startswith("RESULT ")]
+        latest = {}
+        for r in records:
+            latest[(r["method"], _setting_of(r), (r.get("calibration") or {}).get("nsamples"))] = r
+        records = sorted(latest.values(), key=_order)
+        args.out.write_text(json.dumps(records, indent=1))
+        plot(records, args.out.with_suffix(".png"))
+        print(table(records))
+        return
     runs = ([] if args.no_fp else [("fp", "-")]) + [(m, s) for s in args.settings for m in args.methods]
     records: list[dict] = []
     if args.out.exists() and args.resume:
