@@ -16,19 +16,33 @@ import sys
 
 _SCRIPT = r"""
 import json, sys, importlib
-from llmq.kernels.aot import compile_kernel, resource_usage
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llmq.kernels.aot import _jit_function, resource_usage
 module, name, cases = json.loads(sys.argv[1])
-kernel = getattr(importlib.import_module(module), name)
+kernel = _jit_function(getattr(importlib.import_module(module), name))
 out = []
-for sig, constexprs, cap, warps, stages in cases:
-    u = resource_usage(compile_kernel(kernel, sig, constexprs, cap, num_warps=warps, num_stages=stages))
+for sig, constexprs, cap, warps, stages, aligned in cases:
+    # what the JIT specializes at launch: 16-divisible pointers/ints get tt.divisibility
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    u = resource_usage(compiled)
     out.append([u.registers, u.shared_bytes, u.local_bytes, u.stack_bytes])
 print("AOT-RESULT" + json.dumps(out))
 """
 
 
 def aot_usage(module: str, kernel: str, cases: list) -> list[dict]:
-    """Compile ``module.kernel`` for each ``(signature, constexprs, capability, num_warps, num_stages)``."""
+    """Compile ``module.kernel`` for each ``(signature, constexprs, capability, num_warps, num_stages, aligned)``.
+
+    ``aligned``: argument names the JIT would see as divisible by 16 at a real launch
+    (pointers from the caching allocator, strides of K/N multiples of 16) — without
+    them the compiler cannot vectorize loads and the register count is meaningless.
+    Unit strides should be passed as constexpr 1, as the JIT specializes them.
+    """
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps([module, kernel, cases])],
                           capture_output=True, text=True, env=env, timeout=600)

@@ -91,7 +91,8 @@ def test_aot_compiles_without_spills():
     from llmq.kernels.act_quant import MIN_SCALE
     sig = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
            "stride_qm": "i32", "STATIC": "constexpr", "MIN_S": "constexpr", "BLOCK_K": "constexpr"}
-    cases = [(sig, {"STATIC": static, "MIN_S": MIN_SCALE, "BLOCK_K": 1024}, cap, 4, 3)
+    aligned = ["x_ptr", "q_ptr", "scale_ptr", "stride_xm", "stride_qm"]
+    cases = [(sig, {"STATIC": static, "MIN_S": MIN_SCALE, "BLOCK_K": 1024}, cap, 4, 3, aligned)
              for _, cap in TARGETS for static in (False, True)]
     for case, usage in zip(cases, aot_usage("llmq.kernels.act_quant", "_act_quant_kernel", cases)):
         assert usage["local_bytes"] == 0 and usage["stack_bytes"] == 0, (case[1:], usage)
