@@ -181,8 +181,9 @@ class W8A8Linear(nn.Module):
         return self.qweight.float() * self.weight_scale.float()[:, None]
 
     def to_config(self) -> dict:
+        # bits / group_size / symmetric describe the weights (as QuantLinear's config does, for `llmq inspect`)
         return {"kind": self.KIND, "in_features": self.in_features, "out_features": self.out_features,
-                "act_scheme": self.act_scheme.value}
+                "bits": 8, "group_size": None, "symmetric": True, "act_bits": 8, "act_scheme": self.act_scheme.value}
 
     @classmethod
     def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,

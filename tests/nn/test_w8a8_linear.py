@@ -98,7 +98,8 @@ def test_bad_input_width():
 def test_config_round_trip():
     layer = W8A8Linear.from_linear(linear(), 0.05)
     cfg = layer.to_config()
-    assert cfg == {"kind": "w8a8_linear", "in_features": 96, "out_features": 40, "act_scheme": "static"}
+    assert cfg == {"kind": "w8a8_linear", "in_features": 96, "out_features": 40, "bits": 8, "group_size": None,
+                   "symmetric": True, "act_bits": 8, "act_scheme": "static"}
     empty = build_module(cfg, 96, 40, bias=True)
     assert isinstance(empty, W8A8Linear) and empty.static and empty.act_scale.shape == (1,)
     assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
