@@ -29,7 +29,7 @@ from llmq.model.swap import find_linears, set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import make_observer
 from llmq.recipes import ObserverKind, WeightRecipe
-from llmq.w8a8.quantize import _run, calibration_batches, collect_input_absmax, w8a8_weight_recipe
+from llmq.w8a8.quantize import calibration_batches, collect_input_absmax, run_calibration, w8a8_weight_recipe
 
 OBSERVERS = [k.value for k in ObserverKind]
 
@@ -46,7 +46,7 @@ def observe_all(model, names, batches, percentile, momentum):
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        _run(model, batches, "observers", True)
+        run_calibration(model, batches, "observers", True)
     finally:
         for h in handles:
             h.remove()

@@ -53,7 +53,8 @@ def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, see
 
 
 @torch.no_grad()
-def _run(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool) -> None:
+def run_calibration(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool) -> None:
+    """Forward every ``[1, T]`` batch through ``model`` (no cache); hooks do the observing."""
     device = next(model.parameters()).device
     for ids in tqdm(batches, desc=desc, unit="sample", disable=not progress):
         model(input_ids=ids.to(device), use_cache=False)
@@ -72,7 +73,7 @@ def collect_input_absmax(model: nn.Module, names: list[str], batches: list[torch
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        _run(model, batches, "smoothquant stats", progress)
+        run_calibration(model, batches, "smoothquant stats", progress)
     finally:
         for h in handles:
             h.remove()
@@ -101,7 +102,7 @@ def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tenso
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        _run(model, batches, f"calibrating ({recipe.observer.value})", progress)
+        run_calibration(model, batches, f"calibrating ({recipe.observer.value})", progress)
     finally:
         for h in handles:
             h.remove()
