@@ -34,9 +34,9 @@ from llmq.w8a8.quantize import calibration_batches, collect_input_absmax, run_ca
 OBSERVERS = [k.value for k in ObserverKind]
 
 
-def observe_all(model, names, batches, percentile, momentum):
-    """{kind: {linear name: scale}} from one calibration pass feeding every observer kind."""
-    obs = {n: {k: make_observer(k, percentile=percentile, momentum=momentum) for k in OBSERVERS} for n in names}
+def observe_all(model, names, batches, percentile, momentum, kinds=OBSERVERS):
+    """{kind: {linear name: scale}} from one calibration pass feeding every observer kind in ``kinds``."""
+    obs = {n: {k: make_observer(k, percentile=percentile, momentum=momentum) for k in kinds} for n in names}
 
     def hook(name):
         def fn(_m, args):
@@ -50,7 +50,7 @@ def observe_all(model, names, batches, percentile, momentum):
     finally:
         for h in handles:
             h.remove()
-    return {k: {n: obs[n][k].scale() for n in names} for k in OBSERVERS}
+    return {k: {n: obs[n][k].scale() for n in names} for k in kinds}
 
 
 def to_w8a8(model, names, scales=None):
@@ -98,17 +98,20 @@ def main() -> None:
             quantize_model_rtn(wo, WeightRecipe(bits=8, group_size=None, symmetric=True), progress=False)
             evaluate("int8-wo", "int8 weight-only (RTN, per channel, sym)", wo)
             del wo
-        smooth = copy.deepcopy(fp)
-        stats = collect_input_absmax(smooth, names, batches, progress=True)
-        smooth_llama_layers(smooth, stats, args.alpha)
-        variants = [("", fp, "no SQ"), ("-sq", smooth, f"SQ a={args.alpha}")]
+        variants = [("", fp, "no SQ")]
+        if args.only is None or any(k.endswith("-sq") for k in args.only):
+            smooth = copy.deepcopy(fp)
+            stats = collect_input_absmax(smooth, names, batches, progress=True)
+            smooth_llama_layers(smooth, stats, args.alpha)
+            variants.append(("-sq", smooth, f"SQ a={args.alpha}"))
         for suffix, base, sq in variants:
             if want(f"w8a8-dynamic{suffix}"):
                 evaluate(f"w8a8-dynamic{suffix}", f"W8A8 dynamic per-token, {sq}", to_w8a8(base, names),
                          scheme="dynamic", smoothquant=suffix == "-sq")
             keys = [f"w8a8-static-{k}{suffix}" for k in OBSERVERS]
             if any(want(k) for k in keys):
-                scales = observe_all(base, names, batches, args.percentile, args.momentum)
+                kinds = [k for k, key in zip(OBSERVERS, keys) if want(key)]
+                scales = observe_all(base, names, batches, args.percentile, args.momentum, kinds)
                 for kind, key in zip(OBSERVERS, keys):
                     if want(key):
                         evaluate(key, f"W8A8 static per-tensor {kind}, {sq}", to_w8a8(base, names, scales[kind]),
