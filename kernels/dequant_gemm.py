@@ -75,20 +75,21 @@ def dequant_gemm_kernel(
     offs_r = tl.arange(0, TILE)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(0, tl.cdiv(K, TILE * P)):
+    # one step per (tile, field): field i of tile t holds input features [16*j, 16*j + 16), j = t*P + i
+    for j in range(0, tl.cdiv(K, TILE * P) * P):
+        t = j // P
         words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                        other=0)  # [TILE, BLOCK_N] int32
-        for i in tl.static_range(P):
-            k0 = t * (TILE * P) + i * TILE
-            w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
-                              BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
-            offs_k = k0 + offs_r
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
-            if FP32_DOT:
-                acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+                        other=0)  # [TILE, BLOCK_N] int32; the P steps of a tile re-read it from L1
+        k0 = j * TILE
+        w = dequant_field(words, j - t * P, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                          BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+        offs_k = k0 + offs_r
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
+        if FP32_DOT:
+            acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -103,7 +103,7 @@ def dequant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: tor
 
 
 @triton.jit
-def dequant_field(words, i: tl.constexpr, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
                   BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Field ``i`` of a tiled word block → float32 weights ``[TILE_WORDS, BLOCK_N]``.
 
