@@ -24,11 +24,12 @@ def interpreting() -> bool:
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether the tile products run in fp32 (``input_precision="ieee"``, no TF32) for ``dtype``.
+    """Whether the tile products run on fp32 operands for activations of ``dtype``.
 
-    fp32 activations always do (TF32 would lose the 1e-4 agreement with the reference); bf16 does
-    under the interpreter, whose bf16 arithmetic is wrong (DESIGN.md). fp16/bf16 on the GPU run
-    tensor-core dots in the activation dtype with fp32 accumulation.
+    fp32 activations always do, with ``input_precision="tf32x3"`` (three TF32 tensor-core products
+    per tile: ~fp32 accuracy, unlike plain TF32, without the register spills an IEEE fp32 dot
+    causes in the tiled GEMM). bf16 does under the interpreter, whose bf16 arithmetic is wrong
+    (DESIGN.md). fp16/bf16 on the GPU run tensor-core dots in the activation dtype, fp32 accumulation.
     """
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 

@@ -28,20 +28,23 @@ from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_
 from llmq.quant.packing import codes_per_word
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA.
+# Every one compiles without register spills for sm_80 and sm_90a, every bit width and activation
+# dtype (tests/kernels/test_aot_weight_kernels.py).
 GPU_CONFIGS = [
     (128, 128, 8, 3),
-    (128, 64, 4, 3),
+    (128, 64, 8, 3),
     (64, 128, 4, 3),
     (64, 64, 4, 4),
     (32, 128, 4, 4),
     (128, 256, 8, 3),
 ]
+GPU_CONFIGS_FP32 = GPU_CONFIGS[:-1]  # fp32 activations (tf32x3 dots): 128x256 spills
 INTERPRETER_CONFIGS = [(32, 64, 4, 1)]
 GROUP_M = 8
 
 
-def configs() -> list[triton.Config]:
-    rows = INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS
+def configs(fp32: bool) -> list[triton.Config]:
+    rows = INTERPRETER_CONFIGS if interpreting() else (GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
 
 
@@ -87,7 +90,7 @@ def dequant_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
         if FP32_DOT:
-            acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="ieee", out_dtype=tl.float32)
+            acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
         else:
             acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
 
@@ -98,7 +101,8 @@ def dequant_gemm_kernel(
 
 
 # m_bucket (next power of two of M) keys the autotuner so every new prefill length does not retune.
-_tuned = triton.autotune(configs(), key=["m_bucket", "N", "K", "BITS", "HAS_ZEROS"])(dequant_gemm_kernel)
+_KEY = ["m_bucket", "N", "K", "BITS", "HAS_ZEROS"]
+_tuned = {fp32: triton.autotune(configs(fp32), key=_KEY)(dequant_gemm_kernel) for fp32 in (False, True)}
 
 
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
@@ -126,7 +130,7 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _tuned[grid](
+    _tuned[fp32_dot(x.dtype)][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, group_size, scales.shape[0], triton.next_power_of_2(m),
         x.stride(0), out.stride(0),

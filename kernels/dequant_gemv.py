@@ -4,11 +4,11 @@ At decode sizes the matmul is bound by reading the packed weight once; the work 
 every SM streams weight words even at M = 1:
 
 * grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: ``N / BLOCK_N`` column blocks alone are
-  far fewer than the SMs (4096 / 128 = 32 vs 132 on an H100), so K is split into ``SPLIT_K``
+  too few to keep every SM's memory pipe full (4096 / 32 = 128 vs 132 SMs on an H100), so K is split into ``SPLIT_K``
   contiguous ranges of tiles, each partial sum ``atomic_add``-ed into an fp32 output (chosen so
-  that ~2 programs run per SM). ``SPLIT_K = 1`` stores directly in the activation dtype.
+  that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the activation dtype.
 * the weight block of one tile, ``[TILE_WORDS, BLOCK_N]`` int32, is one coalesced load with
-  ``BLOCK_N`` contiguous words per row (128-bit vector loads along N); fields are unpacked in
+  ``BLOCK_N`` contiguous words (one 128-byte line) per row; fields are unpacked in
   registers by shift + mask — each word is read from memory once.
 * per field, the scale (and zero) row is one ``[BLOCK_N]`` load (tiled layout: a field never
   straddles a group), reused from L1 by the other fields of the same group.
@@ -17,7 +17,7 @@ every SM streams weight words even at M = 1:
   2 <= M <= 16 (``BLOCK_M = 16``): one ``tl.dot`` per field (K = 16) with fp32 accumulation.
 
 Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` picks warps/stages
-per (N, K, BLOCK_M, BITS).
+per (N, K, BITS), separately for the FMA and dot paths.
 """
 
 from __future__ import annotations
@@ -30,14 +30,18 @@ from llmq.kernels._launch import check_args, fp32_dot, interpreting
 from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
 from llmq.quant.packing import codes_per_word
 
-DECODE_BLOCK_N = 128
-# (num_warps, num_stages) tried on CUDA; deep pipelines keep several weight tiles in flight per SM.
-GPU_CONFIGS = [(4, 2), (4, 3), (4, 4), (8, 3), (2, 4)]
+DECODE_BLOCK_N = 32  # [16, 32] int32 words per tile: each row is one full 128-byte line
+# (num_warps, num_stages) tried on CUDA, per path. Chosen so that no config spills registers on sm_80 or
+# sm_90a for any bit width (tests/kernels/test_aot_weight_kernels.py); deep pipelines keep several
+# weight tiles in flight per program.
+GPU_CONFIGS = {"fma": [(8, 2), (8, 3), (8, 4)], "dot": [(4, 2), (4, 3), (4, 4), (8, 3)],
+               "dot-fp32": [(4, 2), (4, 3), (4, 4)]}  # fp32 activations: (8, 3) spills on sm_90a
 INTERPRETER_CONFIGS = [(4, 1)]
+PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
 
 
-def configs() -> list[triton.Config]:
-    pairs = INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS
+def configs(path: str) -> list[triton.Config]:
+    pairs = INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS[path]
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
 
 
@@ -84,7 +88,7 @@ def dequant_gemv_kernel(
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
                 if FP32_DOT:
-                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="ieee", out_dtype=tl.float32)
+                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
                 else:
                     acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
     if BLOCK_M == 1:
@@ -103,8 +107,11 @@ def dequant_gemv_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_tuned = triton.autotune(configs(), key=["N", "K", "BLOCK_M", "BITS", "HAS_ZEROS"], reset_to_zero=["out_ptr"])(
-    dequant_gemv_kernel)
+_KEY = ["N", "K", "BITS", "HAS_ZEROS"]
+# the FMA path (BLOCK_M = 1), the bf16/fp16 dot path and the fp32 (tf32x3) dot path tune separately:
+# their register budgets differ
+_tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr"])(dequant_gemv_kernel)
+          for path in GPU_CONFIGS}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -114,10 +121,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def auto_split_k(n: int, k: int, bits: int, device: torch.device) -> int:
-    """Splits of K so ~2 programs per SM run at M = 1, keeping >= 2 tiles per split."""
+    """Splits of K so ~PROGRAMS_PER_SM programs per SM run, keeping >= 2 tiles per split."""
     n_tiles = -(-k // (TILE_WORDS * codes_per_word(bits)))
     n_blocks = -(-n // DECODE_BLOCK_N)
-    want = -(-2 * _num_sms(device) // n_blocks)
+    want = -(-PROGRAMS_PER_SM * _num_sms(device) // n_blocks)
     return max(1, min(want, n_tiles // 2))
 
 
@@ -161,7 +168,8 @@ def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
     block_m = 1 if m == 1 else 16
     grid = (triton.cdiv(n, DECODE_BLOCK_N), split, triton.cdiv(m, block_m))
-    _tuned[grid](
+    path = "fma" if block_m == 1 else ("dot-fp32" if fp32_dot(x.dtype) else "dot")
+    _tuned[path][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, group_size, scales.shape[0], tiles_per_split,
         x.stride(0), out.stride(0),

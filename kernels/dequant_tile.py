@@ -47,15 +47,19 @@ def tiled_rows(k: int, bits: int) -> int:
     return -(-k // tile_codes(bits)) * TILE_WORDS
 
 
-def repack_tiled(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def repack_tiled(qweight: torch.Tensor, bits: int, k: int, chunk_n: int = 2048) -> torch.Tensor:
     """Canonical ``[ceil(K/P), N]`` int32 → tiled ``[tiled_rows(K, bits), N]`` int32 (layout above).
 
-    Vectorized (unpack, one permute, pack); padding codes are ``2**(bits-1)``. Bit-exact inverse:
-    ``unrepack_tiled``.
+    Vectorized (unpack, one permute, pack) over ``chunk_n`` output columns at a time, so the
+    temporary int64 codes stay at ``K * chunk_n * 8`` bytes even for 28672-wide layers. Padding codes
+    are ``2**(bits-1)``. Bit-exact inverse: ``unrepack_tiled``.
     """
+    n = qweight.shape[1]
+    if n > chunk_n:
+        return torch.cat([repack_tiled(qweight[:, j:j + chunk_n], bits, k, chunk_n) for j in range(0, n, chunk_n)],
+                         dim=1)
     p, t = codes_per_word(bits), tile_codes(bits)
     codes = unpack(qweight, bits, k)  # [K, N] uint8, canonical order
-    n = codes.shape[1]
     n_tiles = -(-k // t)
     pad = n_tiles * t - k
     if pad:
