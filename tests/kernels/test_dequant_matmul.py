@@ -117,3 +117,15 @@ def test_noncontiguous_rows(kernel_tol):
     x = torch.randn(5, 128)[:, :64]
     y, ref = run_both(layer, x)
     torch.testing.assert_close(y, ref, **kernel_tol[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_did)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("m", [1, 4, 16, 17, 512], ids=lambda m: f"M{m}")
+def test_cuda_llm_sized(m, bits, dtype, kernel_tol):
+    """On a GPU: LLM-sized layers (autotuned configs, automatic split-K) against the reference."""
+    layer = make_layer(4096, 5120, bits, 128, symmetric=bits != 4).cuda()
+    x = torch.randn(m, 4096, device="cuda").to(dtype)
+    y, ref = run_both(layer, x)
+    torch.testing.assert_close(y, ref, **kernel_tol[dtype])

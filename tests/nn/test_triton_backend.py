@@ -114,3 +114,14 @@ def test_set_backend_on_model(kernel_tol):
     set_backend(model, "triton-interpret")
     torch.testing.assert_close(model(x), expected, **kernel_tol[torch.float32])
     assert model[0].backend_for(x).name == "triton-interpret"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 64], ids=lambda m: f"M{m}")
+def test_cuda_picks_triton_automatically(m, kernel_tol):
+    layer = make_layer(k=1024, n=768).cuda().half()
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    y = layer(x)
+    assert layer.backend_for(x).name == "triton"
+    layer.set_backend("torch")
+    torch.testing.assert_close(y, layer(x), **kernel_tol[torch.float16])
