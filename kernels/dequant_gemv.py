@@ -4,9 +4,10 @@ At decode sizes the matmul is bound by reading the packed weight once; the work 
 every SM streams weight words even at M = 1:
 
 * grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: ``N / BLOCK_N`` column blocks alone are
-  too few to keep every SM's memory pipe full (4096 / 32 = 128 vs 132 SMs on an H100), so K is split into ``SPLIT_K``
-  contiguous ranges of tiles, each partial sum ``atomic_add``-ed into an fp32 output (chosen so
-  that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the activation dtype.
+  too few to keep every SM's memory pipe full (4096 / 32 = 128 programs for 132 SMs on an H100),
+  so K is split into ``SPLIT_K`` contiguous ranges of tiles, each partial sum ``atomic_add``-ed into
+  an fp32 output (chosen so that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the
+  activation dtype.
 * the weight block of one tile, ``[TILE_WORDS, BLOCK_N]`` int32, is one coalesced load with
   ``BLOCK_N`` contiguous words (one 128-byte line) per row; fields are unpacked in
   registers by shift + mask — each word is read from memory once.
