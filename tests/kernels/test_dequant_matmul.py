@@ -8,6 +8,8 @@ cross-product only where cheap.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmq.kernels.dequant_matmul import DECODE_MAX_M, dequant_matmul, regime_for
 from llmq.kernels.dequant_tile import dequant_matmul_reference, repack_tiled
@@ -129,3 +131,16 @@ def test_cuda_llm_sized(m, bits, dtype, kernel_tol):
     x = torch.randn(m, 4096, device="cuda").to(dtype)
     y, ref = run_both(layer, x)
     torch.testing.assert_close(y, ref, **kernel_tol[dtype])
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from(BITS), group=st.sampled_from(GROUPS), symmetric=st.booleans(), k=st.integers(1, 160),
+       n=st.integers(1, 40), m=st.integers(1, 20), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_property(bits, group, symmetric, k, n, m, seed):
+    """Any K (down to 1), N, M on either side of the crossover: kernel == reference (fp32, tolerance of conftest)."""
+    from conftest import KERNEL_TOLERANCES
+
+    torch.manual_seed(seed)
+    layer = make_layer(k, n, bits, group, symmetric)
+    y, ref = run_both(layer, torch.randn(m, k))
+    torch.testing.assert_close(y, ref, **KERNEL_TOLERANCES[torch.float32])
