@@ -2,7 +2,8 @@
 
 from llmq.nn.backends import LinearSpec, available_backends, choose_backend, register_backend
 from llmq.nn.quant_linear import QuantLinear
-from llmq.nn.w8a8_linear import W8A8Linear  # registers module kind "w8a8_linear"
+import llmq.nn.triton_backend  # noqa: E402,F401  registers the Triton backends (ahead of torch on CUDA)
+from llmq.nn.w8a8_linear import W8A8Linear  # noqa: E402  registers module kind "w8a8_linear"
 
 
 def set_backend(model, name: str | None) -> None:

@@ -13,10 +13,10 @@ per-tensor ``act_scale`` from calibration (``llmq.observers``). Then
 accumulation.
 
 Backends follow ``llmq.nn.backends``' seam: ``can_implement(spec) -> (ok, reason)``,
-tried in order (Triton first, torch reference last); ``backend=`` / ``LLMQ_BACKEND``
-forces one, and a forced backend that cannot run raises with its reason (no
-silent fallback). The Triton backend runs on CUDA; on CPU it runs only when
-forced under ``TRITON_INTERPRET=1`` (tests) — never picked automatically there.
+tried in order (``triton`` on CUDA first, ``torch`` reference after); ``backend=`` /
+``LLMQ_BACKEND`` forces one, and a forced backend that cannot run raises with its
+reason (no silent fallback). ``triton-interpret`` runs the same kernels on CPU under
+``TRITON_INTERPRET=1`` when forced (tests) — never picked automatically.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class W8A8Spec:
     static: bool
     device_type: str
     act_dtype: torch.dtype
-    forced: bool  # a backend was named explicitly (allows the Triton interpreter on CPU)
 
 
 class TorchW8A8Backend:
@@ -62,25 +61,34 @@ class TorchW8A8Backend:
 
 
 class TritonW8A8Backend:
-    """``llmq.kernels.act_quant`` + ``llmq.kernels.int8_gemm``."""
+    """``llmq.kernels.act_quant`` + ``llmq.kernels.int8_gemm`` on CUDA (``"triton"``), or on CPU through
+    the Triton interpreter (``"triton-interpret"``: tests/debugging only, never chosen automatically) —
+    the same names as ``QuantLinear``'s Triton backends, so ``LLMQ_BACKEND`` means one thing."""
 
-    name = "triton"
+    def __init__(self, interpret: bool = False) -> None:
+        self.interpret = interpret
+        self.name = "triton-interpret" if interpret else "triton"
 
     def can_implement(self, spec: W8A8Spec) -> tuple[bool, str]:
         if spec.act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"activations {spec.act_dtype} are not float16/bfloat16/float32"
+        if self.interpret:
+            if spec.device_type == "cpu" and interpreting():
+                return True, "Triton interpreter on CPU (forced; for tests, very slow)"
+            return False, "needs CPU tensors and TRITON_INTERPRET=1"
         if spec.device_type == "cuda":
             return True, "CUDA int8 tensor-core GEMM"
-        if spec.device_type == "cpu" and interpreting() and spec.forced:
-            return True, "Triton interpreter on CPU (forced; for tests, very slow)"
-        return False, f"needs CUDA (or a forced backend under TRITON_INTERPRET=1), got {spec.device_type}"
+        return False, (f"needs CUDA, got {spec.device_type} (on CPU, force 'triton-interpret' under "
+                       f"TRITON_INTERPRET=1 to run the kernels in the interpreter)")
 
     def forward(self, layer: "W8A8Linear", x: torch.Tensor) -> torch.Tensor:
         q, a_scale = act_quant(x, layer.act_scale_fp32())
         return int8_gemm(q, layer.qweight, a_scale, layer.weight_scale.float(), layer.bias, x.dtype)
 
 
-W8A8_BACKENDS = [TritonW8A8Backend(), TorchW8A8Backend()]
+# tried in this order; "triton-interpret" only when forced
+W8A8_BACKENDS = [TritonW8A8Backend(), TorchW8A8Backend(), TritonW8A8Backend(interpret=True)]
+_FORCED_ONLY = {"triton-interpret"}
 _logged: set[tuple[str, str]] = set()
 
 
@@ -88,7 +96,7 @@ def choose_w8a8_backend(spec: W8A8Spec, forced: str | None):
     names = [b.name for b in W8A8_BACKENDS]
     if forced is not None and forced not in names:
         raise ValueError(f"unknown W8A8 backend {forced!r}: available backends are {names}")
-    candidates = [b for b in W8A8_BACKENDS if forced is None or b.name == forced]
+    candidates = [b for b in W8A8_BACKENDS if (b.name == forced if forced else b.name not in _FORCED_ONLY)]
     reasons = []
     for backend in candidates:
         ok, reason = backend.can_implement(spec)
@@ -200,8 +208,7 @@ class W8A8Linear(nn.Module):
         backend = self._backend.get(key)
         if backend is None:
             forced = self.backend_name or os.environ.get(BACKEND_ENV) or None
-            spec = W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype,
-                            forced is not None)
+            spec = W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype)
             backend = choose_w8a8_backend(spec, forced)
             self._backend[key] = backend
         return backend

@@ -66,7 +66,7 @@ def test_triton_backend_matches_torch(m, static, dtype, kernel_tol):
     layer = W8A8Linear.from_linear(lin, 0.02 if static else None)
     layer.set_backend("torch")
     y_ref = layer(x)
-    layer.set_backend("triton")
+    layer.set_backend("triton-interpret")
     y = layer(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y, y_ref, **kernel_tol[dtype])
@@ -76,7 +76,10 @@ def test_backend_choice_cpu_and_forced_errors(monkeypatch):
     layer = W8A8Linear.from_linear(linear())
     x = torch.randn(3, 96)
     monkeypatch.delenv("LLMQ_BACKEND", raising=False)
-    assert layer.backend_for(x).name == "torch"  # Triton never auto-picked on CPU
+    assert layer.backend_for(x).name == "torch"  # the interpreter is never auto-picked on CPU
+    layer.set_backend("triton")
+    with pytest.raises(ValueError, match="forced backend 'triton' cannot run .* needs CUDA"):
+        layer(x)
     layer.set_backend("cuda-magic")
     with pytest.raises(ValueError, match="unknown W8A8 backend 'cuda-magic'"):
         layer(x)
