@@ -124,14 +124,14 @@ def main() -> None:
             "calibration_seq_len": 512, "alpha": args.alpha, "percentile": args.percentile,
             "momentum": args.momentum, "backend": "torch (exact int8 reference), CPU",
             "threads": torch.get_num_threads(), "total_seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out)
+    out = Path(args.out + ".json")  # not with_suffix: "--out results/pct99.99" must keep its dots
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| config | perplexity | Δ vs fp32 |\n|---|---|---|")
     for r in rows:
         d = "–" if r["delta_vs_fp_pct"] is None or r["key"] == "fp" else f"{r['delta_vs_fp_pct']:+.2f}%"
         print(f"| {r['config']} | {r['perplexity']:.3f} | {d} |")
-    print(f"\n{json.dumps(meta)}\nwrote {out.with_suffix('.json')}")
+    print(f"\n{json.dumps(meta)}\nwrote {out}")
 
 
 if __name__ == "__main__":
