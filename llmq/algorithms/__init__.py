@@ -1,8 +1,8 @@
-"""Weight quantization algorithms: tensors in, ``QuantizedWeight`` out, never a model.
+"""Quantization algorithms: tensors in, codes/scales out (``QuantizedWeight`` for weights), never a model.
 
 One class per algorithm (``add_batch`` for statistics where it needs data,
 ``quantize`` for the paper's loop). The model-level driver that feeds them is
-``llmq.pipeline``.
+``llmq.pipeline`` (weight-only methods); ``smoothquant`` belongs to W8A8 (``llmq.w8a8``).
 """
 
 from llmq.algorithms.awq import AWQ

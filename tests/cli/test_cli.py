@@ -1,6 +1,7 @@
 """The ``llmq`` command line, end to end through subprocesses (as a user runs it)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,9 @@ import pytest
 from llmq.cli.main import SUBCOMMANDS
 
 
-def llmq(*args, check=True):
+def llmq(*args, check=True, env=None):
     proc = subprocess.run([sys.executable, "-m", "llmq.cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"llmq {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -72,6 +73,12 @@ def test_missing_model_path(tmp_path):
     res = llmq("quantize", tmp_path / "does-not-exist", "--out", tmp_path / "o", check=False)
     assert res.returncode == 2 and "not found: no such folder" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path):
+    res = llmq("quantize", "some-org/some-model", "--out", tmp_path / "o", check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2 and "could not be fetched from the Hugging Face hub" in res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_output_needs_force(tiny_model_dir, tmp_path):
