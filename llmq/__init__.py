@@ -1,0 +1,28 @@
+"""llmq: group-wise low-bit quantization of Hugging Face LLMs, with Triton kernels.
+
+``import llmq`` registers the ``"llmq"`` quantization method with transformers, so
+``AutoModelForCausalLM.from_pretrained(<llmq checkpoint>)`` rebuilds the quantized
+modules. Import it before loading a checkpoint.
+"""
+
+__version__ = "0.1.0"
+
+from llmq.integration.transformers import register as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()
+
+from llmq.api import QuantizeResult, is_quantized_checkpoint, load, quantize  # noqa: E402
+from llmq.nn import QuantLinear, set_backend  # noqa: E402
+from llmq.recipes import FORMAT_VERSION, WeightMethod, WeightRecipe  # noqa: E402
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QuantLinear",
+    "QuantizeResult",
+    "WeightMethod",
+    "WeightRecipe",
+    "is_quantized_checkpoint",
+    "load",
+    "quantize",
+    "set_backend",
+]

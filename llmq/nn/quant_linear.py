@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from llmq.nn.backends import LinearBackend, LinearSpec, choose_backend
+from llmq.nn.registry import register_module_kind
 from llmq.quant.packing import pack, packed_rows
 from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
+@register_module_kind
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W).T + bias`` with W stored as packed integer codes.
 
@@ -31,6 +33,8 @@ class QuantLinear(nn.Module):
     ``forward`` runs through a backend chosen once per (device, dtype) by
     ``llmq.nn.backends.choose_backend``; ``backend=`` forces one.
     """
+
+    KIND = "quant_linear"
 
     def __init__(
         self,
@@ -89,6 +93,21 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    def to_config(self) -> dict:
+        """JSON description stored per module in the checkpoint (see ``llmq.nn.registry``)."""
+        return {"kind": self.KIND, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,
+                    dtype: torch.dtype | None = None, device=None) -> "QuantLinear":
+        if (cfg.get("in_features", in_features), cfg.get("out_features", out_features)) != (in_features, out_features):
+            raise ValueError(
+                f"checkpoint module is {cfg['in_features']}->{cfg['out_features']} but the model's Linear is "
+                f"{in_features}->{out_features}; config.json and the weights do not match")
+        return cls(in_features, out_features, cfg["bits"], cfg["group_size"], cfg["symmetric"], bias=bias,
+                   dtype=dtype, device=device)
 
     def spec(self, x: torch.Tensor) -> LinearSpec:
         return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,

