@@ -92,22 +92,42 @@ def kv_decode_attention_reference(q: torch.Tensor, kv: PackedKV, sm_scale: float
 
 
 @triton.jit
-def _dequant_tile(C, S, Z, offs_n, offs_d, n_mask, stride_ct, stride_st,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """[BLOCK_N, D] float32 tile of tokens ``offs_n`` from packed codes + scales (+ zeros)."""
+def _dequant_tile(C, S, Z, n0, offs_n, offs_d, n_mask, stride_ct, stride_st,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, D] float32 tile of tokens ``offs_n = n0 + arange(BLOCK_N)`` from packed codes + scales (+ zeros).
+
+    Words are loaded once each (``[BLOCK_N, D/P]``) and expanded in registers to ``[BLOCK_N, D/P, P]``
+    → ``[BLOCK_N, D]`` (field i of word w is channel w*P + i). Per-channel scales: the launcher makes
+    BLOCK_N divide GROUP, so the whole tile lies in one token group and needs one ``[D]`` scale row.
+    """
     P: tl.constexpr = 32 // BITS
-    words = tl.load(C + offs_n[:, None] * stride_ct + (offs_d // P)[None, :], mask=n_mask[:, None], other=0)
-    codes = (words >> ((offs_d % P) * BITS)[None, :]) & ((1 << BITS) - 1)  # arithmetic shift is fine: masked
-    if PER_CHANNEL:  # one scale per channel per run of GROUP tokens
-        sp = (offs_n // GROUP)[:, None] * stride_st + offs_d[None, :]
+    W: tl.constexpr = HEAD_DIM // P
+    offs_w = tl.arange(0, W)
+    words = tl.load(C + offs_n[:, None] * stride_ct + offs_w[None, :], mask=n_mask[:, None], other=0)
+    shifts = tl.arange(0, P) * BITS
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # arithmetic shift: masked
+    codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM)).to(tl.float32)
+    if PER_CHANNEL:  # one scale per channel for this run of GROUP tokens
+        sp = (n0 // GROUP) * stride_st + offs_d
+        scale = tl.load(S + sp).to(tl.float32)[None, :]
+        if SYMMETRIC:
+            zero = (1 << (BITS - 1)) * 1.0
+        else:
+            zero = tl.load(Z + sp).to(tl.float32)[None, :]
     else:  # one scale per token per run of GROUP channels
-        sp = offs_n[:, None] * stride_st + (offs_d // GROUP)[None, :]
-    scale = tl.load(S + sp, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        zero = (1 << (BITS - 1)) * 1.0
-    else:
-        zero = tl.load(Z + sp, mask=n_mask[:, None], other=0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+        offs_g = tl.arange(0, HEAD_DIM // GROUP)
+        sp = offs_n[:, None] * stride_st + offs_g[None, :]
+        scale = tl.load(S + sp, mask=n_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D/G]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
+                           (BLOCK_N, HEAD_DIM))
+        if SYMMETRIC:
+            zero = (1 << (BITS - 1)) * 1.0
+        else:
+            zero = tl.load(Z + sp, mask=n_mask[:, None], other=0).to(tl.float32)
+            zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
+                              (BLOCK_N, HEAD_DIM))
+    return (codes - zero) * scale
 
 
 @triton.jit
@@ -171,10 +191,10 @@ def _kv_decode_split_kernel(
         valid = offs_n < q_end
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
-        k = _dequant_tile(kc, KS + ks_off, KZ + ks_off, offs_n, offs_d, valid, stride_ct, stride_kst,
-                          BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC)
-        v = _dequant_tile(vc, VS + vs_off, VZ + vs_off, offs_n, offs_d, valid, stride_ct, stride_vst,
-                          BITS, GROUP, False, SYMMETRIC)
+        k = _dequant_tile(kc, KS + ks_off, KZ + ks_off, n0, offs_n, offs_d, valid, stride_ct, stride_kst,
+                          BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_N)
+        v = _dequant_tile(vc, VS + vs_off, VZ + vs_off, n0, offs_n, offs_d, valid, stride_ct, stride_vst,
+                          BITS, GROUP, False, SYMMETRIC, HEAD_DIM, BLOCK_N)
         m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
 
     # full-precision residual tokens [max(start, n_quant), end)
@@ -243,14 +263,17 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.d
 # mask     [B, n_quant + n_res] bool
 # out      [B, H_q, D]          q.dtype
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
-                        num_splits: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                        num_splits: int | None = None, block_n: int = 32, num_warps: int = 8,
+                        num_stages: int = 2) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache (shapes above).
 
     Args:
         sm_scale: softmax scale (``1/sqrt(D)`` for Llama).
         mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
-        block_n: tokens per inner step (>= 16).
+        block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
+        num_warps, num_stages: launch options; the defaults (32, 8, 2) compile for sm_80/sm_90a at
+            214 registers without spills (tests/kernels/test_kv_attention_aot.py); not yet tuned on a GPU.
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
     """
@@ -266,8 +289,10 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if kv.k_codes.stride() != kv.v_codes.stride() or kv.k_res.stride() != kv.v_res.stride():
         raise ValueError("K and V codes (and K and V residuals) must share shape and strides")
-    if block_n < 16:
-        raise ValueError(f"block_n must be >= 16 (tl.dot tile), got {block_n}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16 (tl.dot tile), got {block_n}")
+    if kv.key_per_channel:
+        block_n = min(block_n, kv.group_size)  # a tile must lie inside one key token group
     total = kv.n_quant + n_res
     if total == 0:
         raise ValueError("the cache is empty: nothing to attend to")
@@ -308,10 +333,10 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         mask.stride(0) if mask is not None else 0,
         BITS=kv.bits, GROUP=kv.group_size, KEY_PER_CHANNEL=kv.key_per_channel, SYMMETRIC=kv.symmetric,
         HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_H=max(16, triton.next_power_of_2(rep)),
-        DOT_DTYPE=dot_dtype, num_warps=num_warps,
+        DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
     )
     _kv_decode_reduce_kernel[(b * hq,)](
         o_part, m_part, l_part, out, num_splits, hq, out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
     )
     return out
