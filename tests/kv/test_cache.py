@@ -147,11 +147,11 @@ def test_sliding_window_models_refused():
     cfg = tiny_config()
     cfg.layer_types = ["full_attention", "sliding_attention"]  # as Gemma/Qwen-style configs declare it
     with pytest.raises(ValueError, match="full-attention layers only"):
-        QuantizedKVCache(cfg)
+        QuantizedKVCache(cfg, group_size=16)
 
 
 def test_crop_refused():
-    cache = QuantizedKVCache(tiny_config())
+    cache = QuantizedKVCache(tiny_config(), group_size=16)
     cache.update(torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32), 0)
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.layers[0].crop(-1)
