@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llmq.checkpoint import build_quantization_config, read_quantization_config, save_quantized
+from llmq.checkpoint import build_quantization_config, read_quantization_config, save_quantized, verify_checkpoint
 from llmq.checkpoint.save import check_output_dir
 from llmq.model.rtn import QuantizationSummary, quantize_model_rtn
 from llmq.model.source import load_model, resolve_model_path
@@ -66,7 +66,9 @@ def load(
 
     path = resolve_model_path(folder)
     if is_quantized_checkpoint(path):
-        read_quantization_config(path)  # clear errors for unknown format versions etc.
+        # clear errors for unknown format versions, truncated shards, missing tensors —
+        # before transformers parses anything itself
+        verify_checkpoint(sorted(path.glob("*.safetensors")), read_quantization_config(path))
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map=device_map, use_safetensors=True, trust_remote_code=trust_remote_code
     )

@@ -68,7 +68,11 @@ def ensure_default_model(progress: bool = True) -> Path:
         del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not just a concurrent conversion that won
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -82,15 +82,18 @@ class TorchBackend:
 
 def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
     """Float32 ``[K, N]`` weight (transposed w.r.t. ``nn.Linear``) from a layer's buffers."""
-    k = layer.in_features
-    codes = unpack(layer.qweight, layer.bits, k).to(torch.int32)  # [K, N]
-    gidx = torch.arange(k, device=codes.device) // layer.effective_group_size  # [K]
-    scales = layer.scales.float()[gidx]  # [K, N]
+    k, g = layer.in_features, layer.effective_group_size
+    n_groups, n = layer.scales.shape
+    codes = unpack(layer.qweight, layer.bits, k)  # [K, N] uint8
+    # view as [G, g, N] (zero-padding the short last group) so scales/zeros broadcast
+    # per group instead of being gathered into a [K, N] tensor
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * g - k)).float().view(n_groups, g, n)
     if layer.qzeros is not None:
-        zeros = layer.qzeros.to(torch.int32)[gidx]
+        zeros = layer.qzeros.float()[:, None, :]
     else:
-        zeros = 1 << (layer.bits - 1)
-    return (codes - zeros).float() * scales
+        zeros = float(1 << (layer.bits - 1))
+    w = (codes - zeros) * layer.scales.float()[:, None, :]
+    return w.view(n_groups * g, n)[:k]
 
 
 _REGISTRY: list[LinearBackend] = []

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from llmq.nn import QuantLinear, available_backends, set_backend
+from llmq.nn.backends import LinearSpec, choose_backend, dequantize_packed
+from llmq.quant.primitives import quantize_weight
+
+
+def _layer(k, n, bits, group, sym, bias=True):
+    w = torch.randn(n, k)
+    qw = quantize_weight(w, bits, group, sym)
+    b = torch.randn(n) if bias else None
+    return QuantLinear.from_quantized(qw, b), qw, b
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [32, 128, None], ids=["g32", "g128", "chan"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("k", [64, 129, 576], ids=lambda k: f"K{k}")
+def test_torch_backend_matches_dequantized_reference(k, bits, group, sym):
+    layer, qw, b = _layer(k, 48, bits, group, sym)
+    # buffers unpack to exactly the codes/scales/zeros that were packed
+    assert torch.equal(dequantize_packed(layer), qw.dequantize().t().contiguous())
+    x = torch.randn(3, 5, k)
+    ref = x @ qw.dequantize().t() + b
+    torch.testing.assert_close(layer(x), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_activations(dtype):
+    layer, qw, b = _layer(128, 32, 4, 32, False)
+    x = torch.randn(4, 128)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), x @ qw.dequantize().t() + b, atol=0.1, rtol=0.02)
+
+
+def test_buffer_shapes_as_documented():
+    layer, _, _ = _layer(576, 1536, 4, 128, False)
+    assert layer.qweight.shape == (72, 1536) and layer.qweight.dtype == torch.int32
+    assert layer.scales.shape == (5, 1536) and layer.scales.dtype == torch.float16
+    assert layer.qzeros.shape == (5, 1536) and layer.qzeros.dtype == torch.uint8
+    sym, _, _ = _layer(576, 64, 3, None, True, bias=False)
+    assert sym.qweight.shape == (58, 64) and sym.scales.shape == (1, 64)
+    assert sym.qzeros is None and sym.bias is None
+    assert set(dict(sym.named_buffers())) == {"qweight", "scales"}
+
+
+def test_config_round_trip_builds_same_module():
+    layer, _, _ = _layer(96, 40, 3, 32, True)
+    empty = QuantLinear.from_config(layer.to_config(), 96, 40, bias=True)
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 96)
+    assert torch.equal(empty(x), layer(x))
+
+
+def test_wrong_input_width():
+    layer, _, _ = _layer(64, 8, 4, 32, False)
+    with pytest.raises(ValueError, match="last dim 64"):
+        layer(torch.randn(2, 65))
+
+
+def test_forced_unknown_backend_lists_available():
+    layer, _, _ = _layer(64, 8, 4, 32, False)
+    layer.set_backend("nope")
+    with pytest.raises(ValueError, match=r"unknown backend 'nope': available backends are"):
+        layer(torch.randn(1, 64))
+
+
+def test_forced_backend_that_cannot_run_raises_with_reason():
+    class NeverBackend:
+        name = "never"
+
+        def can_implement(self, spec):
+            return False, "never runs anything"
+
+    from llmq.nn import backends
+
+    backends._REGISTRY.insert(0, NeverBackend())
+    try:
+        spec = LinearSpec(64, 8, 4, 32, False, "cpu", torch.float32)
+        with pytest.raises(ValueError, match="forced backend 'never' cannot run .* never runs anything"):
+            choose_backend(spec, forced="never")
+        # automatic choice skips it and takes a backend that can run the layer
+        assert choose_backend(spec).name != "never"
+    finally:
+        backends._REGISTRY.pop(0)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    layer, _, _ = _layer(64, 8, 4, 32, False)
+    monkeypatch.setenv("LLMQ_BACKEND", "torch")
+    layer(torch.randn(1, 64))
+    assert layer._backend[("cpu", torch.float32)].name == "torch"
+    assert "torch" in available_backends()
+
+
+def test_set_backend_on_model():
+    model = torch.nn.Sequential(_layer(64, 8, 4, 32, False)[0])
+    set_backend(model, "torch")
+    assert model[0].backend_name == "torch"
