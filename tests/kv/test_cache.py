@@ -155,3 +155,16 @@ def test_crop_refused():
     cache.update(torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32), 0)
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.layers[0].crop(-1)
+
+
+def test_int4_memory_at_8k_is_under_0_3x_fp16():
+    """Issue target: default int4 recipe (keys per channel, group 64, residual 128), scales, zeros and the
+    fp16 residual window included, at 8k context (SmolLM2's KV shape: 3 heads x 64)."""
+    cfg = tiny_config(num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=3, hidden_size=192)
+    cache = QuantizedKVCache(cfg, bits=4)
+    k = torch.randn(1, 3, 8192, 64, dtype=torch.float16)
+    cache.update(k[:, :, :-1], k[:, :, :-1], 0)
+    cache.update(k[:, :, -1:], k[:, :, -1:], 0)
+    mem = cache.memory()
+    assert mem.tokens == 8192 and 128 < 8192 - mem.quantized_tokens <= 128 + 64  # window + partial key group
+    assert mem.ratio <= 0.3, f"int4 KV uses {mem.ratio:.3f}x fp16"
