@@ -168,3 +168,21 @@ def test_int4_memory_at_8k_is_under_0_3x_fp16():
     mem = cache.memory()
     assert mem.tokens == 8192 and 128 < 8192 - mem.quantized_tokens <= 128 + 64  # window + partial key group
     assert mem.ratio <= 0.3, f"int4 KV uses {mem.ratio:.3f}x fp16"
+
+
+def test_works_with_llmq_weight_quantized_model():
+    from llmq.model.rtn import quantize_model_rtn
+    from llmq.nn import QuantLinear
+    from llmq.recipes import WeightRecipe
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    quantize_model_rtn(model, WeightRecipe(bits=4, group_size=32), progress=False)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, QuantLinear)
+    enable_fused_attention(model)
+    ids = torch.randint(0, 128, (1, 12))
+    ref, _ = _generate(model, ids, DynamicCache(config=model.config), 32)
+    cache = QuantizedKVCache(model.config, bits=8, group_size=16, residual_length=8)
+    tokens, _ = _generate(model, ids, cache, 32)
+    assert cache.memory().quantized_tokens >= 32
+    assert (tokens == ref).float().mean() >= 0.95
