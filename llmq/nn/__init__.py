@@ -2,6 +2,7 @@
 
 from llmq.nn.backends import LinearSpec, available_backends, choose_backend, register_backend
 from llmq.nn.quant_linear import QuantLinear
+import llmq.nn.triton_backend  # noqa: E402,F401  registers the Triton backends (ahead of torch on CUDA)
 
 
 def set_backend(model, name: str | None) -> None:

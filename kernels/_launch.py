@@ -1,0 +1,63 @@
+"""Launcher plumbing shared by the dequantize-matmul kernels: argument checks and dtype rules.
+
+Kept apart from the kernels so each kernel file holds one kernel, its reference and its launcher.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from llmq.kernels.dequant_tile import tiled_rows
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether the tile products run on fp32 operands for activations of ``dtype``.
+
+    fp32 activations always do, with ``input_precision="tf32x3"`` (three TF32 tensor-core products
+    per tile: ~fp32 accuracy, unlike plain TF32, without the register spills an IEEE fp32 dot
+    causes in the tiled GEMM). bf16 does under the interpreter, whose bf16 arithmetic is wrong
+    (DESIGN.md). fp16/bf16 on the GPU run tensor-core dots in the activation dtype, fp32 accumulation.
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def check_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+               bias: torch.Tensor | None, bits: int, group_size: int, k: int) -> None:
+    """Raise ``ValueError`` naming the problem for anything the kernels cannot run."""
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"activations must be float16, bfloat16 or float32, got {x.dtype}; cast the input")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, K={k}], got {tuple(x.shape)}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"unsupported bits {bits}: the kernels run 2, 3, 4 or 8")
+    if group_size % 16 != 0 and group_size != k:
+        raise ValueError(f"group size {group_size} must be a multiple of 16 (or K for per-channel)")
+    n = qweight.shape[1] if qweight.dim() == 2 else -1
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != tiled_rows(k, bits):
+        raise ValueError(f"qweight must be the tiled int32 layout [{tiled_rows(k, bits)}, N] "
+                         f"(kernels.dequant_tile.repack_tiled), got {qweight.dtype} {tuple(qweight.shape)}")
+    g = -(-k // group_size)
+    if scales.shape != (g, n) or not scales.is_floating_point():
+        raise ValueError(f"scales must be float [{g}, {n}], got {scales.dtype} {tuple(scales.shape)}")
+    if qzeros is not None and (qzeros.shape != (g, n) or qzeros.dtype != torch.uint8):
+        raise ValueError(f"qzeros must be uint8 [{g}, {n}], got {qzeros.dtype} {tuple(qzeros.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move the layer to the input's device")
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")

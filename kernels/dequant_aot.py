@@ -1,0 +1,75 @@
+"""Every shipped GPU configuration of the dequantize-matmul kernels, compiled ahead of time.
+
+``python -m llmq.kernels.dequant_aot`` compiles each autotune config of ``dequant_gemv`` (both
+paths) and ``dequant_gemm`` for every bit width (fp16 activations) and for bf16 / fp32 activations
+at 4 bits, for each target in ``llmq.kernels.aot.TARGETS``, and prints one JSON object per config
+(registers, shared memory, local/stack bytes, or the compile error). No GPU is needed.
+
+Run it with ``TRITON_INTERPRET`` unset: under the interpreter, the ``@triton.jit`` functions of
+``triton.language.standard`` that the kernels call (``tl.cdiv``, ``tl.sum``) are interpreter
+objects the compiler cannot lower. ``tests/kernels/test_aot_weight_kernels.py`` runs this module
+in a subprocess for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from llmq.kernels import dequant_gemm, dequant_gemv
+from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
+from llmq.quant.packing import codes_per_word
+
+ACT = {"fp16": ("*fp16", False), "bf16": ("*bf16", False), "fp32": ("*fp32", True)}
+# every bit width with fp16 activations; the other activation dtypes at 4 bits
+COMBOS = [(b, "fp16") for b in (2, 3, 4, 8)] + [(4, "bf16"), (4, "fp32")]
+
+
+def _signature(kernel: str, act: str, atomic: bool) -> dict[str, str]:
+    x_type = ACT[act][0]
+    return {"x_ptr": x_type, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
+            "out_ptr": "*fp32" if atomic else x_type, "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
+            "num_groups": "i32", ("tiles_per_split" if kernel == "gemv" else "m_bucket"): "i32",
+            "stride_xm": "i32", "stride_om": "i32"}
+
+
+def cases():
+    """(name, kernel, signature, constexprs, num_warps, num_stages) for every shipped config."""
+    for bits, act in COMBOS:
+        p = codes_per_word(bits)
+        for block_m, path in ((1, "fma"), (16, "dot-fp32" if ACT[act][1] else "dot")):
+            for warps, stages in dequant_gemv.GPU_CONFIGS[path]:
+                meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, ATOMIC=True,
+                            FP32_DOT=ACT[act][1], BLOCK_M=block_m, BLOCK_N=dequant_gemv.DECODE_BLOCK_N)
+                yield (f"gemv int{bits} {act} BLOCK_M={block_m} BLOCK_N={dequant_gemv.DECODE_BLOCK_N} "
+                       f"warps={warps} stages={stages}", dequant_gemv.dequant_gemv_kernel,
+                       _signature("gemv", act, True), meta, warps, stages)
+        for bm, bn, warps, stages in (dequant_gemm.GPU_CONFIGS_FP32 if ACT[act][1] else dequant_gemm.GPU_CONFIGS):
+            meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, FP32_DOT=ACT[act][1],
+                        GROUP_M=dequant_gemm.GROUP_M, BLOCK_M=bm, BLOCK_N=bn)
+            yield (f"gemm int{bits} {act} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel,
+                   _signature("gemm", act, False), meta, warps, stages)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("run with TRITON_INTERPRET unset (see module docstring)", file=sys.stderr)
+        return 2
+    for target, capability in TARGETS:
+        for name, kernel, sig, meta, warps, stages in cases():
+            row = {"target": target, "config": name}
+            try:
+                compiled = compile_kernel(kernel, {**sig, **{k: "constexpr" for k in meta}}, meta, capability,
+                                          warps, stages)
+                u = resource_usage(compiled)
+                row.update(registers=u.registers, shared_bytes=u.shared_bytes, local_bytes=u.local_bytes,
+                           stack_bytes=u.stack_bytes)
+            except Exception as e:  # noqa: BLE001 — every failing config is reported, not just the first
+                row["error"] = f"{type(e).__name__}: {e}"
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Prefill-regime fused dequantize-matmul (M > 16 rows): tiled tensor-core GEMM.
+
+Triton's tutorial matmul (``03-matrix-multiplication.py``) with the B operand produced in registers:
+
+* 1-D grid over ``[BLOCK_M, BLOCK_N]`` output tiles in grouped order (``GROUP_M`` row blocks share
+  a column block so the packed weight and x stay in L2 across neighbouring programs);
+* per K tile (``TILE_WORDS`` word rows = ``16 * P`` input features) one coalesced
+  ``[TILE_WORDS, BLOCK_N]`` int32 load; for each of the P fields, shift + mask + one scale/zero
+  row (tiled layout: a field lies inside one group) give a ``[16, BLOCK_N]`` weight block in the
+  activation dtype, multiplied with the contiguous ``[BLOCK_M, 16]`` activation block by ``tl.dot``
+  (fp32 accumulator). The dequantized weight only ever exists in registers / shared memory.
+* no split-K: ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` tiles already fill the GPU for M > 16 on
+  LLM-sized N, and atomics would cost determinism and an fp32 round trip.
+* bias added in the epilogue; output stored once in ``x.dtype``.
+
+Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` chooses the tile shape
+per (M bucket, N, K, BITS).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmq.kernels._launch import check_args, fp32_dot, interpreting
+from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
+from llmq.quant.packing import codes_per_word
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA.
+# Every one compiles without register spills for sm_80 and sm_90a, every bit width and activation
+# dtype (tests/kernels/test_aot_weight_kernels.py).
+GPU_CONFIGS = [
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 4),
+    (32, 128, 4, 4),
+    (128, 256, 8, 3),
+]
+GPU_CONFIGS_FP32 = GPU_CONFIGS[:-1]  # fp32 activations (tf32x3 dots): 128x256 spills
+INTERPRETER_CONFIGS = [(32, 64, 4, 1)]
+GROUP_M = 8
+
+
+def configs(fp32: bool) -> list[triton.Config]:
+    rows = INTERPRETER_CONFIGS if interpreting() else (GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+@triton.jit
+def dequant_gemm_kernel(
+    # pointers
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    # sizes
+    M, N, K, group_size, num_groups, m_bucket,
+    # strides (rows of x / out; qweight, scales, qzeros are contiguous [rows, N])
+    stride_xm, stride_om,
+    # meta
+    BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grouped tile order (tutorial 03): consecutive programs walk GROUP_M row blocks of one column block
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_group) % group_rows
+    pid_n = (pid % pids_in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, TILE)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # one step per (tile, field): field i of tile t holds input features [16*j, 16*j + 16), j = t*P + i
+    for j in range(0, tl.cdiv(K, TILE * P) * P):
+        t = j // P
+        words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                        other=0)  # [TILE, BLOCK_N] int32; the P steps of a tile re-read it from L1
+        k0 = j * TILE
+        w = dequant_field(words, j - t * P, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                          BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+        offs_k = k0 + offs_r
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
+        if FP32_DOT:
+            acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# m_bucket (next power of two of M) keys the autotuner so every new prefill length does not retune.
+_KEY = ["m_bucket", "N", "K", "BITS", "HAS_ZEROS"]
+_tuned = {fp32: triton.autotune(configs(fp32), key=_KEY)(dequant_gemm_kernel) for fp32 in (False, True)}
+
+
+# x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
+# qweight  [R, N]        int32, tiled layout (kernels.dequant_tile), R = tiled_rows(K, bits)
+# scales   [G, N]        float (any float dtype), G = ceil(K / group_size)
+# qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
+# bias     [N]           float, or None
+# out      [M, N]        x.dtype
+@torch.library.custom_op("llmq::dequant_gemm", mutates_args=())
+def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(W) + bias`` for any M (meant for M > 16), from tiled packed words.
+
+    Arguments as ``dequant_gemv`` (without ``split_k``). Returns ``[M, N]`` in ``x.dtype``.
+    """
+    check_args(x, qweight, scales, qzeros, bias, bits, group_size, in_features)
+    m, k = x.shape
+    n = qweight.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = x.new_empty(m, n)
+    if m == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _tuned[fp32_dot(x.dtype)][grid](
+        x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, group_size, scales.shape[0], triton.next_power_of_2(m),
+        x.stride(0), out.stride(0),
+        BITS=bits, P=codes_per_word(bits), TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None,
+        HAS_BIAS=bias is not None, FP32_DOT=fp32_dot(x.dtype), GROUP_M=GROUP_M,
+    )
+    return out
+
+
+@dequant_gemm.register_fake
+def _(x, qweight, scales, qzeros, bias, bits, group_size, in_features):
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -1,0 +1,185 @@
+"""Decode-regime fused dequantize-matmul (M <= 16 rows): split-K GEMV.
+
+At decode sizes the matmul is bound by reading the packed weight once; the work is spread so that
+every SM streams weight words even at M = 1:
+
+* grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: ``N / BLOCK_N`` column blocks alone are
+  too few to keep every SM's memory pipe full (4096 / 32 = 128 programs for 132 SMs on an H100),
+  so K is split into ``SPLIT_K`` contiguous ranges of tiles, each partial sum ``atomic_add``-ed into
+  an fp32 output (chosen so that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the
+  activation dtype.
+* the weight block of one tile, ``[TILE_WORDS, BLOCK_N]`` int32, is one coalesced load with
+  ``BLOCK_N`` contiguous words (one 128-byte line) per row; fields are unpacked in
+  registers by shift + mask — each word is read from memory once.
+* per field, the scale (and zero) row is one ``[BLOCK_N]`` load (tiled layout: a field never
+  straddles a group), reused from L1 by the other fields of the same group.
+* M = 1 (``BLOCK_M = 1``): CUDA-core FMAs into a ``[TILE_WORDS, BLOCK_N]`` fp32 accumulator, reduced
+  once at the end (no per-step cross-thread reduction, no wasted tensor-core rows).
+  2 <= M <= 16 (``BLOCK_M = 16``): one ``tl.dot`` per field (K = 16) with fp32 accumulation.
+
+Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` picks warps/stages
+per (N, K, BITS), separately for the FMA and dot paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmq.kernels._launch import check_args, fp32_dot, interpreting
+from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
+from llmq.quant.packing import codes_per_word
+
+DECODE_BLOCK_N = 32  # [16, 32] int32 words per tile: each row is one full 128-byte line
+# (num_warps, num_stages) tried on CUDA, per path. Chosen so that no config spills registers on sm_80 or
+# sm_90a for any bit width (tests/kernels/test_aot_weight_kernels.py); deep pipelines keep several
+# weight tiles in flight per program.
+GPU_CONFIGS = {"fma": [(8, 2), (8, 3), (8, 4)], "dot": [(4, 2), (4, 3), (4, 4), (8, 3)],
+               "dot-fp32": [(4, 2), (4, 3), (4, 4)]}  # fp32 activations: (8, 3) spills on sm_90a
+INTERPRETER_CONFIGS = [(4, 1)]
+PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
+
+
+def configs(path: str) -> list[triton.Config]:
+    pairs = INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS[path]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+
+
+@triton.jit
+def dequant_gemv_kernel(
+    # pointers
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    # sizes
+    M, N, K, group_size, num_groups, tiles_per_split,
+    # strides (rows of x / out; qweight, scales, qzeros are contiguous [rows, N])
+    stride_xm, stride_om,
+    # meta
+    BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, TILE)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, TILE * P))
+
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                        other=0)  # [TILE, BLOCK_N] int32
+        for i in tl.static_range(P):
+            k0 = t * (TILE * P) + i * TILE
+            w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                              BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+            offs_k = k0 + offs_r
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                acc2 += xv[:, None] * w
+            else:
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
+                if FP32_DOT:
+                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+                else:
+                    acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
+
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            b = b * (pid_k == 0).to(tl.float32)  # one split adds the bias
+        acc += b[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_KEY = ["N", "K", "BITS", "HAS_ZEROS"]
+# the FMA path (BLOCK_M = 1), the bf16/fp16 dot path and the fp32 (tf32x3) dot path tune separately:
+# their register budgets differ
+_tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr"])(dequant_gemv_kernel)
+          for path in GPU_CONFIGS}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_split_k(n: int, k: int, bits: int, device: torch.device) -> int:
+    """Splits of K so ~PROGRAMS_PER_SM programs per SM run, keeping >= 2 tiles per split."""
+    n_tiles = -(-k // (TILE_WORDS * codes_per_word(bits)))
+    n_blocks = -(-n // DECODE_BLOCK_N)
+    want = -(-PROGRAMS_PER_SM * _num_sms(device) // n_blocks)
+    return max(1, min(want, n_tiles // 2))
+
+
+# x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
+# qweight  [R, N]        int32, tiled layout (kernels.dequant_tile), R = tiled_rows(K, bits)
+# scales   [G, N]        float (any float dtype), G = ceil(K / group_size)
+# qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
+# bias     [N]           float, or None
+# out      [M, N]        x.dtype
+@torch.library.custom_op("llmq::dequant_gemv", mutates_args=())
+def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                 split_k: int = 0) -> torch.Tensor:
+    """``x @ dequant(W) + bias`` for M <= 16 rows, from tiled packed words.
+
+    Args:
+        x: ``[M, K]`` activations, fp16/bf16/fp32, last dim contiguous.
+        qweight: ``[tiled_rows(K, bits), N]`` int32, ``kernels.dequant_tile`` tiled layout.
+        scales: ``[G, N]`` float group scales; ``qzeros``: ``[G, N]`` uint8 or ``None`` (symmetric).
+        bias: ``[N]`` or ``None``.
+        bits: 2, 3, 4 or 8. group_size: effective group length (K for per-channel).
+        in_features: K. split_k: K splits (0 = automatic: fill the SMs).
+
+    Returns ``[M, N]`` in ``x.dtype`` (fp32 accumulation; one rounding at the end).
+    """
+    check_args(x, qweight, scales, qzeros, bias, bits, group_size, in_features)
+    m, k = x.shape
+    n = qweight.shape[1]
+    if m > 16:
+        raise ValueError(f"dequant_gemv runs M <= 16 rows, got M={m}: use dequant_gemm")
+    if split_k < 0:
+        raise ValueError(f"split_k must be >= 0 (0 = automatic), got {split_k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    p = codes_per_word(bits)
+    n_tiles = -(-k // (TILE_WORDS * p))
+    split = split_k or auto_split_k(n, k, bits, x.device)
+    tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
+    split = -(-n_tiles // tiles_per_split)  # no empty splits
+    atomic = split > 1
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    block_m = 1 if m == 1 else 16
+    grid = (triton.cdiv(n, DECODE_BLOCK_N), split, triton.cdiv(m, block_m))
+    path = "fma" if block_m == 1 else ("dot-fp32" if fp32_dot(x.dtype) else "dot")
+    _tuned[path][grid](
+        x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, group_size, scales.shape[0], tiles_per_split,
+        x.stride(0), out.stride(0),
+        BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
+        ATOMIC=atomic, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N,
+    )
+    return out.to(x.dtype) if atomic else out
+
+
+@dequant_gemv.register_fake
+def _(x, qweight, scales, qzeros, bias, bits, group_size, in_features, split_k=0):
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -1,0 +1,127 @@
+"""The kernel-preferred ("tiled") weight layout, its pure-torch reference, and the Triton helper
+that dequantizes one field of a tile. Shared by ``dequant_gemv`` and ``dequant_gemm``.
+
+Why a second layout
+-------------------
+The canonical layout (``llmq.quant.packing``) puts codes ``k = r*P + i`` in field ``i`` of word
+row ``r``. A kernel that unpacks field ``i`` of a block of word rows then needs the activation
+columns ``r*P + i`` — a stride-``P`` gather — and, for small groups or int3 (``P = 10`` does not
+divide any group size), a different scale row for every word row.
+
+The tiled layout permutes K inside tiles of ``TILE_WORDS * P`` codes so that field ``i`` of the
+``TILE_WORDS`` word rows of tile ``t`` holds the *contiguous* codes::
+
+    tiled word (t*TILE_WORDS + r), field i  =  code k = t*TILE_WORDS*P + i*TILE_WORDS + r
+                                                        (r < TILE_WORDS, i < P)
+
+so one field of one tile is a ``[TILE_WORDS, BLOCK_N]`` block of ``TILE_WORDS`` consecutive input
+features: the matching activations are one contiguous ``[BLOCK_M, TILE_WORDS]`` load, and because
+every group size (32..256, or K per channel) is a multiple of ``TILE_WORDS = 16`` and tiles start
+at multiples of 16, the block lies inside one group — one scale row (and one zero row) per field,
+for every bit width including int3. K is padded with zero-point codes up to whole tiles
+(``tiled_rows(K, bits)`` rows, at most ``TILE_WORDS - 1`` words more than canonical); kernels mask
+those codes through the activations (loaded as 0 past K).
+
+Checkpoints keep the canonical layout; ``TritonBackend.prepare`` builds this one once per layer
+(``repack_tiled``), on the layer's device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmq.quant.packing import codes_per_word, pack, unpack
+
+TILE_WORDS = 16  # word rows per tile; = K of every tl.dot (>= 16 keeps the GPU compiler happy)
+
+
+def tile_codes(bits: int) -> int:
+    """Input features covered by one tile (``TILE_WORDS * P``)."""
+    return TILE_WORDS * codes_per_word(bits)
+
+
+def tiled_rows(k: int, bits: int) -> int:
+    """Word rows of the tiled layout for K input features."""
+    return -(-k // tile_codes(bits)) * TILE_WORDS
+
+
+def repack_tiled(qweight: torch.Tensor, bits: int, k: int, chunk_n: int = 2048) -> torch.Tensor:
+    """Canonical ``[ceil(K/P), N]`` int32 → tiled ``[tiled_rows(K, bits), N]`` int32 (layout above).
+
+    Vectorized (unpack, one permute, pack) over ``chunk_n`` output columns at a time, so the
+    temporary int64 codes stay at ``K * chunk_n * 8`` bytes even for 28672-wide layers. Padding codes
+    are ``2**(bits-1)``. Bit-exact inverse: ``unrepack_tiled``.
+    """
+    n = qweight.shape[1]
+    if n > chunk_n:
+        return torch.cat([repack_tiled(qweight[:, j:j + chunk_n], bits, k, chunk_n) for j in range(0, n, chunk_n)],
+                         dim=1)
+    p, t = codes_per_word(bits), tile_codes(bits)
+    codes = unpack(qweight, bits, k)  # [K, N] uint8, canonical order
+    n_tiles = -(-k // t)
+    pad = n_tiles * t - k
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, n), 1 << (bits - 1))])
+    # k = tile*T + i*TILE_WORDS + r  →  order (tile, r, i) so that pack() puts field i of row (tile, r) at k
+    codes = codes.reshape(n_tiles, p, TILE_WORDS, n).permute(0, 2, 1, 3).reshape(n_tiles * t, n)
+    return pack(codes, bits)
+
+
+def unrepack_tiled(tiled: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of ``repack_tiled``: tiled words → canonical ``[ceil(K/P), N]`` int32."""
+    p, t = codes_per_word(bits), tile_codes(bits)
+    rows, n = tiled.shape
+    if rows != tiled_rows(k, bits):
+        raise ValueError(f"tiled weight has {rows} rows but K={k} {bits}-bit codes need {tiled_rows(k, bits)}")
+    n_tiles = rows // TILE_WORDS
+    codes = unpack(tiled, bits, n_tiles * t).reshape(n_tiles, TILE_WORDS, p, n).permute(0, 2, 1, 3)
+    return pack(codes.reshape(n_tiles * t, n)[:k], bits, pad_code=0)
+
+
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                         bits: int, group_size: int, k: int) -> torch.Tensor:
+    """Float32 ``[K, N]`` weight from *canonical* packed words (pure torch, the kernels' reference).
+
+    ``group_size`` is the effective group length (K for per-channel).
+    """
+    codes = unpack(qweight, bits, k).to(torch.int32)  # [K, N]
+    gidx = torch.arange(k, device=codes.device) // group_size
+    zeros = qzeros.to(torch.int32)[gidx] if qzeros is not None else 1 << (bits - 1)
+    return (codes - zeros).float() * scales.float()[gidx]
+
+
+def dequant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             qzeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                             group_size: int, k: int) -> torch.Tensor:
+    """``x @ dequant(W) + bias`` computed in float32, returned in ``x.dtype`` (canonical weights).
+
+    x ``[..., K]``; result ``[..., N]``. This is what the kernels approximate: fp32 accumulation of
+    the exact dequantized weights, one rounding to the activation dtype at the end.
+    """
+    y = x.float() @ dequantize_reference(qweight, scales, qzeros, bits, group_size, k)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                  BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Field ``i`` of a tiled word block → float32 weights ``[TILE_WORDS, BLOCK_N]``.
+
+    ``words`` [TILE_WORDS, BLOCK_N] int32 of one tile; ``k0`` = first input feature of the field
+    (a multiple of 16, so the whole field sits in group ``k0 // group_size``); scales/zeros are
+    ``[num_groups, N]`` row-major. Padded features past K may index group ``num_groups``: clamp.
+    """
+    # arithmetic shift may smear the sign bit into high bits; the mask drops them
+    codes = (words >> (i * BITS)) & ((1 << BITS) - 1)
+    grp = tl.minimum(k0 // group_size, num_groups - 1)
+    s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+        w = (codes - z[None, :]).to(tl.float32) * s[None, :]
+    else:
+        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s[None, :]
+    return w

@@ -1,0 +1,98 @@
+"""Triton backends for ``QuantLinear``: fused dequantize-matmul straight from packed words.
+
+Two registered names, one implementation:
+
+* ``"triton"`` — CUDA (compute capability >= 8.0). Registered *ahead of* the torch backend, so
+  ``QuantLinear`` picks it automatically on CUDA (the choice is logged once by ``choose_backend``).
+* ``"triton-interpret"`` — the same kernels on CPU through Triton's interpreter, only when
+  ``TRITON_INTERPRET=1``. Registered *after* the torch backend, so automatic choice never lands on
+  it (torch implements every CPU spec first): it runs only when forced (``backend=
+  "triton-interpret"`` or ``LLMQ_BACKEND=triton-interpret``). It exists for tests and debugging —
+  the interpreter is orders of magnitude slower than the torch backend.
+
+Forcing ``"triton"`` on a CPU input raises ``ValueError`` with the reason (and the hint above)
+instead of falling back.
+
+``prepare`` repacks the canonical ``qweight`` once into the kernels' tiled layout
+(``llmq.kernels.dequant_tile``) and keeps it as the non-persistent buffer ``qweight_tiled``
+(moves with ``.to()``, never saved: checkpoints keep the canonical layout). Cost: the packed weight
+is held twice on the device (+1x the packed size, e.g. +3.4 GB for a 4-bit 7B model). If
+``qweight`` is modified in place later (``load_state_dict``), the next eager forward notices and
+repacks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # triton is a hard dependency of llmq
+    raise ImportError("llmq needs triton for its kernels: pip install 'triton>=3.6' "
+                      "(Linux; on other platforms use a Linux machine or container)") from e
+
+from llmq.kernels._launch import ACT_DTYPES, interpreting
+from llmq.kernels.dequant_matmul import dequant_matmul
+from llmq.kernels.dequant_tile import repack_tiled
+from llmq.nn.backends import LinearSpec, register_backend
+
+MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots and cp.async pipelining
+
+
+class TritonBackend:
+    """Fused dequantize-matmul kernels (``llmq.kernels.dequant_matmul``) on CUDA."""
+
+    name = "triton"
+
+    def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
+        if spec.act_dtype not in ACT_DTYPES:
+            return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
+        if spec.device_type != "cuda":
+            return False, (f"needs a CUDA device, got {spec.device_type!r} (to run the kernels on CPU for "
+                           "testing, set TRITON_INTERPRET=1 and force backend='triton-interpret')")
+        cap = torch.cuda.get_device_capability()
+        if cap < MIN_CAPABILITY:
+            return False, f"needs compute capability >= {MIN_CAPABILITY}, this GPU has {cap}"
+        return True, f"fused dequantize-matmul Triton kernels, {spec.bits}-bit, CUDA sm_{cap[0]}{cap[1]}"
+
+    def prepare(self, layer) -> None:
+        _repack(layer)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and _stale(layer):
+            _repack(layer)
+        return dequant_matmul(x, layer.qweight_tiled, layer.scales, layer.qzeros, layer.bias, layer.bits,
+                              layer.effective_group_size, layer.in_features)
+
+
+class TritonInterpreterBackend(TritonBackend):
+    """The same kernels on CPU under ``TRITON_INTERPRET=1``; only ever used when forced."""
+
+    name = "triton-interpret"
+
+    def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
+        if spec.act_dtype not in ACT_DTYPES:
+            return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
+        if spec.device_type != "cpu":
+            return False, f"runs on CPU only, got {spec.device_type!r} (use backend='triton' on CUDA)"
+        if not interpreting():
+            return False, "needs TRITON_INTERPRET=1 set before llmq is imported"
+        return True, "Triton interpreter on CPU (testing only, slow)"
+
+
+def _source_key(layer) -> tuple[int, int]:
+    return (layer.qweight.data_ptr(), layer.qweight._version)
+
+
+def _stale(layer) -> bool:
+    return getattr(layer, "_tiled_source", None) != _source_key(layer)
+
+
+def _repack(layer) -> None:
+    tiled = repack_tiled(layer.qweight, layer.bits, layer.in_features)
+    layer.register_buffer("qweight_tiled", tiled, persistent=False)
+    layer._tiled_source = _source_key(layer)
+
+
+register_backend(TritonBackend(), first=True)
+register_backend(TritonInterpreterBackend(), first=False)

@@ -1,0 +1,127 @@
+"""QuantLinear through the Triton kernels (interpreter on CPU) == the torch backend; backend choice rules."""
+
+import logging
+
+import pytest
+import torch
+
+from llmq.nn import QuantLinear, available_backends, choose_backend, set_backend
+from llmq.nn.backends import BACKEND_ENV, LinearSpec
+from llmq.nn.triton_backend import TritonBackend, TritonInterpreterBackend
+from llmq.quant.primitives import quantize_weight
+
+
+def make_layer(k=200, n=70, bits=4, group=64, symmetric=False, bias=True, backend=None):
+    qw = quantize_weight(torch.randn(n, k) / k**0.5, bits, group, symmetric)
+    return QuantLinear.from_quantized(qw, bias=torch.randn(n) if bias else None, backend=backend)
+
+
+def spec(device_type="cpu", dtype=torch.float16):
+    return LinearSpec(200, 70, 4, 64, False, device_type, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 64, False), (3, 32, True), (8, None, True), (2, 128, False)],
+                         ids=["int4-g64-asym", "int3-g32-sym", "int8-perchannel-sym", "int2-g128-asym"])
+@pytest.mark.parametrize("m", [1, 5, 33], ids=lambda m: f"M{m}")
+def test_quant_linear_triton_matches_torch(m, bits, group, symmetric, dtype, kernel_tol):
+    layer = make_layer(bits=bits, group=group, symmetric=symmetric)
+    layer.bias.data = layer.bias.to(dtype)
+    x = torch.randn(2, m, 200).to(dtype)
+    layer.set_backend("torch")
+    expected = layer(x)
+    layer.set_backend("triton-interpret")
+    y = layer(x)
+    assert layer.backend_for(x).name == "triton-interpret"
+    assert y.dtype == dtype and y.shape == (2, m, 70)
+    torch.testing.assert_close(y, expected, **kernel_tol[dtype])
+
+
+def test_cpu_never_picks_triton_automatically():
+    """Under TRITON_INTERPRET=1 (set by conftest) automatic choice on CPU still gives torch."""
+    assert available_backends().index("triton") < available_backends().index("torch")
+    assert available_backends()[-1] == "triton-interpret"
+    assert choose_backend(spec("cpu")).name == "torch"
+    assert make_layer().backend_for(torch.randn(1, 200)).name == "torch"
+
+
+def test_cuda_spec_picks_triton(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert choose_backend(spec("cuda")).name == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    ok, reason = TritonBackend().can_implement(spec("cuda"))
+    assert not ok and "compute capability" in reason
+    assert choose_backend(spec("cuda")).name == "torch"
+
+
+def test_forcing_triton_on_cpu_raises_with_reason():
+    layer = make_layer(backend="triton")
+    with pytest.raises(ValueError, match="forced backend 'triton'.*needs a CUDA device.*triton-interpret"):
+        layer(torch.randn(1, 200))
+
+
+def test_env_var_forces_backend(monkeypatch, kernel_tol):
+    layer = make_layer()
+    x = torch.randn(3, 200)
+    expected = layer(x)
+    monkeypatch.setenv(BACKEND_ENV, "triton-interpret")
+    layer.set_backend(None)
+    assert layer.backend_for(x).name == "triton-interpret"
+    torch.testing.assert_close(layer(x), expected, **kernel_tol[torch.float32])
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match="unknown backend 'cutlass'.*triton"):
+        make_layer(backend="cutlass")(torch.randn(1, 200))
+
+
+def test_interpreter_backend_reasons(monkeypatch):
+    b = TritonInterpreterBackend()
+    assert b.can_implement(spec("cpu"))[0]
+    assert not b.can_implement(spec("cpu", torch.int8))[0]
+    ok, reason = b.can_implement(spec("cuda"))
+    assert not ok and "CPU only" in reason
+    monkeypatch.setattr("llmq.nn.triton_backend.interpreting", lambda: False)
+    ok, reason = b.can_implement(spec("cpu"))
+    assert not ok and "TRITON_INTERPRET=1" in reason
+
+
+def test_choice_is_logged_once(caplog):
+    import llmq.nn.backends as backends
+    backends._logged.discard(("triton-interpret", "Triton interpreter on CPU (testing only, slow)"))
+    with caplog.at_level(logging.INFO, logger="llmq"):
+        for _ in range(2):
+            make_layer(backend="triton-interpret")(torch.randn(1, 200))
+    assert sum("triton-interpret" in r.message for r in caplog.records) == 1
+
+
+def test_repack_is_buffer_not_saved_and_refreshed(kernel_tol):
+    """The tiled copy is non-persistent (checkpoints keep the canonical layout) and follows qweight updates."""
+    layer = make_layer(backend="triton-interpret")
+    x = torch.randn(1, 200)
+    layer(x)
+    assert hasattr(layer, "qweight_tiled") and "qweight_tiled" not in layer.state_dict()
+    other = make_layer()
+    layer.load_state_dict(other.state_dict())  # in-place copy into qweight/scales/...
+    other.set_backend("torch")
+    torch.testing.assert_close(layer(x), other(x), **kernel_tol[torch.float32])
+
+
+def test_set_backend_on_model(kernel_tol):
+    model = torch.nn.Sequential(make_layer(), torch.nn.ReLU(), make_layer(k=70, n=30))
+    x = torch.randn(4, 200)
+    expected = model(x)
+    set_backend(model, "triton-interpret")
+    torch.testing.assert_close(model(x), expected, **kernel_tol[torch.float32])
+    assert model[0].backend_for(x).name == "triton-interpret"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 64], ids=lambda m: f"M{m}")
+def test_cuda_picks_triton_automatically(m, kernel_tol):
+    layer = make_layer(k=1024, n=768).cuda().half()
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    y = layer(x)
+    assert layer.backend_for(x).name == "triton"
+    layer.set_backend("torch")
+    torch.testing.assert_close(y, layer(x), **kernel_tol[torch.float16])
