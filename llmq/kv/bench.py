@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-KV_CHOICES = ("fp16", "8", "4", "2")
+KV_CHOICES = ("fp", "8", "4", "2")  # fp: DynamicCache in the model dtype (fp16 on CUDA)
 
 
 def _sync(device: torch.device) -> None:
@@ -69,7 +69,7 @@ def make_cache(model, kv: str, residual: int, group: int):
 
     from llmq.kv import QuantizedKVCache
 
-    if kv == "fp16":
+    if kv == "fp":
         return DynamicCache(config=model.config)
     return QuantizedKVCache(model.config, bits=int(kv), residual_length=residual, group_size=group)
 
