@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmq.recipes import DEFAULT_EXCLUDE, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, WeightMethod, WeightRecipe
+from llmq.recipes import (
+    DEFAULT_EXCLUDE, SUPPORTED_ACT_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, ActivationRecipe, ActScheme,
+    ObserverKind, WeightMethod, WeightRecipe,
+)
 
 
 def _group(value: str) -> int | None:
@@ -43,6 +46,21 @@ def register(sub) -> None:
                    f"{list(DEFAULT_EXCLUDE)}")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="only quantize Linears matching these patterns (default: all)")
+    w8a8 = p.add_argument_group(
+        "W8A8 (--method smoothquant)",
+        "int8 weights per output channel and int8 activations; --bits/--group/--sym do not apply")
+    w8a8.add_argument("--act-bits", type=int, choices=SUPPORTED_ACT_BITS, default=8, help="activation bits (8)")
+    w8a8.add_argument("--act-scheme", choices=[s.value for s in ActScheme], default="dynamic",
+                      help="dynamic: a scale per token at run time (default); static: one calibrated scale per tensor")
+    w8a8.add_argument("--observer", choices=[o.value for o in ObserverKind], default=None,
+                      help="calibration method for static scales (default mse: the best static observer measured on "
+                      "SmolLM2-135M, docs/w8a8.md; dynamic uses the row absmax)")
+    w8a8.add_argument("--alpha", type=_alpha, default=0.5,
+                      help="SmoothQuant migration strength in [0, 1], or 'none' for no smoothing (default 0.5)")
+    w8a8.add_argument("--percentile", type=float, default=99.99, help="percentile observer: %% of |x| kept")
+    w8a8.add_argument("--momentum", type=float, default=0.9, help="EMA observer momentum")
+    w8a8.add_argument("--calib-samples", type=int, default=128,
+                      help="calibration windows of 512 tokens from the BBC calibration split (default 128)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder to run")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -60,9 +78,47 @@ def build_recipe(args: argparse.Namespace) -> WeightRecipe:
     )
 
 
+def _alpha(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1] or 'none', got {value!r}") from None
+
+
+def build_activation_recipe(args: argparse.Namespace) -> ActivationRecipe:
+    observer = args.observer or ("mse" if args.act_scheme == "static" else "minmax")
+    return ActivationRecipe(bits=args.act_bits, scheme=args.act_scheme, observer=observer, momentum=args.momentum,
+                            percentile=args.percentile, smoothquant_alpha=args.alpha)
+
+
+def run_w8a8(args: argparse.Namespace) -> int:
+    from llmq.w8a8.quantize import quantize_w8a8, w8a8_weight_recipe
+
+    if args.bits not in (4, 8) or args.group not in (128, None) or args.symmetric or args.include:
+        raise ValueError("--bits/--group/--sym/--include do not apply to --method smoothquant "
+                         "(W8A8 weights are int8, per output channel, symmetric); drop them")
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    recipe = build_activation_recipe(args)
+    result = quantize_w8a8(args.model, recipe, args.out, force=args.force, exclude=tuple(args.exclude),
+                           n_samples=args.calib_samples, progress=not args.json,
+                           trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps({"out": str(result.out_dir), "recipe": w8a8_weight_recipe().to_dict(),
+                          "activation": recipe.to_dict(), **result.summary.to_dict()}))
+    else:
+        print(result.summary)
+        print(f"saved to {result.out_dir}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from llmq.api import quantize
 
+    if args.method == WeightMethod.SMOOTHQUANT.value:
+        return run_w8a8(args)
     recipe = build_recipe(args)
     result = quantize(args.model, recipe, args.out, force=args.force, progress=not args.json,
                       trust_remote_code=args.trust_remote_code)

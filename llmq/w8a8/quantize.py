@@ -1,0 +1,200 @@
+"""Quantize a float causal LM to W8A8: calibrate, smooth, observe, swap in ``W8A8Linear``.
+
+    ids = calibration_batches(tokenizer, n_samples=128, seq_len=512)   # BBC business+sports
+    summary = quantize_model_w8a8(model, ActivationRecipe(scheme="static", observer="kl"), ids)
+
+Steps (whole model in memory; SmolLM2-size models — no layer-by-layer offload):
+
+1. if ``recipe.smoothquant_alpha`` is set: one calibration pass with forward
+   pre-hooks recording each selected Linear's per-input-channel ``max|x|``, then
+   ``llmq.algorithms.smoothquant.smooth_llama_layers`` folds the factors into the
+   norms / ``v_proj`` / ``up_proj`` (the float model's outputs do not change);
+2. if the scheme is static: a second pass (on the smoothed model) feeding every
+   Linear's input to an observer (``llmq.observers``, per tensor); Linears that
+   read the same tensor (q/k/v, gate/up) share one observer;
+3. every selected ``nn.Linear`` becomes a ``W8A8Linear`` (int8 weight per output
+   channel; static: the observer's scale).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.model.swap import find_linears, set_submodule
+from llmq.nn.w8a8_linear import W8A8Linear
+from llmq.observers import Observer, make_observer
+from llmq.recipes import DEFAULT_EXCLUDE, ActivationRecipe, ActScheme, WeightMethod, WeightRecipe
+
+
+def w8a8_weight_recipe(include=("*",), exclude=DEFAULT_EXCLUDE) -> WeightRecipe:
+    """The weight half of W8A8 (int8, per output channel, symmetric) as a ``WeightRecipe``."""
+    return WeightRecipe(bits=8, group_size=None, symmetric=True, method=WeightMethod.SMOOTHQUANT,
+                        include=tuple(include), exclude=tuple(exclude))
+
+
+def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> list[torch.Tensor]:
+    """``n_samples`` random ``[1, seq_len]`` token windows of the BBC calibration articles (seeded)."""
+    from llmq.data.bbc import calibration_texts
+
+    ids = tokenizer("\n\n".join(calibration_texts()), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+    return [ids[s:s + seq_len][None] for s in starts.tolist()]
+
+
+@torch.no_grad()
+def run_calibration(model: nn.Module, batches: list[torch.Tensor], desc: str, progress: bool) -> None:
+    """Forward every ``[1, T]`` batch through ``model`` (no cache); hooks do the observing."""
+    device = next(model.parameters()).device
+    for ids in tqdm(batches, desc=desc, unit="sample", disable=not progress):
+        model(input_ids=ids.to(device), use_cache=False)
+
+
+def collect_input_absmax(model: nn.Module, names: list[str], batches: list[torch.Tensor],
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max|x|`` ``[K]`` (float32) of each named Linear over ``batches``."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, args):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        run_calibration(model, batches, "smoothquant stats", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], recipe: ActivationRecipe,
+                   progress: bool = True) -> dict[str, Observer]:
+    """One per-tensor observer per distinct Linear input (shared by Linears reading the same tensor)."""
+    observers: dict[str, Observer] = {}
+    last: dict[str, object] = {}  # id of the tensor the previous hook saw -> its observer (per forward)
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if name not in observers:  # first batch: share with an earlier Linear fed the same tensor
+                shared = last.get("obs") if last.get("key") == key else None
+                observers[name] = shared or make_observer(recipe.observer, momentum=recipe.momentum,
+                                                          percentile=recipe.percentile, bits=recipe.bits)
+            obs = observers[name]
+            if not (last.get("key") == key and last.get("obs") is obs):
+                obs.observe(x)
+            last["key"], last["obs"] = key, obs
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        run_calibration(model, batches, f"calibrating ({recipe.observer.value})", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return observers
+
+
+@dataclass
+class W8A8Summary:
+    linears: int
+    smoothed: int
+    scheme: str
+    observer: str | None
+    alpha: float | None
+    calibration_samples: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        obs = f", observer {self.observer}" if self.observer else ""
+        sq = f"SmoothQuant alpha={self.alpha} on {self.smoothed} Linears" if self.alpha is not None else "no SmoothQuant"
+        return (f"W8A8 {self.scheme}{obs}: {self.linears} Linears -> W8A8Linear, {sq}, "
+                f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s")
+
+
+def quantize_model_w8a8(model: nn.Module, recipe: ActivationRecipe, batches: list[torch.Tensor] | None,
+                        weight_recipe: WeightRecipe | None = None, progress: bool = True,
+                        backend: str | None = None) -> W8A8Summary:
+    """Quantize ``model`` in place (see module docstring). ``batches``: ``[1, T]`` token ids.
+
+    Raises ``ValueError`` when static scales or SmoothQuant are asked for without
+    calibration data, or when a selected Linear never sees any (its observer is empty).
+    """
+    start = time.perf_counter()
+    weight_recipe = weight_recipe or w8a8_weight_recipe()
+    linears = find_linears(model, weight_recipe)
+    if not linears:
+        raise ValueError("the recipe selects no nn.Linear in this model; check include/exclude patterns")
+    names = [n for n, _ in linears]
+    needs_data = recipe.smoothquant_alpha is not None or recipe.scheme is ActScheme.STATIC
+    if needs_data and not batches:
+        raise ValueError("static activation scales and SmoothQuant need calibration data: pass token batches "
+                         "(llmq.w8a8.calibration_batches) or use --act-scheme dynamic without --alpha")
+    model.eval()
+    smoothed: list[str] = []
+    if recipe.smoothquant_alpha is not None:
+        stats = collect_input_absmax(model, names, batches, progress)
+        smoothed = smooth_llama_layers(model, stats, recipe.smoothquant_alpha)
+    scales: dict[str, torch.Tensor] = {}
+    if recipe.scheme is ActScheme.STATIC:
+        observers = observe_inputs(model, names, batches, recipe, progress)
+        for n in names:
+            if n not in observers:
+                raise ValueError(f"{n}: calibration never reached this Linear, so it has no static activation "
+                                 f"scale; exclude it or check the calibration data")
+            scales[n] = observers[n].scale()
+    for name, lin in tqdm(linears, desc="W8A8Linear", unit="linear", disable=not progress):
+        set_submodule(model, name, W8A8Linear.from_linear(lin, scales.get(name), name=name, backend=backend))
+    return W8A8Summary(len(linears), len(smoothed), recipe.scheme.value,
+                       recipe.observer.value if recipe.scheme is ActScheme.STATIC else None,
+                       recipe.smoothquant_alpha, len(batches or []), time.perf_counter() - start)
+
+
+def quantize_w8a8(model: str | os.PathLike, recipe: ActivationRecipe, out_dir: str | os.PathLike | None = None,
+                  force: bool = False, exclude: tuple[str, ...] = (), n_samples: int = 128, seq_len: int = 512,
+                  progress: bool = True, trust_remote_code: bool = False):
+    """``llmq quantize --method smoothquant``: load, calibrate, quantize and (optionally) save a checkpoint.
+
+    The checkpoint's ``quantization_config`` has ``"weight"`` (int8 per channel,
+    method smoothquant), ``"activation"`` (the recipe) and ``"calibration"``; static
+    activation scales are ``act_scale`` buffers of each ``W8A8Linear``.
+    Returns ``llmq.api.QuantizeResult``.
+    """
+    from llmq.api import QuantizeResult
+    from llmq.checkpoint import build_quantization_config, save_quantized
+    from llmq.checkpoint.save import check_output_dir
+    from llmq.model.source import load_model, resolve_model_path
+
+    source = resolve_model_path(model)
+    if out_dir is not None:
+        check_output_dir(out_dir, force, source_dir=source)
+    fp_model, tokenizer, _ = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    wrecipe = w8a8_weight_recipe(exclude=DEFAULT_EXCLUDE + tuple(exclude))
+    needs_data = recipe.smoothquant_alpha is not None or recipe.scheme is ActScheme.STATIC
+    batches = calibration_batches(tokenizer, n_samples, seq_len) if needs_data else None
+    summary = quantize_model_w8a8(fp_model, recipe, batches, wrecipe, progress=progress)
+    saved = None
+    if out_dir is not None:
+        extra = {"activation": recipe.to_dict(),
+                 "calibration": {"samples": summary.calibration_samples, "seq_len": seq_len, "seed": 0,
+                                 "text": "bbc business+sports, odd file numbers"}}
+        qcfg = build_quantization_config(fp_model, wrecipe, extra)
+        saved = save_quantized(fp_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
+    return QuantizeResult(fp_model, tokenizer, summary, None if saved is None else Path(saved))
