@@ -13,7 +13,7 @@ _register_with_transformers()
 
 from llmq.api import QuantizeResult, is_quantized_checkpoint, load, quantize  # noqa: E402
 from llmq.nn import QuantLinear, set_backend  # noqa: E402
-from llmq.recipes import FORMAT_VERSION, WeightMethod, WeightRecipe  # noqa: E402
+from llmq.recipes import FORMAT_VERSION, KVRecipe, WeightMethod, WeightRecipe  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
@@ -25,4 +25,15 @@ __all__ = [
     "load",
     "quantize",
     "set_backend",
+    "QuantizedKVCache",
+    "KVRecipe",
 ]
+
+
+def __getattr__(name):
+    # the KV cache pulls in Triton kernels: import it on first use, not with `import llmq`
+    if name == "QuantizedKVCache":
+        from llmq.kv.cache import QuantizedKVCache
+
+        return QuantizedKVCache
+    raise AttributeError(f"module 'llmq' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Subcommand modules, in --help order; each defines register(subparsers) setting func=run.
-SUBCOMMANDS = ("quantize", "generate", "eval", "inspect")
+SUBCOMMANDS = ("quantize", "generate", "eval", "inspect", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,342 @@
+"""Split-K (flash-decoding) attention of one query token over a quantized KV cache.
+
+One decode step of one layer: every query head attends over ``T = n_quant + n_res``
+cached tokens, of which the first ``n_quant`` are stored as packed int2/4/8 codes
+with fp16 scales (and uint8 zeros), the last ``n_res`` (the residual window) in
+full precision. The kernel reads the codes directly — nothing is dequantized to
+memory — which is the point: at long context a decode step is bound by how many
+bytes of KV cache it reads.
+
+    grid = (B * H_kv, n_splits)           program (b, kv head, split)
+      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────┐
+      │ quantized part: unpack [BLOCK_N, D] K and V tiles, dequant, │
+      │ residual part:  load fp [BLOCK_N, D] tiles                  │
+      │ online softmax for all n_rep query heads of this kv head    │
+      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ──────────┘
+    reduce grid = (B * H_q,): out = Σ e^(m_s-M) acc_s / Σ e^(m_s-M) l_s
+
+Grouped-query attention: the ``n_rep = H_q / H_kv`` query heads sharing a KV head
+are the rows of one ``[BLOCK_H, D]`` tile (padded to 16 for ``tl.dot``), so each
+K/V tile is read once per KV head, not once per query head.
+
+Layout of the packed cache: see ``llmq.quant.kv`` (codes packed along D, per-token
+scales ``[.., T, D/g]``, per-channel key scales ``[.., T/g, D]``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmq.quant.kv import QuantizedKVBlock, dequantize_kv
+
+
+@dataclass
+class PackedKV:
+    """Everything the decode kernel reads for one layer.
+
+    Attributes:
+        k_codes, v_codes: ``[B, H_kv, cap, D // P]`` int32 (first ``n_quant`` tokens valid,
+            same shape and strides for K and V).
+        k_scales: ``[B, H_kv, cap, D // g]`` fp16 (per-token keys) or ``[B, H_kv, cap // g, D]``
+            (per-channel keys); ``k_zeros`` the same shape in uint8, or ``None`` when symmetric.
+        v_scales / v_zeros: ``[B, H_kv, cap, D // g]`` fp16 / uint8 (or ``None``).
+        n_quant: number of valid quantized tokens.
+        k_res, v_res: ``[B, H_kv, n_res, D]`` fp16/bf16/fp32, the residual window (newest tokens).
+        bits, group_size, key_per_channel, symmetric: the KV recipe.
+    """
+
+    k_codes: torch.Tensor
+    k_scales: torch.Tensor
+    k_zeros: torch.Tensor | None
+    v_codes: torch.Tensor
+    v_scales: torch.Tensor
+    v_zeros: torch.Tensor | None
+    n_quant: int
+    k_res: torch.Tensor
+    v_res: torch.Tensor
+    bits: int
+    group_size: int
+    key_per_channel: bool
+    symmetric: bool
+
+
+def dequantized_kv(kv: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full float32 keys and values ``[B, H_kv, T, D]`` (quantized part dequantized, then the residual)."""
+    k = dequantize_kv(QuantizedKVBlock(kv.k_codes, kv.k_scales, kv.k_zeros), kv.bits, kv.group_size,
+                      kv.key_per_channel, kv.n_quant)
+    v = dequantize_kv(QuantizedKVBlock(kv.v_codes, kv.v_scales, kv.v_zeros), kv.bits, kv.group_size, False,
+                      kv.n_quant)
+    return torch.cat([k, kv.k_res.float()], dim=2), torch.cat([v, kv.v_res.float()], dim=2)
+
+
+def kv_decode_attention_reference(q: torch.Tensor, kv: PackedKV, sm_scale: float,
+                                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch reference (and the CPU path): ``q [B, H_q, D]`` → ``[B, H_q, D]`` in ``q.dtype``.
+
+    ``mask``: optional ``[B, T]`` bool, False = do not attend (left padding).
+    """
+    k, v = dequantized_kv(kv)  # [B, H, T, D] fp32
+    b, h, t, d = k.shape
+    rep = q.shape[1] // h
+    qf = q.float().reshape(b, h, rep, d)
+    s = torch.einsum("bhrd,bhtd->bhrt", qf, k) * sm_scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    o = torch.einsum("bhrt,bhtd->bhrd", torch.softmax(s, dim=-1), v)
+    return o.reshape(b, h * rep, d).to(q.dtype)
+
+
+@triton.jit
+def _dequant_tile(C, S, Z, n0, offs_n, offs_d, n_mask, stride_ct, stride_st,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, D] float32 tile of tokens ``offs_n = n0 + arange(BLOCK_N)`` from packed codes + scales (+ zeros).
+
+    Words are loaded once each (``[BLOCK_N, D/P]``) and expanded in registers to ``[BLOCK_N, D/P, P]``
+    → ``[BLOCK_N, D]`` (field i of word w is channel w*P + i). Per-channel scales: the launcher makes
+    BLOCK_N divide GROUP, so the whole tile lies in one token group and needs one ``[D]`` scale row.
+    """
+    P: tl.constexpr = 32 // BITS
+    W: tl.constexpr = HEAD_DIM // P
+    offs_w = tl.arange(0, W)
+    words = tl.load(C + offs_n[:, None] * stride_ct + offs_w[None, :], mask=n_mask[:, None], other=0)
+    shifts = tl.arange(0, P) * BITS
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # arithmetic shift: masked
+    codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM)).to(tl.float32)
+    if PER_CHANNEL:  # one scale per channel for this run of GROUP tokens
+        sp = (n0 // GROUP) * stride_st + offs_d
+        scale = tl.load(S + sp).to(tl.float32)[None, :]
+        if SYMMETRIC:
+            zero = (1 << (BITS - 1)) * 1.0
+        else:
+            zero = tl.load(Z + sp).to(tl.float32)[None, :]
+    else:  # one scale per token per run of GROUP channels
+        offs_g = tl.arange(0, HEAD_DIM // GROUP)
+        sp = offs_n[:, None] * stride_st + offs_g[None, :]
+        scale = tl.load(S + sp, mask=n_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D/G]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
+                           (BLOCK_N, HEAD_DIM))
+        if SYMMETRIC:
+            zero = (1 << (BITS - 1)) * 1.0
+        else:
+            zero = tl.load(Z + sp, mask=n_mask[:, None], other=0).to(tl.float32)
+            zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
+                              (BLOCK_N, HEAD_DIM))
+    return (codes - zero) * scale
+
+
+@triton.jit
+def _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N] block; rows of all -inf stay finite (m_safe)."""
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * sm_scale  # [BLOCK_H, BLOCK_N] fp32
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kv_decode_split_kernel(
+    # pointers
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, O_PART, M_PART, L_PART,
+    # sizes
+    n_quant, n_res, n_kv_heads, n_rep, tokens_per_split, n_splits, sm_scale,
+    # strides (elements; the last dim of every tensor is contiguous)
+    stride_qb, stride_qh,
+    stride_cb, stride_ch, stride_ct,  # K and V codes (and nothing else)
+    stride_ksb, stride_ksh, stride_kst,  # K scales and K zeros
+    stride_vsb, stride_vsh, stride_vst,  # V scales and V zeros
+    stride_rb, stride_rh, stride_rt,  # K and V residual
+    stride_mb,
+    # meta
+    BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < n_rep
+    q = tl.load(Q + b * stride_qb + (hk * n_rep + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0).to(DOT_DTYPE)
+
+    total = n_quant + n_res
+    start = pid_s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, total)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+
+    # quantized tokens [start, min(end, n_quant))
+    kc = KC + b * stride_cb + hk * stride_ch
+    vc = VC + b * stride_cb + hk * stride_ch
+    ks_off = b * stride_ksb + hk * stride_ksh
+    vs_off = b * stride_vsb + hk * stride_vsh
+    q_end = tl.minimum(end, n_quant)
+    for n0 in range(start, q_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < q_end
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
+        k = _dequant_tile(kc, KS + ks_off, KZ + ks_off, n0, offs_n, offs_d, valid, stride_ct, stride_kst,
+                          BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_N)
+        v = _dequant_tile(vc, VS + vs_off, VZ + vs_off, n0, offs_n, offs_d, valid, stride_ct, stride_vst,
+                          BITS, GROUP, False, SYMMETRIC, HEAD_DIM, BLOCK_N)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
+
+    # full-precision residual tokens [max(start, n_quant), end)
+    kr = KR + b * stride_rb + hk * stride_rh
+    vr = VR + b * stride_rb + hk * stride_rh
+    for n0 in range(tl.maximum(start, n_quant), end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
+        r_off = (offs_n - n_quant)[:, None] * stride_rt + offs_d[None, :]
+        k = tl.load(kr + r_off, mask=valid[:, None], other=0.0)
+        v = tl.load(vr + r_off, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
+
+    # partials [B * H_q, n_splits, (D)] fp32
+    row = (pid_bh * n_rep + offs_h) * n_splits + pid_s
+    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
+    tl.store(M_PART + row, m_i, mask=h_mask)
+    tl.store(L_PART + row, l_i, mask=h_mask)
+
+
+@triton.jit
+def _kv_decode_reduce_kernel(O_PART, M_PART, L_PART, OUT, n_splits, n_q_heads, stride_ob, stride_oh,
+                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)  # b * H_q + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < n_splits
+    m = tl.load(M_PART + pid * n_splits + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(L_PART + pid * n_splits + offs_s, mask=s_mask, other=0.0)
+    o = tl.load(O_PART + (pid * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # splits with no tokens weigh 0
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    b = pid // n_q_heads
+    h = pid % n_q_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "interpret"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.device,
+                       min_tokens_per_split: int = 256) -> int:
+    """Enough programs to fill the GPU (~2 per SM) without splits shorter than ``min_tokens_per_split``."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    return max(1, min(triton.cdiv(target, batch * kv_heads), triton.cdiv(n_tokens, min_tokens_per_split)))
+
+
+# q        [B, H_q, D]          fp16 / bf16 / fp32, last dim contiguous
+# codes    [B, H_kv, cap, D/P]  int32      (K and V: same shape and strides)
+# k scales [B, H_kv, cap, D/g] or [B, H_kv, cap/g, D] fp16; zeros same shape uint8
+# residual [B, H_kv, n_res, D]  q.dtype
+# mask     [B, n_quant + n_res] bool
+# out      [B, H_q, D]          q.dtype
+def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
+                        num_splits: int | None = None, block_n: int = 32, num_warps: int = 8,
+                        num_stages: int = 2) -> torch.Tensor:
+    """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache (shapes above).
+
+    Args:
+        sm_scale: softmax scale (``1/sqrt(D)`` for Llama).
+        mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
+        num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
+        block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
+        num_warps, num_stages: launch options; the defaults (32, 8, 2) compile for sm_80/sm_90a at
+            214 registers without spills (tests/kernels/test_kv_attention_aot.py); not yet tuned on a GPU.
+    Returns:
+        ``[B, H_q, D]`` in ``q.dtype``.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim] (one decode token), got {tuple(q.shape)}")
+    if q.dtype not in _DOT_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} not supported: use float16, bfloat16 or float32")
+    b, hq, d = q.shape
+    _, hkv, n_res, dr = kv.k_res.shape
+    if d != dr or d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 and match the cache, got q {d}, cache {dr}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if kv.k_codes.stride() != kv.v_codes.stride() or kv.k_res.stride() != kv.v_res.stride():
+        raise ValueError("K and V codes (and K and V residuals) must share shape and strides")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16 (tl.dot tile), got {block_n}")
+    if kv.key_per_channel:
+        block_n = min(block_n, kv.group_size)  # a tile must lie inside one key token group
+    total = kv.n_quant + n_res
+    if total == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k_res, v_res = kv.k_res, kv.v_res
+    if k_res.stride(-1) != 1 or k_res.stride() != v_res.stride():
+        k_res, v_res = k_res.contiguous(), v_res.contiguous()
+    if mask is not None:
+        if mask.shape != (b, total):
+            raise ValueError(f"mask must be [batch, n_tokens] = {(b, total)}, got {tuple(mask.shape)}")
+        mask = mask.to(torch.int8).contiguous()
+
+    if num_splits is None:
+        num_splits = default_num_splits(b, hkv, total, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(total, tokens_per_split)
+    rep = hq // hkv
+    o_part = torch.empty(b * hq, num_splits, d, device=q.device, dtype=torch.float32)
+    m_part = torch.empty(b * hq, num_splits, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    # zeros pointers must be valid tensors even when unused (symmetric)
+    kz = kv.k_zeros if kv.k_zeros is not None else kv.k_scales
+    vz = kv.v_zeros if kv.v_zeros is not None else kv.v_scales
+    mask_t = mask if mask is not None else o_part
+    dot_dtype = tl.float32 if _interpreting() else _DOT_DTYPES[q.dtype]  # bf16 math is broken when interpreting
+
+    _kv_decode_split_kernel[(b * hkv, num_splits)](
+        q, kv.k_codes, kv.k_scales, kz, kv.v_codes, kv.v_scales, vz, k_res, v_res, mask_t,
+        o_part, m_part, l_part,
+        kv.n_quant, n_res, hkv, rep, tokens_per_split, num_splits, float(sm_scale),
+        q.stride(0), q.stride(1),
+        kv.k_codes.stride(0), kv.k_codes.stride(1), kv.k_codes.stride(2),
+        kv.k_scales.stride(0), kv.k_scales.stride(1), kv.k_scales.stride(2),
+        kv.v_scales.stride(0), kv.v_scales.stride(1), kv.v_scales.stride(2),
+        k_res.stride(0), k_res.stride(1), k_res.stride(2),
+        mask.stride(0) if mask is not None else 0,
+        BITS=kv.bits, GROUP=kv.group_size, KEY_PER_CHANNEL=kv.key_per_channel, SYMMETRIC=kv.symmetric,
+        HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_H=max(16, triton.next_power_of_2(rep)),
+        DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
+    )
+    _kv_decode_reduce_kernel[(b * hq,)](
+        o_part, m_part, l_part, out, num_splits, hq, out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+    )
+    return out

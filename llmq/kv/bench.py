@@ -1,0 +1,248 @@
+"""Long-sequence generation throughput: fp16 KV vs int8/int4/int2 KV, with and without int4 weights.
+
+For every (weights, KV cache, context length, batch) it runs a prefill of
+``context`` random tokens and ``--new-tokens`` greedy decode steps (a plain loop
+over ``model(...)`` with the cache — ``generate`` without its bookkeeping) and
+reports prefill and decode tokens/s separately, the KV cache's bytes and the peak
+memory; then the largest batch that fits a memory budget at each context.
+
+* CUDA: a Llama-7B-shaped model with random fp16 weights (``--model llama-7b-random``;
+  speed does not depend on weight values), contexts 1k…32k, quantized KV decoded
+  by the Triton kernel; the largest batch is found by doubling until out of memory
+  (or past ``--memory-budget-gb``).
+* CPU: the small model (SmolLM2-135M) at short contexts, the pure-torch attention
+  path — numbers show the plumbing works, NOT kernel speed. The largest batch is
+  *computed* from the measured weight bytes and the cache's measured bytes per
+  sequence against ``--memory-budget-gb`` (no allocation attempted).
+
+Writes ``bench_generate.json`` and ``bench_generate.png`` (tokens/s and KV memory vs
+context) under ``--out``. Entry points: ``llmq bench`` and ``scripts/bench_generate.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+KV_CHOICES = ("fp", "8", "4", "2")  # fp: DynamicCache in the model dtype (fp16 on CUDA)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtype):
+    """``(model, weight_bytes)``; ``weights`` is ``fp`` or ``int4`` (RTN, group 128, via llmq)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name == "llama-7b-random":
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=65536)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)  # random init; values do not change speed
+    else:
+        from llmq.model.source import load_model
+
+        model, _, _ = load_model(name, dtype=dtype, device=str(device))
+    model.eval()
+    if weights == "int4":
+        from llmq.model.rtn import quantize_model_rtn
+        from llmq.recipes import WeightRecipe
+
+        quantize_model_rtn(model, WeightRecipe(bits=4, group_size=128), progress=False)
+        model.to(device)
+    elif weights != "fp":
+        raise ValueError(f"--weights must be 'fp' or 'int4', got {weights!r}")
+    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return model, nbytes
+
+
+def make_cache(model, kv: str, residual: int, group: int):
+    from transformers import DynamicCache
+
+    from llmq.kv import QuantizedKVCache
+
+    if kv == "fp":
+        return DynamicCache(config=model.config)
+    return QuantizedKVCache(model.config, bits=int(kv), residual_length=residual, group_size=group)
+
+
+def kv_bytes(cache) -> int:
+    if hasattr(cache, "memory"):
+        return cache.memory().used_bytes
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+
+
+@torch.no_grad()
+def run_one(model, kv: str, context: int, batch: int, new_tokens: int, residual: int, group: int) -> dict:
+    from llmq.kv import cache_kwarg
+
+    device = next(model.parameters()).device
+    kw = cache_kwarg(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    cache = make_cache(model, kv, residual, group)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    nxt = logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(input_ids=nxt, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+    _sync(device)
+    decode_s = time.perf_counter() - t0
+    out = dict(kv=kv, context=context, batch=batch, new_tokens=new_tokens,
+               prefill_tokens_per_s=batch * context / prefill_s, decode_tokens_per_s=batch * new_tokens / decode_s,
+               prefill_s=prefill_s, decode_s=decode_s, kv_bytes=kv_bytes(cache))
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    del cache, logits
+    gc.collect()
+    return out
+
+
+def largest_batch_cuda(model, kv, context, args) -> int:
+    """Double the batch until OOM or over budget; returns the largest that ran (0 if none)."""
+    best, b = 0, 1
+    budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else None
+    while b <= args.max_batch:
+        try:
+            r = run_one(model, kv, context, b, 2, args.residual, args.group)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        if budget is not None and r["peak_bytes"] > budget:
+            break
+        best, b = b, b * 2
+    return best
+
+
+def plot(results: list[dict], path: Path, device_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (weights, kv) in sorted({(r["weights"], r["kv"]) for r in results}):
+        rows = sorted((r for r in results if r["weights"] == weights and r["kv"] == kv and r["batch"] == 1),
+                      key=lambda r: r["context"])
+        if not rows:
+            continue
+        label = f"W:{weights} KV:{kv}"
+        axes[0].plot([r["context"] for r in rows], [r["decode_tokens_per_s"] for r in rows], "o-", label=label)
+        axes[1].plot([r["context"] for r in rows], [r["kv_bytes"] / 2**20 for r in rows], "o-", label=label)
+    axes[0].set(xlabel="context (tokens)", ylabel="decode tokens/s (batch 1)", xscale="log")
+    axes[1].set(xlabel="context (tokens)", ylabel="KV cache MiB (batch 1)", xscale="log", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"llmq bench — {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="'llama-7b-random' (default on CUDA), 'smollm2-135m' (default on "
+                                                 "CPU) or a model folder")
+    p.add_argument("--contexts", type=int, nargs="+", default=None,
+                   help="prompt lengths (default CUDA: 1024 … 32768; CPU: 256 1024)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes to time (default 1)")
+    p.add_argument("--kv", nargs="+", default=list(KV_CHOICES), choices=KV_CHOICES, help="KV caches to compare")
+    p.add_argument("--weights", nargs="+", default=["fp", "int4"], choices=["fp", "int4"])
+    p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default CUDA 64, CPU 8)")
+    p.add_argument("--residual", type=int, default=128)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="memory budget for the largest-batch search (CUDA default: the whole GPU; CPU default 16)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--out", default="results/bench", help="output folder for JSON and plot")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from llmq.kv import enable_fused_attention
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model_name = args.model or ("llama-7b-random" if cuda else "smollm2-135m")
+    contexts = args.contexts or ([1024, 2048, 4096, 8192, 16384, 32768] if cuda else [256, 1024])
+    new_tokens = args.new_tokens or (64 if cuda else 8)
+    dtype = torch.float16 if cuda else torch.float32
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'unknown'})"
+    if not cuda:
+        print("No CUDA GPU: running the small model at short contexts on CPU with the pure-torch attention path. "
+              "These numbers check the plumbing; they say nothing about the Triton kernel's speed.")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, largest = [], []
+    for weights in args.weights:
+        model, weight_bytes = build_model(model_name, weights, device, dtype)
+        enable_fused_attention(model)  # quantized decode steps read the packed cache; others use sdpa
+        jobs = [(kv, c, b) for kv in args.kv for c in contexts for b in args.batches]
+        for kv, context, batch in tqdm(jobs, desc=f"weights {weights}"):
+            try:
+                r = run_one(model, kv, context, batch, new_tokens, args.residual, args.group)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                r = dict(kv=kv, context=context, batch=batch, oom=True)
+            r.update(weights=weights, weight_bytes=weight_bytes)
+            results.append(r)
+            print(json.dumps(r))
+        if not args.no_batch_search:
+            for kv in args.kv:
+                for context in contexts:
+                    if cuda:
+                        best, how = largest_batch_cuda(model, kv, context, args), "measured (doubling until OOM)"
+                    else:
+                        per_seq = next(r["kv_bytes"] / r["batch"] for r in results
+                                       if r["weights"] == weights and r["kv"] == kv and r["context"] == context
+                                       and not r.get("oom"))
+                        budget = (args.memory_budget_gb or 16) * 2**30
+                        best = int(max(0, budget - weight_bytes) // per_seq)
+                        how = f"computed: (budget - weights) / KV bytes per sequence, budget {budget / 2**30:g} GiB"
+                    largest.append(dict(weights=weights, kv=kv, context=context, largest_batch=best, how=how))
+                    print(json.dumps(largest[-1]))
+        del model
+        gc.collect()
+    report = dict(device=device_name, model=model_name, dtype=str(dtype), new_tokens=new_tokens,
+                  residual=args.residual, group=args.group, runs=results, largest_batch=largest)
+    (out_dir / "bench_generate.json").write_text(json.dumps(report, indent=1))
+    plot([r for r in results if not r.get("oom")], out_dir / "bench_generate.png", device_name)
+    print_table(report)
+    print(f"wrote {out_dir / 'bench_generate.json'} and {out_dir / 'bench_generate.png'}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['model']} on {report['device']}, {report['new_tokens']} decode steps")
+    print("| weights | KV | context | batch | prefill tok/s | decode tok/s | KV MiB | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["runs"]:
+        if r.get("oom"):
+            print(f"| {r['weights']} | {r['kv']} | {r['context']} | {r['batch']} | OOM | OOM | – | – |")
+            continue
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "–"
+        print(f"| {r['weights']} | {r['kv']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.1f} | "
+              f"{r['decode_tokens_per_s']:.2f} | {r['kv_bytes'] / 2**20:.2f} | {peak} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Quantize / dequantize key and value blocks in the KV-cache layout. Pure torch; THE reference.
+
+The math is ``llmq.quant.primitives`` (``choose_qparams`` / ``quantize`` /
+``dequantize``); this module only decides which elements share a group and how
+the codes are laid out so the decode-attention kernel can read them directly.
+
+Layout of one cache side (keys or values) holding ``T`` quantized tokens of
+``H`` KV heads, head dimension ``D``, ``P = codes_per_word(bits)``::
+
+    codes   [B, H, T, D // P] int32   packed along D: field i of word w = channel w*P + i
+                                      (the bit layout of ``llmq.quant.packing.pack``,
+                                      applied to the last axis)
+    per-token  (values; keys with key_axis='token'), groups of g channels:
+    scales  [B, H, T, D // g] fp16
+    zeros   [B, H, T, D // g] uint8   (asymmetric only; symmetric zero = 2**(bits-1))
+    per-channel (keys, KIVI), groups of g consecutive tokens:
+    scales  [B, H, T // g, D] fp16
+    zeros   [B, H, T // g, D] uint8
+
+Why pack along D and not along T like GPTQ packs along K: per-token values are
+quantized one token at a time as they leave the residual window, so a word must
+never span tokens; using the same layout for keys lets one kernel code path
+unpack both. A kernel loading a ``[BLOCK_N, D]`` tile gathers word ``d // P`` and
+shifts by ``(d % P) * bits``.
+
+Scales are rounded up to fp16 by ``choose_qparams`` before the codes are made,
+so storing them as fp16 is lossless and ``(code - zero) * scale`` in fp32 is
+exact: kernel and reference dequantize to identical values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmq.quant.packing import codes_per_word, pack, unpack
+from llmq.quant.primitives import choose_qparams, dequantize, quantize, symmetric_zero
+
+
+@dataclass
+class QuantizedKVBlock:
+    """Codes and parameters of ``T`` tokens of one cache side (layout in the module docstring)."""
+
+    codes: torch.Tensor  # [B, H, T, D // P] int32
+    scales: torch.Tensor  # [B, H, T, D // g] or [B, H, T // g, D] fp16
+    zeros: torch.Tensor | None  # same shape as scales, uint8; None when symmetric
+
+
+def pack_last(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., D]`` along the last axis into int32 ``[..., D // P]`` (D % P == 0)."""
+    *lead, d = codes.shape
+    p = codes_per_word(bits)
+    if d % p:
+        raise ValueError(f"last dimension {d} is not a multiple of {p} ({bits}-bit codes per int32 word)")
+    words = pack(codes.reshape(-1, d).t(), bits)  # [D // P, N]
+    return words.t().reshape(*lead, d // p).contiguous()
+
+
+def unpack_last(words: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """Inverse of ``pack_last``: int32 ``[..., D // P]`` → uint8 ``[..., D]``."""
+    *lead, w = words.shape
+    codes = unpack(words.reshape(-1, w).t().contiguous(), bits, d)  # [D, N]
+    return codes.t().reshape(*lead, d)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedKVBlock:
+    """Per-token quantization of ``x [B, H, T, D]``: groups of ``group_size`` channels share a scale."""
+    b, h, t, d = x.shape
+    groups = x.float().reshape(b, h, t, d // group_size, group_size)
+    scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T, D/g]
+    codes = quantize(groups, scale[..., None], zero[..., None], bits).reshape(b, h, t, d)
+    return QuantizedKVBlock(pack_last(codes, bits), scale.to(torch.float16),
+                            None if symmetric else zero.to(torch.uint8))
+
+
+def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedKVBlock:
+    """Per-channel (KIVI) quantization of ``x [B, H, T, D]``, ``T % group_size == 0``:
+    each channel of each run of ``group_size`` consecutive tokens shares a scale."""
+    b, h, t, d = x.shape
+    if t % group_size:
+        raise ValueError(f"per-channel key quantization needs whole groups of {group_size} tokens, got {t}")
+    groups = x.float().reshape(b, h, t // group_size, group_size, d).transpose(-1, -2)  # [B, H, T/g, D, g]
+    scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T/g, D]
+    codes = quantize(groups, scale[..., None], zero[..., None], bits).transpose(-1, -2).reshape(b, h, t, d)
+    return QuantizedKVBlock(pack_last(codes, bits), scale.to(torch.float16),
+                            None if symmetric else zero.to(torch.uint8))
+
+
+def dequantize_kv(block: QuantizedKVBlock, bits: int, group_size: int, per_channel: bool,
+                  n_tokens: int | None = None) -> torch.Tensor:
+    """Float32 ``[B, H, T, D]`` from a block (optionally only its first ``n_tokens`` tokens)."""
+    codes_w = block.codes if n_tokens is None else block.codes[:, :, :n_tokens]
+    d = codes_w.shape[-1] * codes_per_word(bits)
+    codes = unpack_last(codes_w, bits, d)  # [B, H, T, D]
+    t = codes.shape[2]
+    if per_channel:
+        idx = torch.arange(t, device=codes.device) // group_size
+        scale = block.scales[:, :, idx].float()  # [B, H, T, D]
+        zero = symmetric_zero(bits) if block.zeros is None else block.zeros[:, :, idx].float()
+    else:
+        idx = torch.arange(d, device=codes.device) // group_size
+        scale = block.scales[:, :, :t][..., idx].float()
+        zero = symmetric_zero(bits) if block.zeros is None else block.zeros[:, :, :t][..., idx].float()
+    return dequantize(codes, scale, zero)
+
+
+def kv_block_nbytes(n_tokens: int, batch: int, heads: int, head_dim: int, bits: int, group_size: int,
+                    per_channel: bool, symmetric: bool) -> int:
+    """Theoretical bytes of ``n_tokens`` quantized tokens of one cache side (codes + scales + zeros)."""
+    code_bytes = n_tokens * head_dim // codes_per_word(bits) * 4
+    n_params = (n_tokens // group_size) * head_dim if per_channel else n_tokens * (head_dim // group_size)
+    param_bytes = n_params * (2 + (0 if symmetric else 1))  # fp16 scale + uint8 zero
+    return batch * heads * (code_bytes + param_bytes)

@@ -1,0 +1,10 @@
+"""Long-sequence generation throughput benchmark; see ``llmq.kv.bench`` (same as ``llmq bench``).
+
+    python scripts/bench_generate.py                         # CPU: SmolLM2-135M, contexts 256 and 1024
+    python scripts/bench_generate.py --contexts 1024 32768   # CUDA: Llama-7B-shaped random model
+"""
+
+from llmq.kv.bench import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
