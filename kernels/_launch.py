@@ -5,22 +5,13 @@ Kept apart from the kernels so each kernel file holds one kernel, its reference 
 
 from __future__ import annotations
 
-import os
 
 import torch
-import triton
 
 from llmq.kernels.dequant_tile import tiled_rows
+from llmq.kernels.interpreter import interpreting
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:

@@ -18,22 +18,14 @@ half to even, both IEEE) — the tests check ``torch.equal``.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+from llmq.kernels.interpreter import interpreting
 
 MIN_SCALE = torch.finfo(torch.float16).tiny
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmq.kernels._launch import check_args, fp32_dot, interpreting
+from llmq.kernels._launch import check_args, fp32_dot
+from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
 from llmq.quant.packing import codes_per_word
 

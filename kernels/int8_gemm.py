@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmq.kernels.act_quant import check_device, interpreting
+from llmq.kernels.act_quant import check_device
+from llmq.kernels.interpreter import interpreting
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 131071  # int32 accumulator bound: K * 2**14 < 2**31

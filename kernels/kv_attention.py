@@ -25,7 +25,6 @@ scales ``[.., T, D/g]``, per-channel key scales ``[.., T/g, D]``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv
+from llmq.kernels.interpreter import interpreting
 
 
 @dataclass
@@ -236,13 +236,6 @@ def _kv_decode_reduce_kernel(O_PART, M_PART, L_PART, OUT, n_splits, n_q_heads, s
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "interpret"):
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -319,7 +312,7 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
     kz = kv.k_zeros if kv.k_zeros is not None else kv.k_scales
     vz = kv.v_zeros if kv.v_zeros is not None else kv.v_scales
     mask_t = mask if mask is not None else o_part
-    dot_dtype = tl.float32 if _interpreting() else _DOT_DTYPES[q.dtype]  # bf16 math is broken when interpreting
+    dot_dtype = tl.float32 if interpreting() else _DOT_DTYPES[q.dtype]  # bf16 math is broken when interpreting
 
     _kv_decode_split_kernel[(b * hkv, num_splits)](
         q, kv.k_codes, kv.k_scales, kz, kv.v_codes, kv.v_scales, vz, k_res, v_res, mask_t,

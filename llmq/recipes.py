@@ -30,6 +30,15 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_EXCLUDE = ("lm_head", "*embed*")
 
 
+def _from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """Build recipe ``cls`` from its ``to_dict`` form, refusing unknown fields by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what}-recipe fields {sorted(unknown)}; known fields are {sorted(known)}")
+    return cls(**d)
+
+
 class WeightMethod(str, Enum):
     """Algorithm that turns float weights into integer codes."""
 
@@ -118,11 +127,7 @@ class WeightRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WeightRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown weight-recipe fields {sorted(unknown)}; known fields are {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "weight")
 
 
 def check_format_version(version: Any, where: str) -> None:
@@ -234,11 +239,7 @@ class ActivationRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ActivationRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown activation-recipe fields {sorted(unknown)}; known fields are {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "activation")
 
 
 def _enum(cls: type[Enum], value: Any, what: str) -> Any:
@@ -349,8 +350,4 @@ class KVRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KVRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown KV-recipe fields {sorted(unknown)}; known fields are {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "KV")

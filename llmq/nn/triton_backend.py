@@ -31,7 +31,8 @@ except ImportError as e:  # triton is a hard dependency of llmq
     raise ImportError("llmq needs triton for its kernels: pip install 'triton>=3.6' "
                       "(Linux; on other platforms use a Linux machine or container)") from e
 
-from llmq.kernels._launch import ACT_DTYPES, interpreting
+from llmq.kernels._launch import ACT_DTYPES
+from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_matmul import dequant_matmul
 from llmq.kernels.dequant_tile import repack_tiled
 from llmq.nn.backends import LinearSpec, register_backend

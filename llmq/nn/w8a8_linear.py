@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmq.kernels.act_quant import act_quant, act_quant_reference, interpreting
+from llmq.kernels.act_quant import act_quant, act_quant_reference
+from llmq.kernels.interpreter import interpreting
 from llmq.kernels.int8_gemm import int8_gemm, int8_gemm_reference
 from llmq.nn.backends import BACKEND_ENV
 from llmq.nn.registry import register_module_kind
