@@ -64,7 +64,7 @@ def test_unpack_checks_rows():
 
 
 def test_pack_roundtrip_large_matrix():
-    """A 4096x4096 int4 matrix (16.8M codes) round-trips; vectorized packing makes this take well under a second."""
+    """A 4096x4096 int4 matrix (16.8M codes) round-trips bit-exactly."""
     codes = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)
     packed = pack(codes, 4)
     assert torch.equal(unpack(packed, 4, 4096), codes)
