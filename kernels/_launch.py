@@ -14,6 +14,17 @@ from llmq.kernels.interpreter import interpreting
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def autotune_bench(kernel_call, quantiles):
+    """Timer for ``triton.autotune``: 5 ms warm-up, 25 ms of repeats per config.
+
+    Triton's default (25 ms + 100 ms) makes the first call of every new shape cost ~0.13 s per config;
+    our kernels run 10 µs – 10 ms, so 25 ms still averages over tens to thousands of launches.
+    """
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def fp32_dot(dtype: torch.dtype) -> bool:
     """Whether the tile products run on fp32 operands for activations of ``dtype``.
 

@@ -93,7 +93,8 @@ def _act_quant_kernel(
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.max(amax, axis=0) / 127.5
+        # div_rn: IEEE division; plain `/` compiles to the approximate div.full.f32 on NVIDIA GPUs
+        scale = tl.math.div_rn(tl.max(amax, axis=0), 127.5)
         scale = tl.where(scale > 0.0, scale, 1.0)
         scale = tl.maximum(scale, MIN_S)
         tl.store(scale_ptr + row, scale)
@@ -102,7 +103,7 @@ def _act_quant_kernel(
         x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         # round half to even, built from floor (inlined: llmq.kernels.aot compiles the kernel
         # function alone, and libdevice rint differs between the interpreter and the GPU)
-        v = x / scale
+        v = tl.math.div_rn(x, scale)
         f = tl.floor(v)
         d = v - f
         odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0

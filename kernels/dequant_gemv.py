@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmq.kernels._launch import check_args, fp32_dot
+from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
 from llmq.quant.packing import codes_per_word
@@ -112,7 +112,8 @@ def dequant_gemv_kernel(
 _KEY = ["N", "K", "BITS", "HAS_ZEROS"]
 # the FMA path (BLOCK_M = 1), the bf16/fp16 dot path and the fp32 (tf32x3) dot path tune separately:
 # their register budgets differ
-_tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr"])(dequant_gemv_kernel)
+_tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr"],
+                                do_bench=autotune_bench)(dequant_gemv_kernel)
           for path in GPU_CONFIGS}
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmq.kernels._launch import autotune_bench
 from llmq.kernels.act_quant import check_device
 from llmq.kernels.interpreter import interpreting
 
@@ -93,7 +94,7 @@ def _configs() -> list[triton.Config]:
             for bm, bn, bk, w, s in table]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], do_bench=autotune_bench)
 @triton.jit
 def _int8_gemm_kernel(
     # pointers

@@ -43,11 +43,12 @@ MODELS = {
     "llama-3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
     "llama-2-70b": [("q/o", 8192, 8192), ("kv", 8192, 2048), ("up", 8192, 28672), ("down", 28672, 8192)],
 }
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096, 8192]
 # nominal peak DRAM bandwidth, GB/s, by device-name fragment (first match)
 PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000,
             "H100": 3350, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "4090": 1008}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = "cuda"  # the timed path; tests point it at the CPU interpreter to keep this code from rotting
 
 
 def make_weight(k: int, n: int, bits: int, group: int, symmetric: bool, device: str, seed: int = 0):
@@ -63,78 +64,130 @@ def make_weight(k: int, n: int, bits: int, group: int, symmetric: bool, device: 
     return qweight, repack_tiled(qweight, bits, k), scales, zeros
 
 
-def peak_gbs(name: str, override: float | None) -> float:
+def peak_gbs(name: str, override: float | None, copy_gbs: float) -> float:
+    """Nominal peak DRAM bandwidth of the device (GB/s); the measured copy bandwidth if it is unknown."""
     if override:
         return override
-    for frag, gbs in PEAK_GBS.items():
-        if frag in name:
-            return gbs
-    # unknown device: measure a device-to-device copy as the reference
-    import triton.testing
-    a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / ms / 1e6
+    return next((gbs for frag, gbs in PEAK_GBS.items() if frag in name), copy_gbs)
 
 
-def tinygemm(x: torch.Tensor, k: int, n: int, group: int):
-    """A callable running torch's int4 tinygemm kernel on random 4-bit weights, or a reason it cannot."""
+def tinygemm_weight(k: int, n: int, group: int, device: str):
+    """Random 4-bit weights in torch's tinygemm layout ``(w, scales_and_zeros)``, or ``(None, reason)``."""
     try:
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=x.device)
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
         packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
         w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
-        sz = torch.rand(k // group, n, 2, device=x.device, dtype=torch.bfloat16) * 0.01
-        xb = x.to(torch.bfloat16)
-        fn = lambda: torch.ops.aten._weight_int4pack_mm(xb, w, group, sz)  # noqa: E731
-        fn()
-        return fn, None
+        sz = torch.rand(k // group, n, 2, device=device, dtype=torch.bfloat16) * 0.01
+        torch.ops.aten._weight_int4pack_mm(torch.randn(1, k, device=device, dtype=torch.bfloat16), w, group, sz)
+        return w, sz
     except Exception as e:  # noqa: BLE001 — report why, never hide it
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written) over 1 GiB buffers."""
+    import triton.testing
+    a = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * 2**30 / ms / 1e6
+
+
+def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit) -> list[dict]:
+    """Every method at every M on one (K, N) linear; a failing M is recorded and the others still run."""
+    rows = []
+    qweight, tiled, scales, zeros = make_weight(k, n, bits, args.group, args.sym, DEVICE)
+    w16 = dequantize_reference(qweight, scales, zeros, bits, args.group, k).to(dtype)  # [K, N]
+    wbytes = tiled.numel() * 4 + scales.numel() * 2 + (zeros.numel() if zeros is not None else 0)
+    tg_w, tg_sz = tinygemm_weight(k, n, args.group, DEVICE) if bits == 4 and args.sym else (None, None)
+    if bits == 4 and args.sym and tg_w is None:
+        tqdm.write(f"torch-int4 unavailable for K={k} N={n}: {tg_sz}")
+    for m in args.ms:
+        base = dict(device=dev, bits=bits, group=args.group, dtype=args.dtype, model=model, layer=name,
+                    K=k, N=n, M=m, peak_gbs=peak, copy_gbs=copy_gbs)
+        try:
+            x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+            fns = {
+                "llmq": (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group, k), wbytes),
+                "fp16": (lambda: x @ w16, k * n * 2),
+                "deq+mm": (lambda: x @ dequantize_reference(qweight, scales, zeros, bits, args.group,
+                                                             k).to(dtype), wbytes),
+            }
+            if m <= 16:  # the other regime, to measure the crossover
+                fns["llmq-gemm"] = (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group,
+                                                           k, force="gemm"), wbytes)
+            if tg_w is not None:
+                xb = x.to(torch.bfloat16)
+                fns["torch-int4"] = (lambda: torch.ops.aten._weight_int4pack_mm(xb, tg_w, args.group, tg_sz),
+                                     k * n // 2 + (k // args.group) * n * 4)
+            if m <= 2048:  # every llmq output is checked against the reference before it is timed
+                ref = (x.float() @ w16.float()).to(dtype)
+                for method in ("llmq", "llmq-gemm"):
+                    if method in fns:
+                        torch.testing.assert_close(fns[method][0](), ref, atol=5e-2, rtol=2e-2)
+                del ref
+            for method, (fn, nbytes) in fns.items():
+                ms_ = timeit(fn)
+                moved = nbytes + (m * k + m * n) * x.element_size()
+                rows.append(dict(base, method=method,
+                                 regime=regime_for(m) if method == "llmq" else method.removeprefix("llmq-"),
+                                 ms=ms_, tflops=2 * m * n * k / ms_ / 1e9, gbs=moved / ms_ / 1e6,
+                                 pct_bw=100 * moved / ms_ / 1e6 / peak))
+        except Exception as e:  # noqa: BLE001 — one failing case is reported, the rest still run
+            tqdm.write(f"FAILED int{bits} {model} {name} M={m}: {type(e).__name__}: {str(e)[:300]}")
+            rows.append(dict(base, method="llmq", error=f"{type(e).__name__}: {str(e)[:300]}"))
+    return rows
+
+
 def bench_cuda(args) -> list[dict]:
     import triton.testing
-    dev = torch.cuda.get_device_name()
-    peak = peak_gbs(dev, args.peak_gbs)
+
+    def timeit(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    dev = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    copy_gbs = copy_bandwidth_gbs()
+    peak = peak_gbs(dev, args.peak_gbs, copy_gbs)
+    print(f"{dev}: nominal peak {peak:.0f} GB/s, measured copy {copy_gbs:.0f} GB/s (read + write)")
     dtype = DTYPES[args.dtype]
     rows = []
     shapes = [(m, name, k, n) for m in args.models for name, k, n in MODELS[m]]
     for bits in args.bits:
         for model, name, k, n in tqdm(shapes, desc=f"int{bits}"):
-            qweight, tiled, scales, zeros = make_weight(k, n, bits, args.group, args.sym, "cuda")
-            w16 = dequantize_reference(qweight, scales, zeros, bits, args.group, k).to(dtype)  # [K, N]
-            wbytes = tiled.numel() * 4 + scales.numel() * 2 + (zeros.numel() if zeros is not None else 0)
-            for m in args.ms:
-                x = torch.randn(m, k, device="cuda", dtype=dtype)
-                y = dequant_matmul(x, tiled, scales, zeros, None, bits, args.group, k)
-                ref = (x.float() @ w16.float()).to(dtype) if m <= 2048 else None
-                if ref is not None:
-                    torch.testing.assert_close(y, ref, atol=5e-2, rtol=2e-2)
-                fns = {
-                    "llmq": (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group, k), wbytes),
-                    "fp16": (lambda: x @ w16, k * n * 2),
-                    "deq+mm": (lambda: x @ dequantize_reference(qweight, scales, zeros, bits, args.group,
-                                                                 k).to(dtype), wbytes),
-                }
-                if bits == 4 and args.sym:
-                    fn, why = tinygemm(x, k, n, args.group)
-                    if fn is None:
-                        tqdm.write(f"torch-int4 unavailable: {why}")
-                    else:
-                        fns["torch-int4"] = (fn, k * n // 2 + (k // args.group) * n * 4)
-                for method, (fn, nbytes) in fns.items():
-                    ms_ = triton.testing.do_bench(fn)
-                    moved = nbytes + (m * k + m * n) * x.element_size()
-                    rows.append(dict(device=dev, bits=bits, group=args.group, dtype=args.dtype, model=model,
-                                     layer=name, K=k, N=n, M=m, method=method, regime=regime_for(m),
-                                     ms=ms_, tflops=2 * m * n * k / ms_ / 1e9, gbs=moved / ms_ / 1e6,
-                                     pct_bw=100 * moved / ms_ / 1e6 / peak))
-            del qweight, tiled, w16
-            torch.cuda.empty_cache()
+            rows += bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
+def summarize_targets(rows: list[dict]) -> None:
+    """The issue's targets (4-bit g128 fp16 on an H100), checked against this run."""
+    ok = [r for r in rows if "error" not in r]
+    t = {(r["bits"], r["K"], r["N"], r["M"], r["method"]): r for r in ok}
+
+    def speed(bits, k, n, m, method="llmq", over="fp16"):
+        a, b = t.get((bits, k, n, m, method)), t.get((bits, k, n, m, over))
+        return (b["ms"] / a["ms"]) if a and b else None
+
+    print("\nTargets (speed-up = fp16 time / llmq time):")
+    for bits, m, goal in ((4, 1, 3.0), (4, 16, 2.5), (4, 4096, 0.9), (8, 1, 1.8)):
+        for k, n in ((8192, 8192), (8192, 28672), (4096, 4096), (4096, 12288)):
+            s = speed(bits, k, n, m)
+            if s is not None:
+                bw = t[(bits, k, n, m, "llmq")]["pct_bw"]
+                print(f"  int{bits} M={m:<5} {k}x{n:<6} {s:5.2f}x fp16 (goal >= {goal}x) "
+                      f"{'MET' if s >= goal else 'missed'}; {bw:.0f}% of peak bandwidth")
+    vs_tinygemm = [(r["model"], r["layer"], r["M"], speed(r["bits"], r["K"], r["N"], r["M"], "llmq", "torch-int4"))
+                   for r in ok if r["method"] == "llmq"]
+    vs_tinygemm = [v for v in vs_tinygemm if v[3] is not None]
+    slower = [v[:3] for v in vs_tinygemm if v[3] < 1.0]
+    if vs_tinygemm:
+        print(f"  faster than torch-int4 (tinygemm) in {len(vs_tinygemm) - len(slower)}/{len(vs_tinygemm)} cases; "
+              f"slower at: {slower[:20]}")
+
+
 def print_table(rows: list[dict]) -> None:
+    rows = [r for r in rows if "error" not in r]
     base = {(r["bits"], r["model"], r["layer"], r["M"]): r["ms"] for r in rows if r["method"] == "fp16"}
     print(f"{'bits':>4} {'model':<12} {'layer':<8} {'K':>6} {'N':>6} {'M':>5} {'method':<10} {'ms':>9} "
           f"{'TFLOP/s':>8} {'GB/s':>7} {'%BW':>5} {'vs fp16':>7}")
@@ -149,6 +202,7 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if "error" not in r]
     base = {(r["bits"], r["model"], r["layer"], r["M"]): r["ms"] for r in rows if r["method"] == "fp16"}
     fig, ax = plt.subplots(figsize=(9, 5))
     for key in sorted({(r["bits"], r["model"], r["layer"], r["method"]) for r in rows if r["method"] != "fp16"}):
@@ -195,10 +249,11 @@ def main(argv=None) -> int:
         check_cpu()
         return 0
     rows = bench_cuda(args)
-    print_table(rows)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
+    print_table(rows)
     plot(rows, args.plot)
+    summarize_targets(rows)
     print(f"wrote {args.out} and {args.plot}")
     return 0
 

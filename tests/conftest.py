@@ -20,6 +20,17 @@ KERNEL_TOLERANCES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests are skipped without CUDA (on a GPU: ``TRITON_INTERPRET=0 pytest -m gpu``)."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    why = ("needs CUDA" if not torch.cuda.is_available()
+           else "needs compiled Triton kernels: run GPU tests with TRITON_INTERPRET=0 pytest -m gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture
 def kernel_tol():
     """``kernel_tol[dtype]`` → kwargs for ``torch.testing.assert_close``."""

@@ -97,3 +97,16 @@ def test_aot_compiles_without_spills():
     for case, usage in zip(cases, aot_usage("llmq.kernels.act_quant", "_act_quant_kernel", cases)):
         assert usage["local_bytes"] == 0 and usage["stack_bytes"] == 0, (case[1:], usage)
         assert usage["registers"] <= 128, usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cuda_bit_exact(dtype):
+    """Compiled kernel: IEEE division (div_rn) keeps it bit-exact with torch on the GPU too."""
+    x = (torch.randn(37, 4097, device="cuda") * 3).to(dtype)
+    x[0, 0] = 40
+    q, s = act_quant(x)
+    q_ref, s_ref = act_quant_reference(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+    scale = torch.tensor(0.05, device="cuda")
+    assert torch.equal(act_quant(x, scale)[0], act_quant_reference(x, scale)[0])

@@ -121,7 +121,7 @@ def test_noncontiguous_rows(kernel_tol):
     torch.testing.assert_close(y, ref, **kernel_tol[torch.float32])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_did)
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
 @pytest.mark.parametrize("m", [1, 4, 16, 17, 512], ids=lambda m: f"M{m}")

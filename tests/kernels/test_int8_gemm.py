@@ -112,7 +112,7 @@ def test_aot_compiles_without_spills():
         assert usage["shared_bytes"] <= 227 * 1024, (case[1], usage)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_matches_reference(dtype, kernel_tol):
     a, w, a_scale, w_scale = (t.cuda() for t in make(1024, 576, 1536))

@@ -79,3 +79,30 @@ def test_bad_input(kw, match):
     q = torch.randn(*kw.get("q_shape", (1, 4, 64))).half()
     with pytest.raises(ValueError, match=match):
         kv_decode_attention(q, kv, 0.125, block_n=kw.get("block_n", 16))
+
+
+def _to_cuda(kv):
+    import dataclasses
+
+    return dataclasses.replace(kv, **{f.name: getattr(kv, f.name).cuda() for f in dataclasses.fields(kv)
+                                      if isinstance(getattr(kv, f.name), torch.Tensor)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits, per_channel, symmetric", [
+    pytest.param(4, True, False, id="int4-channel-asym"),
+    pytest.param(2, True, False, id="int2-channel-asym"),
+    pytest.param(8, False, True, id="int8-token-sym"),
+])
+def test_cuda_long_sequence_gqa(bits, per_channel, symmetric, dtype, kernel_tol):
+    """Compiled kernel, default splits / block sizes: 4,160 quantized + 77 residual tokens, GQA 4."""
+    d = 128
+    kv = _to_cuda(make_packed_kv(2, 8, 4160, 77, d, bits, 64, per_channel, symmetric, dtype, spare=64))
+    q = torch.randn(2, 32, d, device="cuda").to(dtype)
+    out = kv_decode_attention(q, kv, d ** -0.5)
+    torch.testing.assert_close(out, kv_decode_attention_reference(q, kv, d ** -0.5), **kernel_tol[dtype])
+    mask = torch.ones(2, 4160 + 77, dtype=torch.bool, device="cuda")
+    mask[1, :1000] = False
+    out = kv_decode_attention(q, kv, d ** -0.5, mask=mask)
+    torch.testing.assert_close(out, kv_decode_attention_reference(q, kv, d ** -0.5, mask=mask), **kernel_tol[dtype])

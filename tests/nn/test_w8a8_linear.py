@@ -144,3 +144,16 @@ def test_static_without_data_is_a_clear_error():
 
     with pytest.raises(ValueError, match="need calibration data"):
         quantize_model_w8a8(tiny_llama(), ActivationRecipe(scheme="static", observer="kl"), [], progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("m", [1, 100, 1024], ids=lambda m: f"m{m}")
+def test_cuda_picks_triton_and_matches_torch(m, static, kernel_tol):
+    lin = linear(k=576, n=1536).half().cuda()
+    x = torch.randn(m, 576, device="cuda", dtype=torch.float16)
+    layer = W8A8Linear.from_linear(lin, 0.03 if static else None)
+    y = layer(x)
+    assert layer.backend_for(x).name == "triton"
+    layer.set_backend("torch")
+    torch.testing.assert_close(y, layer(x), **kernel_tol[torch.float16])
