@@ -8,8 +8,10 @@ memory; then the largest batch that fits a memory budget at each context.
 
 * CUDA: a Llama-7B-shaped model with random fp16 weights (``--model llama-7b-random``;
   speed does not depend on weight values), contexts 1k…32k, quantized KV decoded
-  by the Triton kernel; the largest batch is found by doubling until out of memory
-  (or past ``--memory-budget-gb``).
+  by the Triton kernel. The largest batch that fits ``--memory-budget-gb`` is computed from
+  the batch-1 run's measured bytes and then *run* (one prefilled sequence's cache repeated
+  to the batch, see ``run_one``), stepping down on OOM or a measured peak over budget; its
+  decode tokens/s is the throughput at a fixed memory budget.
 * CPU: the small model (SmolLM2-135M) at short contexts, the pure-torch attention
   path — numbers show the plumbing works, NOT kernel speed. The largest batch is
   *computed* from the measured weight bytes and the cache's measured bytes per
@@ -81,12 +83,21 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def run_one(model, kv: str, context: int, batch: int, new_tokens: int, residual: int, group: int) -> dict:
+def run_one(model, kv: str, context: int, batch: int, new_tokens: int, residual: int, group: int,
+            replicate: bool = False) -> dict:
+    """Prefill ``batch x context`` random tokens, then time ``new_tokens`` greedy decode steps.
+
+    ``replicate``: prefill one sequence and repeat its cache ``batch`` times
+    (``Cache.batch_repeat_interleave``) — decode speed does not depend on the cached values, and
+    prefilling ``batch x 32k`` tokens of a 7B model would cost minutes per measurement. The prefill
+    rate is then that of one sequence.
+    """
     from llmq.kv import cache_kwarg
 
     device = next(model.parameters()).device
     kw = cache_kwarg(model)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    rows = 1 if replicate else batch
+    ids = torch.randint(0, model.config.vocab_size, (rows, context), device=device)
     cache = make_cache(model, kv, residual, group)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -96,36 +107,50 @@ def run_one(model, kv: str, context: int, batch: int, new_tokens: int, residual:
     _sync(device)
     prefill_s = time.perf_counter() - t0
     nxt = logits[:, -1:].argmax(-1)
+    del logits
+    if replicate and batch > 1:
+        cache.batch_repeat_interleave(batch)
+        nxt = nxt.repeat(batch, 1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         nxt = model(input_ids=nxt, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
     _sync(device)
     decode_s = time.perf_counter() - t0
-    out = dict(kv=kv, context=context, batch=batch, new_tokens=new_tokens,
-               prefill_tokens_per_s=batch * context / prefill_s, decode_tokens_per_s=batch * new_tokens / decode_s,
+    out = dict(kv=kv, context=context, batch=batch, new_tokens=new_tokens, replicated_prefill=replicate and batch > 1,
+               prefill_tokens_per_s=rows * context / prefill_s, decode_tokens_per_s=batch * new_tokens / decode_s,
                prefill_s=prefill_s, decode_s=decode_s, kv_bytes=kv_bytes(cache))
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    del cache, logits
+    del cache
     gc.collect()
     return out
 
 
-def largest_batch_cuda(model, kv, context, args) -> int:
-    """Double the batch until OOM or over budget; returns the largest that ran (0 if none)."""
-    best, b = 0, 1
-    budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else None
-    while b <= args.max_batch:
+def largest_batch_cuda(model, kv: str, context: int, args, one: dict, new_tokens: int) -> tuple[int, dict | None]:
+    """The largest batch whose decode fits ``args.memory_budget_gb``, and its measured decode run.
+
+    Computed from the batch-1 run ``one``: ``(budget - (peak - KV)) // KV bytes per sequence``
+    (peak - KV = weights + the batch-1 prefill's activations, an upper bound on what decoding needs
+    beside the cache), then run at that batch with a replicated prefill (``run_one``), stepping
+    down while it runs out of memory or its measured peak exceeds the budget.
+    """
+    budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else torch.cuda.get_device_properties(
+        0).total_memory
+    per_seq = one["kv_bytes"]
+    best = int((budget - (one["peak_bytes"] - per_seq)) // per_seq)
+    best = min(best, args.max_batch)
+    while best >= 1:
         try:
-            r = run_one(model, kv, context, b, 2, args.residual, args.group)
+            r = run_one(model, kv, context, best, new_tokens, args.residual, args.group, replicate=True)
+            if r["peak_bytes"] <= budget:
+                return best, r
         except torch.cuda.OutOfMemoryError:
-            break
+            pass
         finally:
+            gc.collect()
             torch.cuda.empty_cache()
-        if budget is not None and r["peak_bytes"] > budget:
-            break
-        best, b = b, b * 2
-    return best
+        best = best - max(1, best // 10)
+    return 0, None
 
 
 def plot(results: list[dict], path: Path, device_name: str) -> None:
@@ -203,17 +228,24 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_batch_search:
             for kv in args.kv:
                 for context in contexts:
+                    one = next((r for r in results if r["weights"] == weights and r["kv"] == kv and
+                                r["context"] == context and r["batch"] == 1 and not r.get("oom")), None)
+                    if one is None:
+                        continue
                     if cuda:
-                        best, how = largest_batch_cuda(model, kv, context, args), "measured (doubling until OOM)"
+                        best, run_at_best = largest_batch_cuda(model, kv, context, args, one, new_tokens)
+                        how = (f"computed from the batch-1 run's bytes against a {args.memory_budget_gb or 'whole-GPU'}"
+                               f" GB budget, then run (prefill replicated), stepped down on OOM / over budget")
                     else:
-                        per_seq = next(r["kv_bytes"] / r["batch"] for r in results
-                                       if r["weights"] == weights and r["kv"] == kv and r["context"] == context
-                                       and not r.get("oom"))
                         budget = (args.memory_budget_gb or 16) * 2**30
-                        best = int(max(0, budget - weight_bytes) // per_seq)
+                        best, run_at_best = int(max(0, budget - one["weight_bytes"]) // one["kv_bytes"]), None
                         how = f"computed: (budget - weights) / KV bytes per sequence, budget {budget / 2**30:g} GiB"
-                    largest.append(dict(weights=weights, kv=kv, context=context, largest_batch=best, how=how))
-                    print(json.dumps(largest[-1]))
+                    row = dict(weights=weights, kv=kv, context=context, largest_batch=best, how=how)
+                    if run_at_best is not None:
+                        row.update(decode_tokens_per_s=run_at_best["decode_tokens_per_s"],
+                                   peak_bytes=run_at_best["peak_bytes"], kv_bytes=run_at_best["kv_bytes"])
+                    largest.append(row)
+                    print(json.dumps(row))
         del model
         gc.collect()
     report = dict(device=device_name, model=model_name, dtype=str(dtype), new_tokens=new_tokens,
@@ -236,6 +268,19 @@ def print_table(report: dict) -> None:
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "–"
         print(f"| {r['weights']} | {r['kv']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.1f} | "
               f"{r['decode_tokens_per_s']:.2f} | {r['kv_bytes'] / 2**20:.2f} | {peak} |")
+    if report["largest_batch"]:
+        print("\nLargest batch in the memory budget, and its decode throughput (ratio to the fp KV cache's):")
+        print("| weights | KV | context | largest batch | decode tok/s | vs fp KV | peak MiB |")
+        print("|---|---|---|---|---|---|---|")
+        fp = {(r["weights"], r["context"]): r.get("decode_tokens_per_s") for r in report["largest_batch"]
+              if r["kv"] == "fp"}
+        for r in report["largest_batch"]:
+            tps = r.get("decode_tokens_per_s")
+            base = fp.get((r["weights"], r["context"]))
+            ratio = f"{tps / base:.2f}x" if tps and base else "–"
+            peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "–"
+            print(f"| {r['weights']} | {r['kv']} | {r['context']} | {r['largest_batch']} | "
+                  f"{f'{tps:.1f}' if tps else '–'} | {ratio} | {peak} |")
 
 
 def main(argv: list[str] | None = None) -> int:

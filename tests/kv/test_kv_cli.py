@@ -38,3 +38,21 @@ def test_bench_writes_json_and_plot(tiny_model_dir, tmp_path):
     assert set(runs) == {"fp", "4"} and all(r["decode_tokens_per_s"] > 0 for r in runs.values())
     assert runs["4"]["kv_bytes"] < runs["fp"]["kv_bytes"]  # fp32 model on CPU: fp cache is 4 bytes/elt
     assert {r["kv"] for r in report["largest_batch"]} == {"fp", "4"}
+
+
+def test_replicated_prefill_fills_the_whole_batch():
+    """``run_one(replicate=True)``: one prefilled sequence's cache repeated to the batch holds exactly batch x
+    the bytes of one (the cache the largest-batch decode measurement runs on)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmq.kv.bench import run_one
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for kv in ("fp", "4"):
+        one = run_one(model, kv, 40, 1, 3, residual=8, group=16)
+        many = run_one(model, kv, 40, 3, 3, residual=8, group=16, replicate=True)
+        assert many["replicated_prefill"] and many["batch"] == 3
+        assert many["kv_bytes"] == 3 * one["kv_bytes"]

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a (rarely lent) CUDA GPU should check, as one script: the GPU tests, then each benchmark.
+#
+#   bash scripts/gpu_session.sh [RESULTS_DIR] [TOTAL_SECONDS] [SNAPSHOT.tgz]
+#
+# Each stage runs under its own time limit (cut to fit TOTAL_SECONDS, default 540) so a slow or
+# failing stage costs only itself; logs, JSON and plots go to RESULTS_DIR (default results/gpu) and,
+# after every stage, into SNAPSHOT (default RESULTS_DIR.tgz), so whatever finished survives a kill. Needs the GPU
+# image's torch / triton / transformers; installs llmq itself without dependencies or network.
+set -u
+RESULTS=${1:-results/gpu}
+TOTAL=${2:-540}
+SNAPSHOT=${3:-$RESULTS.tgz}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+START=$SECONDS
+
+snapshot() { tar czf "$SNAPSHOT" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null; }
+
+# stage NAME SECONDS CMD...: run CMD with a limit of SECONDS (never past TOTAL), log to RESULTS/NAME.log
+stage() {
+  local name=$1 limit=$2; shift 2
+  local left=$((TOTAL - (SECONDS - START) - 10))
+  if [ "$left" -lt 20 ]; then echo "=== $name SKIPPED: ${left}s left"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s, at $((SECONDS - START))s)"
+  local t0=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s$([ $rc = 124 ] && echo ' (TIMED OUT)')"
+  tail -n "${TAIL:-25}" "$RESULTS/$name.log"
+  snapshot
+}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/install.log" 2>&1 || {
+  echo "install failed"; cat "$RESULTS/install.log"; exit 1; }
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
+} | tee "$RESULTS/device.txt"
+
+stage tests 130 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider -rfE tests
+TAIL=40 stage bench_kernels_int4 150 python3 scripts/bench_kernels.py --out "$RESULTS/bench_kernels_int4.json" \
+  --plot "$RESULTS/bench_kernels_int4.png"
+TAIL=45 stage bench_kv_attention 60 python3 scripts/bench_kv_attention.py --sweep --out "$RESULTS/bench_kv_attention"
+TAIL=52 stage bench_int8_gemm 45 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
+TAIL=30 stage bench_generate_fp_weights 110 python3 scripts/bench_generate.py --contexts 4096 32768 --weights fp \
+  --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate_fp_weights"
+TAIL=12 stage bench_kernels_int8 30 python3 scripts/bench_kernels.py --bits 8 --ms 1 16 4096 --models llama-2-70b \
+  --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
+TAIL=20 stage bench_generate_int4_weights 120 python3 scripts/bench_generate.py --contexts 32768 --weights int4 \
+  --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate_int4_weights"
+echo "=== done in $((SECONDS - START))s"
