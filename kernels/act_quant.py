@@ -42,7 +42,10 @@ def check_device(*tensors: torch.Tensor) -> None:
 
 def per_token_scale_reference(x: torch.Tensor) -> torch.Tensor:
     """``[M]`` float32 scales of ``x [M, K]`` (row absmax / 127.5, all-zero rows -> 1)."""
-    s = x.float().abs().amax(dim=-1) / 127.5
+    amax = x.float().abs().amax(dim=-1)
+    # divide by a tensor, not the Python number: on CUDA, torch turns division by a scalar into
+    # multiplication by its rounded reciprocal, which is not bit-identical to the kernel's IEEE division
+    s = amax / torch.full_like(amax, 127.5)
     return torch.where(s > 0, s, torch.ones_like(s)).clamp(min=MIN_SCALE)
 
 

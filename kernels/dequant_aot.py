@@ -19,6 +19,7 @@ import sys
 
 from llmq.kernels import dequant_gemm, dequant_gemv
 from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
+from llmq.kernels.dequant_tile import fields_per_dot
 from llmq.quant.packing import codes_per_word
 
 ACT = {"fp16": ("*fp16", False), "bf16": ("*bf16", False), "fp32": ("*fp32", True)}
@@ -38,16 +39,17 @@ def cases():
     """(name, kernel, signature, constexprs, num_warps, num_stages) for every shipped config."""
     for bits, act in COMBOS:
         p = codes_per_word(bits)
-        for block_m, path in ((1, "fma"), (16, "dot-fp32" if ACT[act][1] else "dot")):
+        for block_m, path in ((1, "fma-int8" if bits == 8 else "fma"), (16, "dot-fp32" if ACT[act][1] else "dot")):
+            block_n = dequant_gemv.DECODE_BLOCK_N
             for warps, stages in dequant_gemv.GPU_CONFIGS[path]:
                 meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, ATOMIC=True,
-                            FP32_DOT=ACT[act][1], BLOCK_M=block_m, BLOCK_N=dequant_gemv.DECODE_BLOCK_N)
-                yield (f"gemv int{bits} {act} BLOCK_M={block_m} BLOCK_N={dequant_gemv.DECODE_BLOCK_N} "
+                            FP32_DOT=ACT[act][1], F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=block_m, BLOCK_N=block_n)
+                yield (f"gemv int{bits} {act} BLOCK_M={block_m} BLOCK_N={block_n} "
                        f"warps={warps} stages={stages}", dequant_gemv.dequant_gemv_kernel,
                        _signature("gemv", act, True), meta, warps, stages)
         for bm, bn, warps, stages in (dequant_gemm.GPU_CONFIGS_FP32 if ACT[act][1] else dequant_gemm.GPU_CONFIGS):
             meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, FP32_DOT=ACT[act][1],
-                        GROUP_M=dequant_gemm.GROUP_M, BLOCK_M=bm, BLOCK_N=bn)
+                        GROUP_M=dequant_gemm.GROUP_M, F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=bm, BLOCK_N=bn)
             yield (f"gemm int{bits} {act} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel,
                    _signature("gemm", act, False), meta, warps, stages)
 

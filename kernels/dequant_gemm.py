@@ -25,7 +25,7 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
+from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_fields, dequant_matmul_reference, fields_per_dot  # noqa: F401
 from llmq.quant.packing import codes_per_word
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA.
@@ -59,7 +59,7 @@ def dequant_gemm_kernel(
     stride_xm, stride_om,
     # meta
     BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, GROUP_M: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grouped tile order (tutorial 03): consecutive programs walk GROUP_M row blocks of one column block
@@ -79,21 +79,39 @@ def dequant_gemm_kernel(
     offs_r = tl.arange(0, TILE)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # one step per (tile, field): field i of tile t holds input features [16*j, 16*j + 16), j = t*P + i
-    for j in range(0, tl.cdiv(K, TILE * P) * P):
-        t = j // P
-        words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                        other=0)  # [TILE, BLOCK_N] int32; the P steps of a tile re-read it from L1
-        k0 = j * TILE
-        w = dequant_field(words, j - t * P, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
-                          BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
-        offs_k = k0 + offs_r
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
-        if FP32_DOT:
-            acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+    if F > 1:
+        # per tile, P / F steps of F fields each: one [F*TILE, BLOCK_N] block and one dot with K = F*TILE
+        for j in range(0, tl.cdiv(K, TILE * P) * (P // F)):
+            t = j // (P // F)
+            f0 = (j - t * (P // F)) * F
+            words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                            other=0)  # [TILE, BLOCK_N] int32; the P/F steps of a tile re-read it from L1
+            w = dequant_fields(words, t, f0, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
+                               BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
+            offs_k = t * (TILE * P) + f0 * TILE + tl.arange(0, F * TILE)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, F * TILE]
+            if FP32_DOT:
+                acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+    else:
+        # int3 (P = 10 fields per word): one step per (tile, field), field i of tile t holds
+        # input features [16*j, 16*j + 16), j = t*P + i
+        for j in range(0, tl.cdiv(K, TILE * P) * P):
+            t = j // P
+            words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                            other=0)  # [TILE, BLOCK_N] int32; the P steps of a tile re-read it from L1
+            k0 = j * TILE
+            w = dequant_field(words, j - t * P, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                              BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+            offs_k = k0 + offs_r
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
+            if FP32_DOT:
+                acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -137,6 +155,7 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         x.stride(0), out.stride(0),
         BITS=bits, P=codes_per_word(bits), TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None,
         HAS_BIAS=bias is not None, FP32_DOT=fp32_dot(x.dtype), GROUP_M=GROUP_M,
+        F=fields_per_dot(bits, fp32_dot(x.dtype)),
     )
     return out
 

@@ -29,15 +29,21 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_matmul_reference  # noqa: F401
+from llmq.kernels.dequant_tile import (TILE_WORDS, dequant_field, dequant_matmul_reference,  # noqa: F401
+                                       dequant_fields, fields_per_dot)
 from llmq.quant.packing import codes_per_word
 
-DECODE_BLOCK_N = 32  # [16, 32] int32 words per tile: each row is one full 128-byte line
+# Output columns per program: a [16, 64] int32 tile is 8 words (two 16-byte loads) per thread at 4 warps.
+# With 32 columns and 8 warps (the first version) each thread loaded 2 words per tile; an H200 then
+# streamed the weight at ~13% of its bandwidth. 128 columns spill registers at 4 warps for int2.
+DECODE_BLOCK_N = 64
 # (num_warps, num_stages) tried on CUDA, per path. Chosen so that no config spills registers on sm_80 or
-# sm_90a for any bit width (tests/kernels/test_aot_weight_kernels.py); deep pipelines keep several
-# weight tiles in flight per program.
-GPU_CONFIGS = {"fma": [(8, 2), (8, 3), (8, 4)], "dot": [(4, 2), (4, 3), (4, 4), (8, 3)],
-               "dot-fp32": [(4, 2), (4, 3), (4, 4)]}  # fp32 activations: (8, 3) spills on sm_90a
+# sm_90a, under triton 3.6 and 3.9, for any bit width (tests/kernels/test_aot_weight_kernels.py); deep
+# pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
+# frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
+# triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes).
+GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+               "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
 
@@ -57,7 +63,7 @@ def dequant_gemv_kernel(
     stride_xm, stride_om,
     # meta
     BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -78,15 +84,31 @@ def dequant_gemv_kernel(
     for t in range(t_start, t_end):
         words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
                         other=0)  # [TILE, BLOCK_N] int32
-        for i in tl.static_range(P):
-            k0 = t * (TILE * P) + i * TILE
-            w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
-                              BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
-            offs_k = k0 + offs_r
-            if BLOCK_M == 1:
+        if BLOCK_M == 1:
+            for i in tl.static_range(P):
+                k0 = t * (TILE * P) + i * TILE
+                w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                                  BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+                offs_k = k0 + offs_r
                 xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 acc2 += xv[:, None] * w
-            else:
+        elif F > 1:  # P / F dots with K = F * TILE
+            for c in tl.static_range(P // F):
+                w = dequant_fields(words, t, c * F, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
+                                   BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
+                offs_k = t * (TILE * P) + c * (F * TILE) + tl.arange(0, F * TILE)
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, F * TILE]
+                if FP32_DOT:
+                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+                else:
+                    acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+        else:  # int3: field by field, K = 16 per dot
+            for i in tl.static_range(P):
+                k0 = t * (TILE * P) + i * TILE
+                w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                                  BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+                offs_k = k0 + offs_r
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
                 if FP32_DOT:
@@ -117,16 +139,23 @@ _tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr
           for path in GPU_CONFIGS}
 
 
+def decode_path(block_m: int, bits: int, dtype: torch.dtype) -> str:
+    """Which autotuned variant runs: FMA for one row (its own configs at 8 bits), tensor-core dots for 2-16."""
+    if block_m == 1:
+        return "fma-int8" if bits == 8 else "fma"
+    return "dot-fp32" if fp32_dot(dtype) else "dot"
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def auto_split_k(n: int, k: int, bits: int, device: torch.device) -> int:
+def auto_split_k(n: int, k: int, bits: int, device: torch.device, block_n: int) -> int:
     """Splits of K so ~PROGRAMS_PER_SM programs per SM run, keeping >= 2 tiles per split."""
     n_tiles = -(-k // (TILE_WORDS * codes_per_word(bits)))
-    n_blocks = -(-n // DECODE_BLOCK_N)
+    n_blocks = -(-n // block_n)
     want = -(-PROGRAMS_PER_SM * _num_sms(device) // n_blocks)
     return max(1, min(want, n_tiles // 2))
 
@@ -164,20 +193,21 @@ def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         x = x.contiguous()
     p = codes_per_word(bits)
     n_tiles = -(-k // (TILE_WORDS * p))
-    split = split_k or auto_split_k(n, k, bits, x.device)
+    block_m = 1 if m == 1 else 16
+    path = decode_path(block_m, bits, x.dtype)
+    block_n = DECODE_BLOCK_N
+    split = split_k or auto_split_k(n, k, bits, x.device, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
     split = -(-n_tiles // tiles_per_split)  # no empty splits
     atomic = split > 1
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
-    block_m = 1 if m == 1 else 16
-    grid = (triton.cdiv(n, DECODE_BLOCK_N), split, triton.cdiv(m, block_m))
-    path = "fma" if block_m == 1 else ("dot-fp32" if fp32_dot(x.dtype) else "dot")
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     _tuned[path][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, group_size, scales.shape[0], tiles_per_split,
         x.stride(0), out.stride(0),
         BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N,
+        ATOMIC=atomic, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out.to(x.dtype) if atomic else out
 

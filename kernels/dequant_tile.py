@@ -42,6 +42,17 @@ def tile_codes(bits: int) -> int:
     return TILE_WORDS * codes_per_word(bits)
 
 
+FIELDS_PER_DOT = 2  # fields dequantized as one block (dequant_fields): one tl.dot with K = 32
+
+
+def fields_per_dot(bits: int, fp32_dot: bool = False) -> int:
+    """Fields per ``tl.dot`` in the dot kernels: ``FIELDS_PER_DOT`` for 2, 4 and 8 bits (P = 16, 8, 4);
+    1 (``dequant_field``, K = 16) for int3, whose P = 10 fields per word are not a multiple of 2, and for
+    fp32 activations, whose three-pass tf32x3 dots spill registers with K = 64 blocks."""
+    p = codes_per_word(bits)
+    return FIELDS_PER_DOT if p % FIELDS_PER_DOT == 0 and not fp32_dot else 1
+
+
 def tiled_rows(k: int, bits: int) -> int:
     """Word rows of the tiled layout for K input features."""
     return -(-k // tile_codes(bits)) * TILE_WORDS
@@ -106,6 +117,19 @@ def dequant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return y.to(x.dtype)
 
 
+# Codes become floats without an int->float conversion (I2F runs at a fraction of the FMA rate and was
+# the bottleneck on an H200): OR-ing a code c < 2**23 into the bits of 2.0**23 gives the float 2**23 + c
+# exactly, and one subtraction of (2**23 + zero) leaves (c - zero) exactly.
+MAGIC_BITS = tl.constexpr(0x4B000000)  # bit pattern of 8388608.0 (2**23)
+MAGIC_FLOAT = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def codes_minus_zero(codes, zero_f):
+    """``float32(codes - zero)`` for int32 ``codes`` in [0, 2**23) and float ``zero_f`` (broadcastable)."""
+    return (codes | MAGIC_BITS).to(tl.float32, bitcast=True) - (zero_f + MAGIC_FLOAT)
+
+
 @triton.jit
 def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
                   BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
@@ -120,8 +144,33 @@ def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num
     grp = tl.minimum(k0 // group_size, num_groups - 1)
     s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_ZEROS:
-        z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0).to(tl.int32)
-        w = (codes - z[None, :]).to(tl.float32) * s[None, :]
+        z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0).to(tl.float32)
     else:
-        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s[None, :]
-    return w
+        z = tl.full([1], 1 << (BITS - 1), tl.float32)
+    return codes_minus_zero(codes, z[None, :]) * s[None, :]
+
+
+@triton.jit
+def dequant_fields(words, t, f0, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
+                   BITS: tl.constexpr, P: tl.constexpr, F: tl.constexpr, TILE: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr):
+    """Fields ``f0 .. f0+F-1`` of tile ``t`` → float32 weights ``[F * TILE, BLOCK_N]`` in input-feature order.
+
+    Row ``j * TILE + r`` is field ``f0 + j`` of word row ``r`` = input feature
+    ``t * TILE * P + (f0 + j) * TILE + r`` (the tiled layout), so the block multiplies ``F * TILE``
+    contiguous activation columns in one ``tl.dot`` (K = 32 for F = 2) instead of F dots with K = 16.
+    ``F`` must be a power of two. Larger blocks spill registers: F = P (the whole tile, [128, BLOCK_N]
+    fp32 at 4 bits) on both targets, F = 4 on sm_80 under triton 3.9; F = 2 does not
+    (tests/kernels/test_aot_weight_kernels.py).
+    """
+    offs_f = f0 + tl.arange(0, F)
+    codes = (words[None, :, :] >> (offs_f * BITS)[:, None, None]) & ((1 << BITS) - 1)  # [F, TILE, BLOCK_N]
+    grp = tl.minimum((t * TILE * P + offs_f * TILE) // group_size, num_groups - 1)  # group of each field
+    s_off = grp[:, None] * N + offs_n[None, :]
+    s = tl.load(s_ptr + s_off, mask=n_mask[None, :], other=0.0).to(tl.float32)  # [F, BLOCK_N]
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + s_off, mask=n_mask[None, :], other=0).to(tl.float32)
+    else:
+        z = tl.full([F, 1], 1 << (BITS - 1), tl.float32)
+    w = codes_minus_zero(codes, z[:, None, :]) * s[:, None, :]
+    return tl.reshape(w, (F * TILE, words.shape[1]))

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv
+from llmq.kernels.dequant_tile import codes_minus_zero
 from llmq.kernels.interpreter import interpreting
 
 
@@ -107,12 +108,12 @@ def _dequant_tile(C, S, Z, n0, offs_n, offs_d, n_mask, stride_ct, stride_st,
     words = tl.load(C + offs_n[:, None] * stride_ct + offs_w[None, :], mask=n_mask[:, None], other=0)
     shifts = tl.arange(0, P) * BITS
     codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # arithmetic shift: masked
-    codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM)).to(tl.float32)
+    codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM))
     if PER_CHANNEL:  # one scale per channel for this run of GROUP tokens
         sp = (n0 // GROUP) * stride_st + offs_d
         scale = tl.load(S + sp).to(tl.float32)[None, :]
         if SYMMETRIC:
-            zero = (1 << (BITS - 1)) * 1.0
+            zero = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
         else:
             zero = tl.load(Z + sp).to(tl.float32)[None, :]
     else:  # one scale per token per run of GROUP channels
@@ -122,12 +123,12 @@ def _dequant_tile(C, S, Z, n0, offs_n, offs_d, n_mask, stride_ct, stride_st,
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
                            (BLOCK_N, HEAD_DIM))
         if SYMMETRIC:
-            zero = (1 << (BITS - 1)) * 1.0
+            zero = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
         else:
             zero = tl.load(Z + sp, mask=n_mask[:, None], other=0).to(tl.float32)
             zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
                               (BLOCK_N, HEAD_DIM))
-    return (codes - zero) * scale
+    return codes_minus_zero(codes, zero) * scale  # no int->float conversion (kernels.dequant_tile)
 
 
 @triton.jit
@@ -256,8 +257,8 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.d
 # mask     [B, n_quant + n_res] bool
 # out      [B, H_q, D]          q.dtype
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
-                        num_splits: int | None = None, block_n: int = 32, num_warps: int = 8,
-                        num_stages: int = 2) -> torch.Tensor:
+                        num_splits: int | None = None, block_n: int = 32, num_warps: int = 4,
+                        num_stages: int = 3) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache (shapes above).
 
     Args:
@@ -265,8 +266,10 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
         block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
-        num_warps, num_stages: launch options; the defaults (32, 8, 2) compile for sm_80/sm_90a at
-            214 registers without spills (tests/kernels/test_kv_attention_aot.py); not yet tuned on a GPU.
+        num_warps, num_stages: launch options. Defaults (block_n 32, 4 warps, 3 stages): 2x faster than the
+            first defaults (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200
+            (``scripts/bench_kv_attention.py --sweep``, BENCHMARKS.md). block_n 64 with 4 warps timed 1.4x
+            faster still but spills registers (16-56 bytes, tests/kernels/test_kv_attention_aot.py).
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``.
     """

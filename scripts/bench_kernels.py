@@ -48,6 +48,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096, 8192]
 PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000,
             "H100": 3350, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "4090": 1008}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPHED = ("llmq", "fp16", "torch-int4")  # also timed as CUDA-graph replays
 DEVICE = "cuda"  # the timed path; tests point it at the CPU interpreter to keep this code from rotting
 
 
@@ -93,7 +94,7 @@ def copy_bandwidth_gbs() -> float:
     return 2 * 2**30 / ms / 1e6
 
 
-def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit) -> list[dict]:
+def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit, timeit_graph) -> list[dict]:
     """Every method at every M on one (K, N) linear; a failing M is recorded and the others still run."""
     rows = []
     qweight, tiled, scales, zeros = make_weight(k, n, bits, args.group, args.sym, DEVICE)
@@ -126,11 +127,16 @@ def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timei
                     if method in fns:
                         torch.testing.assert_close(fns[method][0](), ref, atol=5e-2, rtol=2e-2)
                 del ref
-            for method, (fn, nbytes) in fns.items():
-                ms_ = timeit(fn)
+            timings = [(method, fn, nbytes, timeit(fn)) for method, (fn, nbytes) in fns.items()]
+            # CUDA-graph replay of the same calls: kernel time without Python / launch overhead, which
+            # dominates small decode matmuls in eager mode (serving engines replay graphs)
+            timings += [(f"{method} (graph)", fn, nbytes, timeit_graph(fn)) for method, (fn, nbytes) in fns.items()
+                        if method in GRAPHED]
+            for method, fn, nbytes, ms_ in timings:
                 moved = nbytes + (m * k + m * n) * x.element_size()
+                kind = method.removesuffix(" (graph)")
                 rows.append(dict(base, method=method,
-                                 regime=regime_for(m) if method == "llmq" else method.removeprefix("llmq-"),
+                                 regime=regime_for(m) if kind == "llmq" else kind.removeprefix("llmq-"),
                                  ms=ms_, tflops=2 * m * n * k / ms_ / 1e9, gbs=moved / ms_ / 1e6,
                                  pct_bw=100 * moved / ms_ / 1e6 / peak))
         except Exception as e:  # noqa: BLE001 — one failing case is reported, the rest still run
@@ -145,6 +151,9 @@ def bench_cuda(args) -> list[dict]:
     def timeit(fn) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
+    def timeit_graph(fn) -> float:
+        return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     copy_gbs = copy_bandwidth_gbs()
     peak = peak_gbs(dev, args.peak_gbs, copy_gbs)
@@ -154,7 +163,7 @@ def bench_cuda(args) -> list[dict]:
     shapes = [(m, name, k, n) for m in args.models for name, k, n in MODELS[m]]
     for bits in args.bits:
         for model, name, k, n in tqdm(shapes, desc=f"int{bits}"):
-            rows += bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit)
+            rows += bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit, timeit_graph)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -169,50 +178,69 @@ def summarize_targets(rows: list[dict]) -> None:
         a, b = t.get((bits, k, n, m, method)), t.get((bits, k, n, m, over))
         return (b["ms"] / a["ms"]) if a and b else None
 
-    print("\nTargets (speed-up = fp16 time / llmq time):")
+    print("\nTargets (speed-up = fp16 time / llmq time; kernel = CUDA-graph replays, eager = plain calls):")
     for bits, m, goal in ((4, 1, 3.0), (4, 16, 2.5), (4, 4096, 0.9), (8, 1, 1.8)):
         for k, n in ((8192, 8192), (8192, 28672), (4096, 4096), (4096, 12288)):
-            s = speed(bits, k, n, m)
-            if s is not None:
-                bw = t[(bits, k, n, m, "llmq")]["pct_bw"]
-                print(f"  int{bits} M={m:<5} {k}x{n:<6} {s:5.2f}x fp16 (goal >= {goal}x) "
-                      f"{'MET' if s >= goal else 'missed'}; {bw:.0f}% of peak bandwidth")
-    vs_tinygemm = [(r["model"], r["layer"], r["M"], speed(r["bits"], r["K"], r["N"], r["M"], "llmq", "torch-int4"))
-                   for r in ok if r["method"] == "llmq"]
+            s_graph = speed(bits, k, n, m, "llmq (graph)", "fp16 (graph)")
+            s_eager = speed(bits, k, n, m)
+            if s_eager is None:
+                continue
+            best = s_graph if s_graph is not None else s_eager
+            bw = t[(bits, k, n, m, "llmq (graph)" if s_graph is not None else "llmq")]["pct_bw"]
+            graph = f"kernel {s_graph:5.2f}x" if s_graph is not None else "kernel   n/a"
+            print(f"  int{bits} M={m:<5} {k}x{n:<6} {graph}, eager {s_eager:5.2f}x fp16 (goal >= {goal}x) "
+                  f"{'MET' if best >= goal else 'missed'}; {bw:.0f}% of peak bandwidth")
+    graphed = any(r["method"] == "torch-int4 (graph)" for r in ok)
+    ours, theirs = ("llmq (graph)", "torch-int4 (graph)") if graphed else ("llmq", "torch-int4")
+    vs_tinygemm = [(r["model"], r["layer"], r["M"], speed(r["bits"], r["K"], r["N"], r["M"], ours, theirs))
+                   for r in ok if r["method"] == ours]
     vs_tinygemm = [v for v in vs_tinygemm if v[3] is not None]
     slower = [v[:3] for v in vs_tinygemm if v[3] < 1.0]
     if vs_tinygemm:
-        print(f"  faster than torch-int4 (tinygemm) in {len(vs_tinygemm) - len(slower)}/{len(vs_tinygemm)} cases; "
+        print(f"  faster than torch-int4 (tinygemm, {ours}) in {len(vs_tinygemm) - len(slower)}/{len(vs_tinygemm)} cases; "
               f"slower at: {slower[:20]}")
+
+
+def baseline_ms(rows: list[dict]) -> dict:
+    """fp16 time per (bits, model, layer, M, graphed): eager rows compare with eager fp16, graph rows with graph."""
+    return {(r["bits"], r["model"], r["layer"], r["M"], r["method"].endswith("(graph)")): r["ms"] for r in rows
+            if r["method"].removesuffix(" (graph)") == "fp16"}
 
 
 def print_table(rows: list[dict]) -> None:
     rows = [r for r in rows if "error" not in r]
-    base = {(r["bits"], r["model"], r["layer"], r["M"]): r["ms"] for r in rows if r["method"] == "fp16"}
+    base = baseline_ms(rows)
     print(f"{'bits':>4} {'model':<12} {'layer':<8} {'K':>6} {'N':>6} {'M':>5} {'method':<10} {'ms':>9} "
           f"{'TFLOP/s':>8} {'GB/s':>7} {'%BW':>5} {'vs fp16':>7}")
     for r in rows:
-        speed = base[(r["bits"], r["model"], r["layer"], r["M"])] / r["ms"]
+        speed = base[(r["bits"], r["model"], r["layer"], r["M"], r["method"].endswith("(graph)"))] / r["ms"]
         print(f"{r['bits']:>4} {r['model']:<12} {r['layer']:<8} {r['K']:>6} {r['N']:>6} {r['M']:>5} "
               f"{r['method']:<10} {r['ms']:>9.4f} {r['tflops']:>8.1f} {r['gbs']:>7.0f} {r['pct_bw']:>5.1f} "
               f"{speed:>6.2f}x")
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Speed-up over fp16 vs M, one panel per model: llmq and tinygemm, eager and CUDA-graph replays."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if "error" not in r]
-    base = {(r["bits"], r["model"], r["layer"], r["M"]): r["ms"] for r in rows if r["method"] == "fp16"}
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for key in sorted({(r["bits"], r["model"], r["layer"], r["method"]) for r in rows if r["method"] != "fp16"}):
-        pts = sorted((r["M"], base[(r["bits"], r["model"], r["layer"], r["M"])] / r["ms"]) for r in rows
-                     if (r["bits"], r["model"], r["layer"], r["method"]) == key)
-        ax.plot(*zip(*pts), marker="o", lw=1, label=f"int{key[0]} {key[1]} {key[2]} {key[3]}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="M (tokens)", ylabel="speedup over fp16 matmul",
-           title=f"llmq dequantize-matmul, {rows[0]['device']}")
-    ax.legend(fontsize=6, ncol=2)
+    base = baseline_ms(rows)
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        keys = sorted({(r["bits"], r["layer"], r["method"]) for r in rows if r["model"] == model and
+                       r["method"].removesuffix(" (graph)") in ("llmq", "torch-int4")})
+        for bits, layer, method in keys:
+            pts = sorted((r["M"], base[(bits, model, layer, r["M"], method.endswith("(graph)"))] / r["ms"])
+                         for r in rows if (r["bits"], r["model"], r["layer"], r["method"]) == (bits, model, layer,
+                                                                                                method))
+            ax.plot(*zip(*pts), marker="o", lw=1, ls="-" if "graph" in method else ":",
+                    label=f"int{bits} {layer} {method}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="speed-up over fp16 matmul", title=model)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"llmq dequantize-matmul, {rows[0]['device']} (graph: CUDA-graph replay vs fp16 replay)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -26,10 +26,12 @@ CONFIGS = {
 }
 
 _SCRIPT = r'''
-import json, sys
+import inspect, json, sys
 import triton.language as tl
 from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
-from llmq.kernels.kv_attention import _kv_decode_reduce_kernel, _kv_decode_split_kernel
+from llmq.kernels.kv_attention import _kv_decode_reduce_kernel, _kv_decode_split_kernel, kv_decode_attention
+
+DEFAULTS = {k: v.default for k, v in inspect.signature(kv_decode_attention).parameters.items()}
 
 def split_signature(act):
     sig = {"Q": f"*{act}", "KC": "*i32", "KS": "*fp16", "KZ": "*u8", "VC": "*i32", "VS": "*fp16", "VZ": "*u8",
@@ -52,10 +54,11 @@ out = {}
 for target, cap in TARGETS:
     for name, (act, meta) in configs.items():
         dot = {"fp16": tl.float16, "bf16": tl.bfloat16}[act]
-        # the launcher's defaults: BLOCK_N 32, 8 warps, 2 stages; Llama-7B head_dim 128, up to 16 q heads per kv head
+        # the launcher's default launch options; Llama-7B head_dim 128, up to 16 q heads per kv head
+        block_n = min(DEFAULTS["block_n"], meta["GROUP"]) if meta["KEY_PER_CHANNEL"] else DEFAULTS["block_n"]
         c = compile_kernel(_kv_decode_split_kernel, split_signature(act),
-                           dict(meta, HEAD_DIM=128, BLOCK_N=32, BLOCK_H=16, DOT_DTYPE=dot), cap, num_warps=8,
-                           num_stages=2)
+                           dict(meta, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_H=16, DOT_DTYPE=dot), cap,
+                           num_warps=DEFAULTS["num_warps"], num_stages=DEFAULTS["num_stages"])
         out[f"{name}-{target}"] = resource_usage(c).__dict__
     sig = {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "OUT": "*fp16", "n_splits": "i32",
            "n_q_heads": "i32", "stride_ob": "i32", "stride_oh": "i32", "HEAD_DIM": "constexpr",

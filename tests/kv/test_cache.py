@@ -200,7 +200,7 @@ def test_cuda_generate_with_triton_kernel(monkeypatch):
     ref, _ = _generate(model, ids, DynamicCache(config=model.config), 64)
     cache = QuantizedKVCache(model.config, bits=8, group_size=32, residual_length=16)
     tokens, _ = _generate(model, ids, cache, 64)
-    assert cache.uses_fused_attention() and cache.memory().quantized_tokens >= 80
+    assert cache.uses_fused_attention() and cache.memory().quantized_tokens >= 64  # of 104 per sequence
     assert (tokens == ref).float().mean() >= 0.95
 
     def int4_run():

@@ -38,7 +38,7 @@ def test_table_json_and_plot_from_rows(bench, tmp_path, capsys):
     json.dumps(rows)
 
 
-def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, capsys):
+def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_path):
     """The GPU-only code path (every method, the reference checks, the crossover and target summary) run on CPU
     with a counting stand-in for the timer: it must not rot between GPU sessions. No timing is measured."""
     import triton.testing
@@ -48,11 +48,15 @@ def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, capsy
     monkeypatch.setattr(bench, "MODELS", {"tiny": [("a", 200, 40)]})
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 1.0)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append(fn()) or 0.5)
     args = bench.argparse.Namespace(bits=[4], group=64, sym=True, dtype="fp16", models=["tiny"], ms=[1, 17],
                                     peak_gbs=None)
     rows = bench.bench_cuda(args)
     assert not [r for r in rows if "error" in r], rows
     methods = {(r["M"], r["method"]) for r in rows}
-    assert {(1, "llmq"), (1, "llmq-gemm"), (1, "fp16"), (1, "deq+mm"), (17, "llmq")} <= methods
+    assert {(1, "llmq"), (1, "llmq-gemm"), (1, "fp16"), (1, "deq+mm"), (17, "llmq"), (1, "llmq (graph)"),
+            (1, "fp16 (graph)")} <= methods
     assert (17, "llmq-gemm") not in methods and len(calls) == len(rows)
     bench.summarize_targets(rows)
+    bench.print_table(rows)
+    bench.plot(rows, str(tmp_path / "p.png"))
