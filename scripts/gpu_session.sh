@@ -40,14 +40,14 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/instal
 'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
 } | tee "$RESULTS/device.txt"
 
-stage tests 85 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -rfE tests
+stage tests 75 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -rfE tests
 TAIL=40 stage bench_kernels_int4 110 python3 scripts/bench_kernels.py --models llama-2-7b llama-2-70b \
   --out "$RESULTS/bench_kernels_int4.json" --plot "$RESULTS/bench_kernels_int4.png"
 TAIL=25 stage bench_kv_attention 35 python3 scripts/bench_kv_attention.py --contexts 32768 \
   --out "$RESULTS/bench_kv_attention"
+TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
 TAIL=20 stage bench_generate_fp_weights 70 python3 scripts/bench_generate.py --contexts 32768 --weights fp \
   --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate_fp_weights"
-TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
 TAIL=12 stage bench_kernels_int8 25 python3 scripts/bench_kernels.py --bits 8 --ms 1 16 4096 --models llama-2-70b \
   --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
 echo "=== done in $((SECONDS - START))s"
