@@ -164,9 +164,18 @@ def bench_cuda(args) -> list[dict]:
     for bits in args.bits:
         for model, name, k, n in tqdm(shapes, desc=f"int{bits}"):
             rows += bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit, timeit_graph)
+            write_json(rows, args.out)  # after every shape: a run cut short keeps what it measured
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    """Atomically (write + rename) save the rows so far."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
 
 
 def summarize_targets(rows: list[dict]) -> None:
@@ -277,8 +286,6 @@ def main(argv=None) -> int:
         check_cpu()
         return 0
     rows = bench_cuda(args)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
     print_table(rows)
     plot(rows, args.plot)
     summarize_targets(rows)

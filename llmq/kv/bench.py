@@ -215,6 +215,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, largest = [], []
+
+    def report() -> dict:
+        return dict(device=device_name, model=model_name, dtype=str(dtype), new_tokens=new_tokens,
+                    residual=args.residual, group=args.group, runs=results, largest_batch=largest)
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        tmp = out_dir / "bench_generate.json.tmp"
+        tmp.write_text(json.dumps(report(), indent=1))
+        tmp.replace(out_dir / "bench_generate.json")
+
     for weights in args.weights:
         model, weight_bytes = build_model(model_name, weights, device, dtype)
         enable_fused_attention(model)  # quantized decode steps read the packed cache; others use sdpa
@@ -227,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
                 r = dict(kv=kv, context=context, batch=batch, oom=True)
             r.update(weights=weights, weight_bytes=weight_bytes)
             results.append(r)
+            save()
             print(json.dumps(r))
         if not args.no_batch_search:
             for kv in args.kv:
@@ -248,14 +259,13 @@ def run(args: argparse.Namespace) -> int:
                         row.update(decode_tokens_per_s=run_at_best["decode_tokens_per_s"],
                                    peak_bytes=run_at_best["peak_bytes"], kv_bytes=run_at_best["kv_bytes"])
                     largest.append(row)
+                    save()
                     print(json.dumps(row))
         del model
         gc.collect()
-    report = dict(device=device_name, model=model_name, dtype=str(dtype), new_tokens=new_tokens,
-                  residual=args.residual, group=args.group, runs=results, largest_batch=largest)
-    (out_dir / "bench_generate.json").write_text(json.dumps(report, indent=1))
+    save()
     plot([r for r in results if not r.get("oom")], out_dir / "bench_generate.png", device_name)
-    print_table(report)
+    print_table(report())
     print(f"wrote {out_dir / 'bench_generate.json'} and {out_dir / 'bench_generate.png'}")
     return 0
 

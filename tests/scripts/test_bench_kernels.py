@@ -50,8 +50,9 @@ def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_p
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(fn()) or 1.0)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append(fn()) or 0.5)
     args = bench.argparse.Namespace(bits=[4], group=64, sym=True, dtype="fp16", models=["tiny"], ms=[1, 17],
-                                    peak_gbs=None)
+                                    peak_gbs=None, out=str(tmp_path / "rows.json"))
     rows = bench.bench_cuda(args)
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows  # written as it goes
     assert not [r for r in rows if "error" in r], rows
     methods = {(r["M"], r["method"]) for r in rows}
     assert {(1, "llmq"), (1, "llmq-gemm"), (1, "fp16"), (1, "deq+mm"), (17, "llmq"), (1, "llmq (graph)"),
