@@ -84,20 +84,24 @@ def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tenso
                    progress: bool = True) -> dict[str, Observer]:
     """One per-tensor observer per distinct Linear input (shared by Linears reading the same tensor)."""
     observers: dict[str, Observer] = {}
-    last: dict[str, object] = {}  # id of the tensor the previous hook saw -> its observer (per forward)
+    # the input tensor the previous hook saw and its observer. The tensor itself is held (not its
+    # address): an address can be reused by the next, unrelated activation of the same shape (o_proj's
+    # input then gate_proj's, hidden size = heads x head_dim), which made gate/up share o_proj's observer
+    # whenever the allocator happened to hand the freed block back.
+    last: dict[str, object] = {}
 
     def hook(name):
         def fn(_module, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if name not in observers:  # first batch: share with an earlier Linear fed the same tensor
-                shared = last.get("obs") if last.get("key") == key else None
+            same_input = last.get("input") is x
+            if name not in observers:  # first batch: share with the previous Linear if it was fed this tensor
+                shared = last.get("obs") if same_input else None
                 observers[name] = shared or make_observer(recipe.observer, momentum=recipe.momentum,
                                                           percentile=recipe.percentile, bits=recipe.bits)
             obs = observers[name]
-            if not (last.get("key") == key and last.get("obs") is obs):
+            if not (same_input and last.get("obs") is obs):
                 obs.observe(x)
-            last["key"], last["obs"] = key, obs
+            last["input"], last["obs"] = x, obs
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -106,6 +110,7 @@ def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tenso
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     return observers
 
 
