@@ -5,10 +5,12 @@ Triton's tutorial matmul (``03-matrix-multiplication.py``) with the B operand pr
 * 1-D grid over ``[BLOCK_M, BLOCK_N]`` output tiles in grouped order (``GROUP_M`` row blocks share
   a column block so the packed weight and x stay in L2 across neighbouring programs);
 * per K tile (``TILE_WORDS`` word rows = ``16 * P`` input features) one coalesced
-  ``[TILE_WORDS, BLOCK_N]`` int32 load; for each of the P fields, shift + mask + one scale/zero
-  row (tiled layout: a field lies inside one group) give a ``[16, BLOCK_N]`` weight block in the
-  activation dtype, multiplied with the contiguous ``[BLOCK_M, 16]`` activation block by ``tl.dot``
-  (fp32 accumulator). The dequantized weight only ever exists in registers / shared memory.
+  ``[TILE_WORDS, BLOCK_N]`` int32 load; for each pair of its P fields (``dequant_fields``, F = 2),
+  shift + mask + one scale/zero row per field (tiled layout: a field lies inside one group) give a
+  ``[32, BLOCK_N]`` weight block in the activation dtype, multiplied with the contiguous
+  ``[BLOCK_M, 32]`` activation block by one ``tl.dot`` (fp32 accumulator; int3 and fp32
+  activations: one field, K = 16, per dot). The dequantized weight only ever exists in registers /
+  shared memory.
 * no split-K: ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` tiles already fill the GPU for M > 16 on
   LLM-sized N, and atomics would cost determinism and an fp32 round trip.
 * bias added in the epilogue; output stored once in ``x.dtype``.
@@ -25,7 +27,8 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.dequant_tile import TILE_WORDS, dequant_field, dequant_fields, dequant_matmul_reference, fields_per_dot  # noqa: F401
+from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
+                                       dequant_fields, dequant_matmul_reference, fields_per_dot)
 from llmq.quant.packing import codes_per_word
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA.
@@ -89,12 +92,7 @@ def dequant_gemm_kernel(
             w = dequant_fields(words, t, f0, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
                                BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
             offs_k = t * (TILE * P) + f0 * TILE + tl.arange(0, F * TILE)
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, F * TILE]
-            if FP32_DOT:
-                acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-            else:
-                acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+            acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
     else:
         # int3 (P = 10 fields per word): one step per (tile, field), field i of tile t holds
         # input features [16*j, 16*j + 16), j = t*P + i
@@ -106,12 +104,7 @@ def dequant_gemm_kernel(
             w = dequant_field(words, j - t * P, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
                               BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
             offs_k = k0 + offs_r
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
-            if FP32_DOT:
-                acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-            else:
-                acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+            acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

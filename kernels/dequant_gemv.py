@@ -4,18 +4,20 @@ At decode sizes the matmul is bound by reading the packed weight once; the work 
 every SM streams weight words even at M = 1:
 
 * grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: ``N / BLOCK_N`` column blocks alone are
-  too few to keep every SM's memory pipe full (4096 / 32 = 128 programs for 132 SMs on an H100),
+  too few to keep every SM's memory pipe full (4096 / 64 = 64 programs for 132 SMs on an H100),
   so K is split into ``SPLIT_K`` contiguous ranges of tiles, each partial sum ``atomic_add``-ed into
   an fp32 output (chosen so that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the
   activation dtype.
 * the weight block of one tile, ``[TILE_WORDS, BLOCK_N]`` int32, is one coalesced load with
-  ``BLOCK_N`` contiguous words (one 128-byte line) per row; fields are unpacked in
-  registers by shift + mask — each word is read from memory once.
+  ``BLOCK_N`` contiguous words (two 128-byte lines) per row; fields are unpacked in
+  registers by shift + mask, and turned into floats without an int->float conversion
+  (``dequant_tile.codes_minus_zero``) — each word is read from memory once.
 * per field, the scale (and zero) row is one ``[BLOCK_N]`` load (tiled layout: a field never
   straddles a group), reused from L1 by the other fields of the same group.
 * M = 1 (``BLOCK_M = 1``): CUDA-core FMAs into a ``[TILE_WORDS, BLOCK_N]`` fp32 accumulator, reduced
   once at the end (no per-step cross-thread reduction, no wasted tensor-core rows).
-  2 <= M <= 16 (``BLOCK_M = 16``): one ``tl.dot`` per field (K = 16) with fp32 accumulation.
+  2 <= M <= 16 (``BLOCK_M = 16``): one ``tl.dot`` per two fields (K = 32; int3 and fp32
+  activations one per field, K = 16) with fp32 accumulation.
 
 Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` picks warps/stages
 per (N, K, BITS), separately for the FMA and dot paths.
@@ -29,8 +31,8 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.dequant_tile import (TILE_WORDS, dequant_field, dequant_matmul_reference,  # noqa: F401
-                                       dequant_fields, fields_per_dot)
+from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
+                                       dequant_fields, dequant_matmul_reference, fields_per_dot)
 from llmq.quant.packing import codes_per_word
 
 # Output columns per program: a [16, 64] int32 tile is 8 words (two 16-byte loads) per thread at 4 warps.
@@ -97,24 +99,14 @@ def dequant_gemv_kernel(
                 w = dequant_fields(words, t, c * F, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
                                    BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
                 offs_k = t * (TILE * P) + c * (F * TILE) + tl.arange(0, F * TILE)
-                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                             mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, F * TILE]
-                if FP32_DOT:
-                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-                else:
-                    acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+                acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
         else:  # int3: field by field, K = 16 per dot
             for i in tl.static_range(P):
                 k0 = t * (TILE * P) + i * TILE
                 w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
                                   BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
                 offs_k = k0 + offs_r
-                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                             mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BLOCK_M, TILE]
-                if FP32_DOT:
-                    acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-                else:
-                    acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+                acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
 

@@ -174,3 +174,20 @@ def dequant_fields(words, t, f0, s_ptr, z_ptr, offs_n, n_mask, N, group_size, nu
         z = tl.full([F, 1], 1 << (BITS - 1), tl.float32)
     w = codes_minus_zero(codes, z[:, None, :]) * s[:, None, :]
     return tl.reshape(w, (F * TILE, words.shape[1]))
+
+
+@triton.jit
+def accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT: tl.constexpr):
+    """``acc + x[offs_m, offs_k] @ w`` with fp32 accumulation.
+
+    ``w``: a dequantized float32 weight block ``[len(offs_k), BLOCK_N]`` for input features ``offs_k``;
+    the matching ``[BLOCK_M, len(offs_k)]`` activations are loaded here (0 past K or M). fp32
+    activations use three-pass TF32 dots (``tf32x3``, ~fp32 accuracy); fp16/bf16 dot in their own dtype.
+    """
+    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                 mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+    if FP32_DOT:
+        acc = tl.dot(xt.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+    else:
+        acc = tl.dot(xt, w.to(xt.dtype), acc, out_dtype=tl.float32)
+    return acc
