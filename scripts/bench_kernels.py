@@ -35,6 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from llmq.kernels.dequant_matmul import dequant_matmul, regime_for  # noqa: E402
 from llmq.kernels.dequant_tile import dequant_matmul_reference, dequantize_reference, repack_tiled  # noqa: E402
+from llmq.device_bandwidth import copy_bandwidth_gbs, nominal_peak_gbs  # noqa: E402
 from llmq.quant.packing import pack  # noqa: E402
 
 # (name, K, N) of each distinct linear; qkv / gate+up fused as inference engines run them
@@ -44,9 +45,6 @@ MODELS = {
     "llama-2-70b": [("q/o", 8192, 8192), ("kv", 8192, 2048), ("up", 8192, 28672), ("down", 28672, 8192)],
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096, 8192]
-# nominal peak DRAM bandwidth, GB/s, by device-name fragment (first match)
-PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000,
-            "H100": 3350, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "4090": 1008}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPHED = ("llmq", "fp16", "torch-int4")  # also timed as CUDA-graph replays
 DEVICE = "cuda"  # the timed path; tests point it at the CPU interpreter to keep this code from rotting
@@ -67,9 +65,7 @@ def make_weight(k: int, n: int, bits: int, group: int, symmetric: bool, device: 
 
 def peak_gbs(name: str, override: float | None, copy_gbs: float) -> float:
     """Nominal peak DRAM bandwidth of the device (GB/s); the measured copy bandwidth if it is unknown."""
-    if override:
-        return override
-    return next((gbs for frag, gbs in PEAK_GBS.items() if frag in name), copy_gbs)
+    return override or nominal_peak_gbs(name, copy_gbs)
 
 
 def tinygemm_weight(k: int, n: int, group: int, device: str):
@@ -83,15 +79,6 @@ def tinygemm_weight(k: int, n: int, group: int, device: str):
         return w, sz
     except Exception as e:  # noqa: BLE001 — report why, never hide it
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-
-
-def copy_bandwidth_gbs() -> float:
-    """Measured device-to-device copy bandwidth (bytes read + written) over 1 GiB buffers."""
-    import triton.testing
-    a = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * 2**30 / ms / 1e6
 
 
 def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit, timeit_graph) -> list[dict]:
@@ -155,7 +142,7 @@ def bench_cuda(args) -> list[dict]:
         return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
 
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs(DEVICE)
     peak = peak_gbs(dev, args.peak_gbs, copy_gbs)
     print(f"{dev}: nominal peak {peak:.0f} GB/s, measured copy {copy_gbs:.0f} GB/s (read + write)")
     dtype = DTYPES[args.dtype]

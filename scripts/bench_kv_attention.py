@@ -32,10 +32,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
+from llmq.device_bandwidth import copy_bandwidth_gbs, nominal_peak_gbs  # noqa: E402
 from llmq.kernels.kv_attention import PackedKV, kv_decode_attention, kv_decode_attention_reference  # noqa: E402
 
 SHAPES = {"llama-2-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}  # (q heads, kv heads, head_dim)
-PEAK_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}
 GROUP, RESIDUAL = 64, 128
 
 
@@ -79,13 +79,6 @@ def bytes_read(kv: PackedKV) -> int:
     return total + 2 * kv.k_res.numel() * kv.k_res.element_size()
 
 
-def copy_bandwidth_gbs() -> float:
-    import triton.testing
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * 2**30 / triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") / 1e6
-
-
 def check(q, kv, **launch) -> None:
     ref = kv_decode_attention_reference(q, kv, q.shape[-1] ** -0.5)
     out = kv_decode_attention(q, kv, q.shape[-1] ** -0.5, **launch)
@@ -100,7 +93,7 @@ def bench_cuda(args) -> dict:
 
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
-    peak = next((g for frag, g in PEAK_GBS.items() if frag in dev), copy_gbs)
+    peak = nominal_peak_gbs(dev, copy_gbs)
     print(f"{dev}: nominal peak {peak} GB/s, measured copy {copy_gbs:.0f} GB/s")
     rows = []
     print(f"{'model':<11} {'B':>3} {'T':>6} {'method':<10} {'ms':>8} {'MB read':>9} {'GB/s':>6} {'%peak':>6} "

@@ -46,7 +46,7 @@ def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_p
     calls = []
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "MODELS", {"tiny": [("a", 200, 40)]})
-    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 1.0)
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 1.0)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(fn()) or 1.0)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append(fn()) or 0.5)
     args = bench.argparse.Namespace(bits=[4], group=64, sym=True, dtype="fp16", models=["tiny"], ms=[1, 17],
