@@ -48,7 +48,7 @@ FIELDS_PER_DOT = 2  # fields dequantized as one block (dequant_fields): one tl.d
 def fields_per_dot(bits: int, fp32_dot: bool = False) -> int:
     """Fields per ``tl.dot`` in the dot kernels: ``FIELDS_PER_DOT`` for 2, 4 and 8 bits (P = 16, 8, 4);
     1 (``dequant_field``, K = 16) for int3, whose P = 10 fields per word are not a multiple of 2, and for
-    fp32 activations, whose three-pass tf32x3 dots spill registers with K = 64 blocks."""
+    fp32 activations, whose three-pass tf32x3 dots spilled registers with K = 64 blocks (K = 32 not tried)."""
     p = codes_per_word(bits)
     return FIELDS_PER_DOT if p % FIELDS_PER_DOT == 0 and not fp32_dot else 1
 
@@ -117,9 +117,11 @@ def dequant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return y.to(x.dtype)
 
 
-# Codes become floats without an int->float conversion (I2F runs at a fraction of the FMA rate and was
-# the bottleneck on an H200): OR-ing a code c < 2**23 into the bits of 2.0**23 gives the float 2**23 + c
-# exactly, and one subtraction of (2**23 + zero) leaves (c - zero) exactly.
+# Codes become floats without an int->float conversion: on an H200 the first version's time followed
+# the number of codes unpacked, not the bytes read, and the conversion instruction runs at a fraction of
+# the FMA rate (whether it was *the* bottleneck is not measured: the weight kernels are untimed since, and
+# the same change did not speed up the KV kernel). OR-ing a code c < 2**23 into the bits of 2.0**23 gives
+# the float 2**23 + c exactly, and one subtraction of (2**23 + zero) leaves (c - zero) exactly.
 MAGIC_BITS = tl.constexpr(0x4B000000)  # bit pattern of 8388608.0 (2**23)
 MAGIC_FLOAT = tl.constexpr(8388608.0)
 
