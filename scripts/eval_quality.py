@@ -61,13 +61,13 @@ def run_one(method: str, setting: str, args) -> dict:
         spec = CalibrationSpec(nsamples=n, seqlen=args.seqlen, seed=0)
         tok = AutoTokenizer.from_pretrained(folder)
         ids = calibration_batch(tok, spec)
-    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=False, method=method)
+    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method)
     model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
     ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
-    return {"method": method, "bits": bits, "group_size": group, "symmetric": False,
+    return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
             "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
             "load_average_1min": os.getloadavg()[0],
@@ -83,7 +83,12 @@ def _setting_of(r: dict) -> str:
 def _order(r: dict):
     methods = ("fp32",) + METHODS
     return (list(SETTINGS).index(_setting_of(r)) if r["method"] != "fp32" else -1, methods.index(r["method"]),
-            (r.get("calibration") or {}).get("nsamples") or 0)
+            bool(r.get("symmetric")), (r.get("calibration") or {}).get("nsamples") or 0)
+
+
+def _label(r: dict) -> str:
+    """Method name, with ``(sym)`` for symmetric runs (every other run is asymmetric)."""
+    return f"{r['method']} (sym)" if r.get("symmetric") else r["method"]
 
 
 def _cpu_s() -> float:
@@ -103,9 +108,12 @@ def plot(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fp = next((r for r in records if r["method"] == "fp32"), None)
     for method in METHODS:
-        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["bits_per_weight"])
-        if rs:
-            ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], "o-", label=method)
+        for sym in (False, True):
+            rs = sorted((r for r in records if r["method"] == method and bool(r.get("symmetric")) == sym),
+                        key=lambda r: r["bits_per_weight"])
+            if rs:
+                ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], "o-" if not sym else "s:",
+                        label=_label(rs[0]))
     if fp:
         ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
     ax.set_yscale("log")
@@ -127,7 +135,7 @@ def table(records: list[dict]) -> str:
         g = "–" if r["method"] == "fp32" else (r["group_size"] or "channel")
         cal = r.get("calibration")
         cal = f"{cal['nsamples']} x {cal['seqlen']}" if cal else "–"
-        lines.append(f"| {r['method']} | {r['bits']} | {g} | {cal} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
+        lines.append(f"| {_label(r)} | {r['bits']} | {g} | {cal} | {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | "
                      f"{delta} | {r['quantize_s']:.1f} s | {r.get('quantize_cpu_s', 0.0):.1f} s | "
                      f"{r['peak_rss_mb'] / 1e3:.2f} GB |")
     return "\n".join(lines)
@@ -150,6 +158,7 @@ def main() -> None:
     p.add_argument("--report", nargs="*", type=Path, metavar="LOG",
                    help="only rebuild the table and plot from --out, adding RESULT lines of these single-run logs "
                    "(a later record replaces an earlier one of the same method, setting and calibration size)")
+    p.add_argument("--sym", action="store_true", help="symmetric weights (default: asymmetric, like the table)")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -163,7 +172,8 @@ def main() -> None:
                         if ln.startswith("RESULT ")]
         latest = {}
         for r in records:
-            latest[(r["method"], _setting_of(r), (r.get("calibration") or {}).get("nsamples"))] = r
+            latest[(r["method"], _setting_of(r), bool(r.get("symmetric")),
+                    (r.get("calibration") or {}).get("nsamples"))] = r
         records = sorted(latest.values(), key=_order)
         args.out.write_text(json.dumps(records, indent=1))
         plot(records, args.out.with_suffix(".png"))
@@ -173,11 +183,12 @@ def main() -> None:
     records: list[dict] = []
     if args.out.exists() and args.resume:
         records = json.loads(args.out.read_text())
-        done = {(r["method"].replace("fp32", "fp"), _setting_of(r)) for r in records}
+        done = {(r["method"].replace("fp32", "fp"), _setting_of(r)) for r in records
+                if bool(r.get("symmetric")) == args.sym or r["method"] == "fp32"}
         runs = [r for r in runs if r not in done]
     passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--sym"] if args.sym else [])
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
