@@ -99,6 +99,33 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
 _REGISTRY: list[LinearBackend] = []
 
 
+class BackendChoice:
+    """Mixin for quantized Linears: the backend is chosen per (device type, dtype) on first use and cached.
+
+    The module sets ``backend_name`` (a forced name, or ``None``) and ``_backend = {}`` in ``__init__``
+    and implements ``_choose_backend(x)`` (choose, and prepare the layer for it).
+    """
+
+    def _choose_backend(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def backend_for(self, x: torch.Tensor):
+        key = (x.device.type, x.dtype)
+        backend = self._backend.get(key)
+        if backend is None:
+            backend = self._backend[key] = self._choose_backend(x)
+        return backend
+
+    def set_backend(self, name: str | None) -> None:
+        """Force a backend by name (``None`` = automatic choice); takes effect at the next forward."""
+        self.backend_name = name
+        self._backend.clear()
+
+    def storage_bytes(self) -> int:
+        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
 def register_backend(backend: LinearBackend, *, first: bool = True) -> None:
     """Add a backend; ``first=True`` puts it ahead of the existing ones (preferred)."""
     if any(b.name == backend.name for b in _REGISTRY):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.nn.backends import LinearBackend, LinearSpec, choose_backend
-from llmq.nn.registry import register_module_kind
+from llmq.nn.backends import BackendChoice, LinearBackend, LinearSpec, choose_backend
+from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.packing import pack, packed_rows
 from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
 @register_module_kind
-class QuantLinear(nn.Module):
+class QuantLinear(BackendChoice, nn.Module):
     """``y = x @ dequant(W).T + bias`` with W stored as packed integer codes.
 
     Buffers (K = in_features, N = out_features, P = codes per int32 word,
@@ -102,10 +102,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,
                     dtype: torch.dtype | None = None, device=None) -> "QuantLinear":
-        if (cfg.get("in_features", in_features), cfg.get("out_features", out_features)) != (in_features, out_features):
-            raise ValueError(
-                f"checkpoint module is {cfg['in_features']}->{cfg['out_features']} but the model's Linear is "
-                f"{in_features}->{out_features}; config.json and the weights do not match")
+        check_config_shape(cfg, in_features, out_features)
         return cls(in_features, out_features, cfg["bits"], cfg["group_size"], cfg["symmetric"], bias=bias,
                    dtype=dtype, device=device)
 
@@ -113,28 +110,15 @@ class QuantLinear(nn.Module):
         return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
                           x.device.type, x.dtype)
 
-    def backend_for(self, x: torch.Tensor) -> LinearBackend:
-        key = (x.device.type, x.dtype)
-        backend = self._backend.get(key)
-        if backend is None:
-            backend = choose_backend(self.spec(x), forced=self.backend_name)
-            backend.prepare(self)
-            self._backend[key] = backend
+    def _choose_backend(self, x: torch.Tensor) -> LinearBackend:
+        backend = choose_backend(self.spec(x), forced=self.backend_name)
+        backend.prepare(self)
         return backend
-
-    def set_backend(self, name: str | None) -> None:
-        """Force a backend by name (``None`` = automatic choice); takes effect at the next forward."""
-        self.backend_name = name
-        self._backend.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         return self.backend_for(x).forward(self, x)
-
-    def storage_bytes(self) -> int:
-        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size

@@ -38,6 +38,14 @@ def module_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
+def check_config_shape(cfg: dict[str, Any], in_features: int, out_features: int) -> None:
+    """Raise ``ValueError`` when a checkpoint module's recorded shape differs from the model's Linear."""
+    if (cfg.get("in_features", in_features), cfg.get("out_features", out_features)) != (in_features, out_features):
+        raise ValueError(
+            f"checkpoint module is {cfg['in_features']}->{cfg['out_features']} but the model's Linear is "
+            f"{in_features}->{out_features}; config.json and the weights do not match")
+
+
 def build_module(
     cfg: dict[str, Any],
     in_features: int,

@@ -31,8 +31,8 @@ from torch import nn
 from llmq.kernels.act_quant import act_quant, act_quant_reference
 from llmq.kernels.interpreter import interpreting
 from llmq.kernels.int8_gemm import int8_gemm, int8_gemm_reference
-from llmq.nn.backends import BACKEND_ENV
-from llmq.nn.registry import register_module_kind
+from llmq.nn.backends import BACKEND_ENV, BackendChoice
+from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.primitives import quantize_weight, symmetric_zero
 from llmq.recipes import ActScheme
 
@@ -112,7 +112,7 @@ def choose_w8a8_backend(spec: W8A8Spec, forced: str | None):
 
 
 @register_module_kind
-class W8A8Linear(nn.Module):
+class W8A8Linear(BackendChoice, nn.Module):
     """``y = quant8(x) @ qweight.T * scales + bias`` with int8 x int8 -> int32 matmul.
 
     Buffers (K = in_features, N = out_features)::
@@ -197,27 +197,14 @@ class W8A8Linear(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,
                     dtype: torch.dtype | None = None, device=None) -> "W8A8Linear":
-        if (cfg.get("in_features", in_features), cfg.get("out_features", out_features)) != (in_features, out_features):
-            raise ValueError(
-                f"checkpoint module is {cfg['in_features']}->{cfg['out_features']} but the model's Linear is "
-                f"{in_features}->{out_features}; config.json and the weights do not match")
+        check_config_shape(cfg, in_features, out_features)
         return cls(in_features, out_features, bias=bias, act_scheme=cfg.get("act_scheme", "dynamic"),
                    dtype=dtype, device=device)
 
-    def backend_for(self, x: torch.Tensor):
-        key = (x.device.type, x.dtype)
-        backend = self._backend.get(key)
-        if backend is None:
-            forced = self.backend_name or os.environ.get(BACKEND_ENV) or None
-            spec = W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype)
-            backend = choose_w8a8_backend(spec, forced)
-            self._backend[key] = backend
-        return backend
-
-    def set_backend(self, name: str | None) -> None:
-        """Force a backend by name (``None`` = automatic); takes effect at the next forward."""
-        self.backend_name = name
-        self._backend.clear()
+    def _choose_backend(self, x: torch.Tensor):
+        forced = self.backend_name or os.environ.get(BACKEND_ENV) or None
+        spec = W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype)
+        return choose_w8a8_backend(spec, forced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -225,9 +212,6 @@ class W8A8Linear(nn.Module):
         lead = x.shape[:-1]
         y = self.backend_for(x).forward(self, x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
-
-    def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
