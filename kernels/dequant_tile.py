@@ -22,8 +22,9 @@ for every bit width including int3. K is padded with zero-point codes up to whol
 (``tiled_rows(K, bits)`` rows, at most ``TILE_WORDS - 1`` words more than canonical); kernels mask
 those codes through the activations (loaded as 0 past K).
 
-Checkpoints keep the canonical layout; ``TritonBackend.prepare`` builds this one once per layer
-(``repack_tiled``), on the layer's device.
+Checkpoints keep the canonical layout; a ``QuantLinear`` converts its ``qweight`` to this one in
+place (``repack_tiled``) before the Triton backend first runs, on the layer's device, and back
+(``unrepack_tiled``) for ``state_dict`` (``llmq.nn.layouts``).
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ def repack_tiled(qweight: torch.Tensor, bits: int, k: int, chunk_n: int = 2048) 
     return pack(codes, bits)
 
 
-def unrepack_tiled(tiled: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of ``repack_tiled``: tiled words → canonical ``[ceil(K/P), N]`` int32."""
+def unrepack_tiled(tiled: torch.Tensor, bits: int, k: int, chunk_n: int = 2048) -> torch.Tensor:
+    """Inverse of ``repack_tiled``: tiled words → canonical ``[ceil(K/P), N]`` int32 (``chunk_n``
+    output columns at a time, as there)."""
     p, t = codes_per_word(bits), tile_codes(bits)
     rows, n = tiled.shape
     if rows != tiled_rows(k, bits):
         raise ValueError(f"tiled weight has {rows} rows but K={k} {bits}-bit codes need {tiled_rows(k, bits)}")
+    if n > chunk_n:
+        return torch.cat([unrepack_tiled(tiled[:, j:j + chunk_n], bits, k, chunk_n) for j in range(0, n, chunk_n)],
+                         dim=1)
     n_tiles = rows // TILE_WORDS
     codes = unpack(tiled, bits, n_tiles * t).reshape(n_tiles, TILE_WORDS, p, n).permute(0, 2, 1, 3)
     return pack(codes.reshape(n_tiles * t, n)[:k], bits, pad_code=0)

@@ -3,9 +3,9 @@
 A backend is an object with::
 
     name: str
+    layout: str                     # the qweight layout it reads (llmq.nn.layouts); the layer converts
     can_implement(spec: LinearSpec) -> tuple[bool, str]   # (ok, reason when not ok)
-    prepare(layer) -> None          # one-time work before the first forward (e.g. repack)
-    forward(layer, x) -> Tensor     # y = x @ dequant(W).T + bias
+    forward(layer, x) -> Tensor     # y = x @ dequant(W).T + bias, qweight already in ``layout``
 
 Backends are tried in registration order (fastest first); the pure-torch backend
 is registered last and implements every spec on every device, so a choice always
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from llmq.nn.layouts import CANONICAL
 from llmq.quant.packing import unpack
 
 if TYPE_CHECKING:
@@ -49,10 +50,9 @@ class LinearSpec:
 
 class LinearBackend(Protocol):
     name: str
+    layout: str
 
     def can_implement(self, spec: LinearSpec) -> tuple[bool, str]: ...
-
-    def prepare(self, layer: "QuantLinear") -> None: ...
 
     def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor: ...
 
@@ -65,12 +65,10 @@ class TorchBackend:
     """
 
     name = "torch"
+    layout = CANONICAL
 
     def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
         return True, "pure-torch reference runs every layer on every device"
-
-    def prepare(self, layer: "QuantLinear") -> None:
-        return None
 
     def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         w = dequantize_packed(layer).to(x.dtype)  # [K, N]
@@ -84,7 +82,7 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
     """Float32 ``[K, N]`` weight (transposed w.r.t. ``nn.Linear``) from a layer's buffers."""
     k, g = layer.in_features, layer.effective_group_size
     n_groups, n = layer.scales.shape
-    codes = unpack(layer.qweight, layer.bits, k)  # [K, N] uint8
+    codes = unpack(layer.canonical_qweight(), layer.bits, k)  # [K, N] uint8
     # view as [G, g, N] (zero-padding the short last group) so scales/zeros broadcast
     # per group instead of being gathered into a [K, N] tensor
     codes = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * g - k)).float().view(n_groups, g, n)
@@ -103,7 +101,7 @@ class BackendChoice:
     """Mixin for quantized Linears: the backend is chosen per (device type, dtype) on first use and cached.
 
     The module sets ``backend_name`` (a forced name, or ``None``) and ``_backend = {}`` in ``__init__``
-    and implements ``_choose_backend(x)`` (choose, and prepare the layer for it).
+    and implements ``_choose_backend(x)``.
     """
 
     def _choose_backend(self, x: torch.Tensor):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmq.nn.backends import BackendChoice, LinearBackend, LinearSpec, choose_backend
+from llmq.nn.layouts import CANONICAL, from_canonical, to_canonical
 from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.packing import pack, packed_rows
 from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
@@ -32,6 +33,11 @@ class QuantLinear(BackendChoice, nn.Module):
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
     ``llmq.nn.backends.choose_backend``; ``backend=`` forces one.
+
+    ``qweight`` is held in one layout at a time (``qweight_layout``, see ``llmq.nn.layouts``): the
+    layout above until a backend that reads another one runs (the Triton kernels read ``"tiled"``),
+    which converts it in place — the packed weight is never held twice. ``state_dict()`` always gives
+    the canonical layout and ``load_state_dict`` takes it; ``canonical_qweight()`` reads it.
     """
 
     KIND = "quant_linear"
@@ -60,6 +66,7 @@ class QuantLinear(BackendChoice, nn.Module):
         self.symmetric = symmetric
         self.backend_name = backend
         self._backend: dict[tuple[str, torch.dtype], LinearBackend] = {}
+        self.qweight_layout = CANONICAL
         g = num_groups(in_features, group_size)
         self.register_buffer(
             "qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device)
@@ -111,14 +118,42 @@ class QuantLinear(BackendChoice, nn.Module):
                           x.device.type, x.dtype)
 
     def _choose_backend(self, x: torch.Tensor) -> LinearBackend:
-        backend = choose_backend(self.spec(x), forced=self.backend_name)
-        backend.prepare(self)
-        return backend
+        return choose_backend(self.spec(x), forced=self.backend_name)
+
+    def canonical_qweight(self) -> torch.Tensor:
+        """``[ceil(K / P), N]`` int32 words in the canonical layout, whatever layout is held."""
+        return to_canonical(self.qweight, self.qweight_layout, self.bits, self.in_features)
+
+    def use_qweight_layout(self, layout: str) -> None:
+        """Convert the held ``qweight`` to ``layout`` (no-op when already there).
+
+        The new words replace the buffer, so the old ones are freed: only one layer's weight is ever
+        held twice, for the duration of the conversion.
+        """
+        if layout == self.qweight_layout:
+            return
+        words = from_canonical(self.canonical_qweight(), layout, self.bits, self.in_features)
+        self.register_buffer("qweight", words)
+        self.qweight_layout = layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight_layout != CANONICAL:  # checkpoints keep the canonical layout
+            destination[prefix + "qweight"] = self.canonical_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.use_qweight_layout(CANONICAL)  # incoming words are canonical; the next forward converts again
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
-        return self.backend_for(x).forward(self, x)
+        backend = self.backend_for(x)
+        # checked per call, not once per backend choice: the layer may have run another backend since
+        # (e.g. moved to CPU and back); a Python attribute compare, guarded by torch.compile
+        if self.qweight_layout != backend.layout:
+            self.use_qweight_layout(backend.layout)
+        return backend.forward(self, x)
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size

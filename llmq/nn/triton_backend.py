@@ -13,12 +13,10 @@ Two registered names, one implementation:
 Forcing ``"triton"`` on a CPU input raises ``ValueError`` with the reason (and the hint above)
 instead of falling back.
 
-``prepare`` repacks the canonical ``qweight`` once into the kernels' tiled layout
-(``llmq.kernels.dequant_tile``) and keeps it as the non-persistent buffer ``qweight_tiled``
-(moves with ``.to()``, never saved: checkpoints keep the canonical layout). Cost: the packed weight
-is held twice on the device (+1x the packed size, e.g. +3.4 GB for a 4-bit 7B model). If
-``qweight`` is modified in place later (``load_state_dict``), the next eager forward notices and
-repacks.
+The kernels read the tiled layout (``llmq.kernels.dequant_tile``): the layer converts its
+``qweight`` to it in place before the first forward (``QuantLinear.use_qweight_layout``, once per
+layer, on the layer's device), so the packed weight is held once. ``state_dict`` still gives the
+canonical layout, and ``load_state_dict`` converts back first (``llmq.nn.layouts``).
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ except ImportError as e:  # triton is a hard dependency of llmq
 from llmq.kernels._launch import ACT_DTYPES
 from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_matmul import dequant_matmul
-from llmq.kernels.dequant_tile import repack_tiled
 from llmq.nn.backends import LinearSpec, register_backend
+from llmq.nn.layouts import TILED
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots and cp.async pipelining
 
@@ -44,6 +42,7 @@ class TritonBackend:
     """Fused dequantize-matmul kernels (``llmq.kernels.dequant_matmul``) on CUDA."""
 
     name = "triton"
+    layout = TILED
 
     def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
         if spec.act_dtype not in ACT_DTYPES:
@@ -56,13 +55,8 @@ class TritonBackend:
             return False, f"needs compute capability >= {MIN_CAPABILITY}, this GPU has {cap}"
         return True, f"fused dequantize-matmul Triton kernels, {spec.bits}-bit, CUDA sm_{cap[0]}{cap[1]}"
 
-    def prepare(self, layer) -> None:
-        _repack(layer)
-
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and _stale(layer):
-            _repack(layer)
-        return dequant_matmul(x, layer.qweight_tiled, layer.scales, layer.qzeros, layer.bias, layer.bits,
+        return dequant_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, layer.bits,
                               layer.effective_group_size, layer.in_features)
 
 
@@ -79,20 +73,6 @@ class TritonInterpreterBackend(TritonBackend):
         if not interpreting():
             return False, "needs TRITON_INTERPRET=1 set before llmq is imported"
         return True, "Triton interpreter on CPU (testing only, slow)"
-
-
-def _source_key(layer) -> tuple[int, int]:
-    return (layer.qweight.data_ptr(), layer.qweight._version)
-
-
-def _stale(layer) -> bool:
-    return getattr(layer, "_tiled_source", None) != _source_key(layer)
-
-
-def _repack(layer) -> None:
-    tiled = repack_tiled(layer.qweight, layer.bits, layer.in_features)
-    layer.register_buffer("qweight_tiled", tiled, persistent=False)
-    layer._tiled_source = _source_key(layer)
 
 
 register_backend(TritonBackend(), first=True)

@@ -25,6 +25,7 @@ def test_repack_roundtrip_bit_exact(bits, k, n, seed):
     assert torch.equal(tiled, repack_tiled(canonical, bits, k))
     assert tiled.shape == (tiled_rows(k, bits), n) and tiled.dtype == torch.int32
     assert torch.equal(unrepack_tiled(tiled, bits, k), canonical)
+    assert torch.equal(unrepack_tiled(tiled, bits, k, chunk_n=4), canonical)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
@@ -70,7 +71,7 @@ def test_torch_compile_fullgraph(kernel_tol):
     layer = _layer()
     layer.set_backend("triton-interpret")
     x = torch.randn(5, 64)
-    expected = layer(x)  # eager call chooses + prepares the backend
+    expected = layer(x)  # eager call chooses the backend and converts qweight to the tiled layout
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, **kernel_tol[torch.float32])
 

@@ -7,6 +7,7 @@ import torch
 
 from llmq.nn import QuantLinear, available_backends, choose_backend, set_backend
 from llmq.nn.backends import BACKEND_ENV, LinearSpec
+from llmq.kernels.dequant_tile import repack_tiled
 from llmq.nn.triton_backend import TritonBackend, TritonInterpreterBackend
 from llmq.quant.primitives import quantize_weight
 
@@ -95,16 +96,36 @@ def test_choice_is_logged_once(caplog):
     assert sum("triton-interpret" in r.message for r in caplog.records) == 1
 
 
-def test_repack_is_buffer_not_saved_and_refreshed(kernel_tol):
-    """The tiled copy is non-persistent (checkpoints keep the canonical layout) and follows qweight updates."""
+def test_weight_is_held_once_in_the_kernel_layout_and_saved_canonical(kernel_tol):
+    """The Triton backend converts qweight in place (one copy), state_dict gives canonical words back,
+    load_state_dict takes canonical words and the next forward converts again."""
     layer = make_layer(backend="triton-interpret")
+    canonical = layer.qweight.clone()
     x = torch.randn(1, 200)
     layer(x)
-    assert hasattr(layer, "qweight_tiled") and "qweight_tiled" not in layer.state_dict()
+    assert layer.qweight_layout == "tiled"
+    assert torch.equal(layer.qweight, repack_tiled(canonical, 4, 200))
+    assert [n for n, _ in layer.named_buffers()] == ["qweight", "scales", "qzeros", "bias"]
+    assert torch.equal(layer.state_dict()["qweight"], canonical)
+    assert torch.equal(layer.canonical_qweight(), canonical)
+
     other = make_layer()
-    layer.load_state_dict(other.state_dict())  # in-place copy into qweight/scales/...
+    layer.load_state_dict(other.state_dict())
+    assert layer.qweight_layout == "canonical" and torch.equal(layer.qweight, other.qweight)
     other.set_backend("torch")
     torch.testing.assert_close(layer(x), other(x), **kernel_tol[torch.float32])
+    assert layer.qweight_layout == "tiled"
+
+
+def test_switching_backends_converts_the_layout_each_way(kernel_tol):
+    """A layer that ran the kernels (tiled) and then the torch backend (canonical) gives the same output."""
+    layer = make_layer()
+    x = torch.randn(3, 200)
+    expected = layer(x)
+    layer.set_backend("triton-interpret")
+    torch.testing.assert_close(layer(x), expected, **kernel_tol[torch.float32])
+    layer.set_backend("torch")
+    assert torch.equal(layer(x), expected) and layer.qweight_layout == "canonical"
 
 
 def test_set_backend_on_model(kernel_tol):
