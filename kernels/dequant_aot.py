@@ -27,12 +27,24 @@ ACT = {"fp16": ("*fp16", False), "bf16": ("*bf16", False), "fp32": ("*fp32", Tru
 COMBOS = [(b, "fp16") for b in (2, 3, 4, 8)] + [(4, "bf16"), (4, "fp32")]
 
 
-def _signature(kernel: str, act: str, atomic: bool) -> dict[str, str]:
+def _signature(kernel: str, act: str, fp32_out: bool) -> dict[str, str]:
     x_type = ACT[act][0]
-    return {"x_ptr": x_type, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
-            "out_ptr": "*fp32" if atomic else x_type, "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
-            "num_groups": "i32", ("tiles_per_split" if kernel == "gemv" else "m_bucket"): "i32",
-            "stride_xm": "i32", "stride_om": "i32"}
+    sig = {"x_ptr": x_type, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
+           "out_ptr": "*fp32" if fp32_out else x_type, "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
+           "num_groups": "i32", ("tiles_per_split" if kernel == "gemv" else "m_bucket"): "i32",
+           "stride_xm": "i32", "stride_om": "i32"}
+    if kernel == "gemv":
+        sig["stride_os"] = "i32"
+    return sig
+
+
+def _gemv_out_modes(bits: int, act: str):
+    """The default split-K epilogue (atomics) everywhere; the other two (one split, deterministic
+    partials) differ only in the final store, checked at int4 fp16."""
+    yield "atomic", dequant_gemv.ATOMIC_ADD
+    if (bits, act) == (4, "fp16"):
+        yield "store", dequant_gemv.STORE
+        yield "partials", dequant_gemv.PARTIALS
 
 
 def cases():
@@ -42,11 +54,13 @@ def cases():
         for block_m, path in ((1, "fma-int8" if bits == 8 else "fma"), (16, "dot-fp32" if ACT[act][1] else "dot")):
             block_n = dequant_gemv.DECODE_BLOCK_N
             for warps, stages in dequant_gemv.GPU_CONFIGS[path]:
-                meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, ATOMIC=True,
-                            FP32_DOT=ACT[act][1], F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=block_m, BLOCK_N=block_n)
-                yield (f"gemv int{bits} {act} BLOCK_M={block_m} BLOCK_N={block_n} "
-                       f"warps={warps} stages={stages}", dequant_gemv.dequant_gemv_kernel,
-                       _signature("gemv", act, True), meta, warps, stages)
+                for out_name, mode in _gemv_out_modes(bits, act):
+                    meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, OUT_MODE=mode,
+                                FP32_DOT=ACT[act][1], F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=block_m,
+                                BLOCK_N=block_n)
+                    yield (f"gemv int{bits} {act} BLOCK_M={block_m} BLOCK_N={block_n} {out_name} "
+                           f"warps={warps} stages={stages}", dequant_gemv.dequant_gemv_kernel,
+                           _signature("gemv", act, mode != dequant_gemv.STORE), meta, warps, stages)
         for bm, bn, warps, stages in (dequant_gemm.GPU_CONFIGS_FP32 if ACT[act][1] else dequant_gemm.GPU_CONFIGS):
             meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, FP32_DOT=ACT[act][1],
                         GROUP_M=dequant_gemm.GROUP_M, F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=bm, BLOCK_N=bn)

@@ -5,9 +5,11 @@ every SM streams weight words even at M = 1:
 
 * grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: ``N / BLOCK_N`` column blocks alone are
   too few to keep every SM's memory pipe full (4096 / 64 = 64 programs for 132 SMs on an H100),
-  so K is split into ``SPLIT_K`` contiguous ranges of tiles, each partial sum ``atomic_add``-ed into
-  an fp32 output (chosen so that ~4 programs run per SM). ``SPLIT_K = 1`` stores directly in the
-  activation dtype.
+  so K is split into ``SPLIT_K`` contiguous ranges of tiles (chosen so that ~4 programs run per SM),
+  each partial sum ``atomic_add``-ed into an fp32 output. ``SPLIT_K = 1`` stores directly in the
+  activation dtype. Under ``torch.use_deterministic_algorithms(True)`` the partial sums are stored
+  to a ``[SPLIT_K, M, N]`` fp32 workspace instead and summed by torch in a fixed order, so results are
+  bitwise reproducible (atomics add in arrival order; the low bits of the fp32 sum vary run to run).
 * the weight block of one tile, ``[TILE_WORDS, BLOCK_N]`` int32, is one coalesced load with
   ``BLOCK_N`` contiguous words (two 128-byte lines) per row; fields are unpacked in
   registers by shift + mask, and turned into floats without an int->float conversion
@@ -48,6 +50,11 @@ GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8,
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
+# how a program writes its result (OUT_MODE): one split stores in the activation dtype; several
+# splits atomic_add into fp32, or (deterministic algorithms) store fp32 partials summed afterwards
+STORE: tl.constexpr = tl.constexpr(0)
+ATOMIC_ADD: tl.constexpr = tl.constexpr(1)
+PARTIALS: tl.constexpr = tl.constexpr(2)
 
 
 def configs(path: str) -> list[triton.Config]:
@@ -62,10 +69,10 @@ def dequant_gemv_kernel(
     # sizes
     M, N, K, group_size, num_groups, tiles_per_split,
     # strides (rows of x / out; qweight, scales, qzeros are contiguous [rows, N])
-    stride_xm, stride_om,
+    stride_xm, stride_om, stride_os,
     # meta
     BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, F: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr, FP32_DOT: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -112,14 +119,14 @@ def dequant_gemv_kernel(
 
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if ATOMIC:
+        if OUT_MODE != STORE:
             b = b * (pid_k == 0).to(tl.float32)  # one split adds the bias
         acc += b[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
+    if OUT_MODE == ATOMIC_ADD:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
+    else:  # STORE (x dtype, one split) or PARTIALS (fp32, this split's slice of the workspace)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -191,17 +198,23 @@ def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     split = split_k or auto_split_k(n, k, bits, x.device, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
     split = -(-n_tiles // tiles_per_split)  # no empty splits
-    atomic = split > 1
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    if split == 1:
+        mode, out = STORE, x.new_empty(1, m, n)
+    elif torch.are_deterministic_algorithms_enabled():
+        mode, out = PARTIALS, torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    else:
+        mode, out = ATOMIC_ADD, torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     _tuned[path][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, group_size, scales.shape[0], tiles_per_split,
-        x.stride(0), out.stride(0),
+        x.stride(0), out.stride(1), out.stride(0) if mode == PARTIALS else 0,
         BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
+        OUT_MODE=mode, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    return out.to(x.dtype) if atomic else out
+    if mode == PARTIALS:
+        return out.sum(dim=0).to(x.dtype)  # fixed-order reduction over the splits
+    return out[0].to(x.dtype)
 
 
 @dequant_gemv.register_fake

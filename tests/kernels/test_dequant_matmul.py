@@ -90,6 +90,50 @@ def test_split_k_adds_bias_once(m, split_k, kernel_tol):
     torch.testing.assert_close(y, ref, **kernel_tol[torch.float16])
 
 
+@pytest.fixture
+def deterministic():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("m", [1, 7], ids=["M1-fma", "M7-dot"])
+@pytest.mark.parametrize("split_k", [1, 3, 64], ids=lambda s: f"split{s}")
+def test_deterministic_split_k_sums_partials(m, split_k, deterministic, kernel_tol, monkeypatch):
+    """Under torch.use_deterministic_algorithms the splits write fp32 partials (no atomics), summed in
+    a fixed order by torch; one split adds the bias."""
+    import llmq.kernels.dequant_gemv as gemv
+    modes = []
+    monkeypatch.setattr(gemv, "_tuned", {path: _recording(kernel, modes) for path, kernel in gemv._tuned.items()})
+    layer = make_layer(520, 40, 4, 32, symmetric=False)
+    layer.bias.fill_(100.0)
+    x = torch.randn(m, 520).to(torch.float16)
+    y, ref = run_both(layer, x, force="gemv", split_k=split_k)
+    assert modes == [gemv.STORE if split_k == 1 else gemv.PARTIALS]
+    torch.testing.assert_close(y, ref, **kernel_tol[torch.float16])
+
+
+def _recording(kernel, modes):
+    """Wraps an autotuned kernel so that each launch records its OUT_MODE."""
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                modes.append(kw["OUT_MODE"])
+                return kernel[grid](*args, **kw)
+            return launch
+    return Recorder()
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_split_k_is_bitwise_reproducible(deterministic):
+    layer = make_layer(8192, 1024, 4, 128, symmetric=False).cuda()
+    x = torch.randn(4, 8192, device="cuda", dtype=torch.float16)
+    first, _ = run_both(layer, x, force="gemv", split_k=16)
+    for _ in range(20):
+        assert torch.equal(run_both(layer, x, force="gemv", split_k=16)[0], first)
+
+
 @pytest.mark.parametrize("regime", ["gemv", "gemm"])
 @pytest.mark.parametrize("m", [1, 16], ids=lambda m: f"M{m}")
 def test_forced_regime(m, regime, kernel_tol):
