@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from llmq.kernels._launch import through_op
 from llmq.kernels.interpreter import interpreting
 
 MIN_SCALE = torch.finfo(torch.float16).tiny
@@ -135,11 +136,10 @@ def act_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"act_quant: a static scale must hold one value, got shape {tuple(scale.shape)}")
     check_device(x, scale)
-    return _act_quant_op(x, scale)
+    return (_act_quant_op if through_op(x, scale) else _act_quant_launch)(x, scale)
 
 
-@torch.library.custom_op("llmq::act_quant", mutates_args=())
-def _act_quant_op(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant_launch(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     if scale is None:
@@ -153,6 +153,10 @@ def _act_quant_op(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Te
                             MIN_S=MIN_SCALE, BLOCK_K=block, num_warps=4 if block >= 512 else 1)
     # the static scale is returned as a fresh tensor so the op's outputs never alias inputs
     return q, out_scale if scale is None else out_scale.clone()
+
+
+# the same launcher as a torch.library op (torch.compile, CUDA graphs); _launch.through_op says when
+_act_quant_op = torch.library.custom_op("llmq::act_quant", _act_quant_launch, mutates_args=())
 
 
 @_act_quant_op.register_fake

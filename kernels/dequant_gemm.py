@@ -123,8 +123,7 @@ _tuned = {fp32: triton.autotune(configs(fp32), key=_KEY, do_bench=autotune_bench
 # qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
 # bias     [N]           float, or None
 # out      [M, N]        x.dtype
-@torch.library.custom_op("llmq::dequant_gemm", mutates_args=())
-def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+def dequant_gemm_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for any M (meant for M > 16), from tiled packed words.
 
@@ -151,6 +150,10 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         F=fields_per_dot(bits, fp32_dot(x.dtype)),
     )
     return out
+
+
+# the same launcher as a torch.library op (torch.compile, CUDA graphs); _launch.through_op says when
+dequant_gemm = torch.library.custom_op("llmq::dequant_gemm", dequant_gemm_launch, mutates_args=())
 
 
 @dequant_gemm.register_fake

@@ -52,9 +52,12 @@ INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
 # how a program writes its result (OUT_MODE): one split stores in the activation dtype; several
 # splits atomic_add into fp32, or (deterministic algorithms) store fp32 partials summed afterwards
-STORE: tl.constexpr = tl.constexpr(0)
-ATOMIC_ADD: tl.constexpr = tl.constexpr(1)
-PARTIALS: tl.constexpr = tl.constexpr(2)
+# (plain ints for the launcher — comparing tl.constexpr objects costs microseconds per call — and
+# constexpr copies for the kernel, which can read module-level globals only when they are constexprs)
+OUT_STORE, OUT_ATOMIC_ADD, OUT_PARTIALS = 0, 1, 2
+STORE: tl.constexpr = tl.constexpr(OUT_STORE)
+ATOMIC_ADD: tl.constexpr = tl.constexpr(OUT_ATOMIC_ADD)
+PARTIALS: tl.constexpr = tl.constexpr(OUT_PARTIALS)
 
 
 def configs(path: str) -> list[triton.Config]:
@@ -165,8 +168,7 @@ def auto_split_k(n: int, k: int, bits: int, device: torch.device, block_n: int) 
 # qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
 # bias     [N]           float, or None
 # out      [M, N]        x.dtype
-@torch.library.custom_op("llmq::dequant_gemv", mutates_args=())
-def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+def dequant_gemv_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                  split_k: int = 0) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for M <= 16 rows, from tiled packed words.
@@ -199,22 +201,26 @@ def dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
     split = -(-n_tiles // tiles_per_split)  # no empty splits
     if split == 1:
-        mode, out = STORE, x.new_empty(1, m, n)
+        mode, out = OUT_STORE, x.new_empty(1, m, n)
     elif torch.are_deterministic_algorithms_enabled():
-        mode, out = PARTIALS, torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        mode, out = OUT_PARTIALS, torch.empty(split, m, n, device=x.device, dtype=torch.float32)
     else:
-        mode, out = ATOMIC_ADD, torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+        mode, out = OUT_ATOMIC_ADD, torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
+    grid = (-(-n // block_n), split, -(-m // block_m))
     _tuned[path][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
         m, n, k, group_size, scales.shape[0], tiles_per_split,
-        x.stride(0), out.stride(1), out.stride(0) if mode == PARTIALS else 0,
+        x.stride(0), out.stride(1), out.stride(0) if mode == OUT_PARTIALS else 0,
         BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
         OUT_MODE=mode, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    if mode == PARTIALS:
+    if mode == OUT_PARTIALS:
         return out.sum(dim=0).to(x.dtype)  # fixed-order reduction over the splits
     return out[0].to(x.dtype)
+
+
+# the same launcher as a torch.library op (torch.compile, CUDA graphs); _launch.through_op says when
+dequant_gemv = torch.library.custom_op("llmq::dequant_gemv", dequant_gemv_launch, mutates_args=())
 
 
 @dequant_gemv.register_fake

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from llmq.kernels.dequant_gemm import dequant_gemm
-from llmq.kernels.dequant_gemv import dequant_gemv
+from llmq.kernels._launch import through_op
+from llmq.kernels.dequant_gemm import dequant_gemm, dequant_gemm_launch
+from llmq.kernels.dequant_gemv import dequant_gemv, dequant_gemv_launch
 from llmq.kernels.dequant_tile import dequant_matmul_reference, repack_tiled, tiled_rows  # noqa: F401
 
 DECODE_MAX_M = 16
@@ -60,8 +61,13 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     regime = force or regime_for(m)
     if regime == "gemv" and m > DECODE_MAX_M:
         raise ValueError(f"the gemv regime runs M <= {DECODE_MAX_M} rows, got M={m}")
+    # the torch.library ops when tracing / for gradients, else the plain launchers (same kernels, no
+    # dispatcher round trip)
+    op = through_op(x2, qweight, scales, qzeros, bias)
     if regime == "gemv":
-        y = dequant_gemv(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, split_k)
+        y = (dequant_gemv if op else dequant_gemv_launch)(x2, qweight, scales, qzeros, bias, bits, group_size,
+                                                          in_features, split_k)
     else:
-        y = dequant_gemm(x2, qweight, scales, qzeros, bias, bits, group_size, in_features)
+        y = (dequant_gemm if op else dequant_gemm_launch)(x2, qweight, scales, qzeros, bias, bits, group_size,
+                                                          in_features)
     return y.reshape(*x.shape[:-1], n)

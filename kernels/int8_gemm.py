@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmq.kernels._launch import autotune_bench
+from llmq.kernels._launch import autotune_bench, through_op
 from llmq.kernels.act_quant import check_device
 from llmq.kernels.interpreter import interpreting
 
@@ -191,11 +191,11 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: 
         if t is not None and t.device != a.device:
             raise ValueError(f"int8_gemm: {name} is on {t.device} but a is on {a.device}")
     check_device(a)
-    return _int8_gemm_op(a, w, a_scale.reshape(-1).contiguous(), w_scale.contiguous(), bias, out_dtype)
+    launch = _int8_gemm_op if through_op(a, w, a_scale, w_scale, bias) else _int8_gemm_launch
+    return launch(a, w, a_scale.reshape(-1).contiguous(), w_scale.contiguous(), bias, out_dtype)
 
 
-@torch.library.custom_op("llmq::int8_gemm", mutates_args=())
-def _int8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+def _int8_gemm_launch(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     m, k = a.shape
     n = w.shape[0]
@@ -217,6 +217,10 @@ def _int8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_sca
         HAS_BIAS=bias is not None,
     )
     return y
+
+
+# the same launcher as a torch.library op (torch.compile, CUDA graphs); _launch.through_op says when
+_int8_gemm_op = torch.library.custom_op("llmq::int8_gemm", _int8_gemm_launch, mutates_args=())
 
 
 @_int8_gemm_op.register_fake

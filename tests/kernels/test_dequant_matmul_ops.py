@@ -103,3 +103,30 @@ def test_bad_input_raises(mutate, match):
     a.pop("canonical")
     with pytest.raises(ValueError, match=match):
         dequant_matmul(**a)
+
+
+def _route_recorder(monkeypatch, calls):
+    """Replace the op and the plain launcher seen by dequant_matmul with recorders around the real ones."""
+    import llmq.kernels.dequant_matmul as dm
+    for name in ("dequant_gemv", "dequant_gemv_launch", "dequant_gemm", "dequant_gemm_launch"):
+        real = getattr(dm, name)
+        monkeypatch.setattr(dm, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+
+
+@pytest.mark.parametrize("m", [1, 20], ids=["gemv", "gemm"])
+def test_eager_calls_skip_the_dispatcher_unless_a_gradient_is_asked_for(m, monkeypatch):
+    """Inference runs the plain launcher (no torch.library round trip, ~20 µs per call); an input that
+    requires grad goes through the op, whose missing autograd formula then raises at backward."""
+    calls = []
+    _route_recorder(monkeypatch, calls)
+    layer = _layer()
+    layer.set_backend("triton-interpret")
+    regime = "gemv" if m == 1 else "gemm"
+    with torch.no_grad():
+        expected = layer(torch.ones(m, 64))
+    assert calls == [f"dequant_{regime}_launch"]
+    x = torch.ones(m, 64, requires_grad=True)
+    y = layer(x)
+    assert calls[-1] == f"dequant_{regime}" and torch.equal(y.detach(), expected)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        y.sum().backward()
