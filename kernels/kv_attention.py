@@ -21,6 +21,10 @@ K/V tile is read once per KV head, not once per query head.
 
 Layout of the packed cache: see ``llmq.quant.kv`` (codes packed along D, per-token
 scales ``[.., T, D/g]``, per-channel key scales ``[.., T/g, D]``).
+
+The launcher is the ``torch.library`` custom op ``llmq::kv_decode_attention`` (with a fake
+implementation, so ``torch.compile(fullgraph=True)`` and CUDA graphs trace through it);
+``kv_decode_attention(q, kv, ...)`` unpacks a ``PackedKV`` into it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import triton
 import triton.language as tl
 
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv
+from llmq.kernels._launch import through_op
 from llmq.kernels.dequant_tile import codes_minus_zero
 from llmq.kernels.interpreter import interpreting
 
@@ -250,51 +255,61 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.d
     return max(1, min(triton.cdiv(target, batch * kv_heads), triton.cdiv(n_tokens, min_tokens_per_split)))
 
 
-# q        [B, H_q, D]          fp16 / bf16 / fp32, last dim contiguous
-# codes    [B, H_kv, cap, D/P]  int32      (K and V: same shape and strides)
-# k scales [B, H_kv, cap, D/g] or [B, H_kv, cap/g, D] fp16; zeros same shape uint8
-# residual [B, H_kv, n_res, D]  q.dtype
-# mask     [B, n_quant + n_res] bool
-# out      [B, H_q, D]          q.dtype
-def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
-                        num_splits: int | None = None, block_n: int = 32, num_warps: int = 4,
-                        num_stages: int = 3) -> torch.Tensor:
-    """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache (shapes above).
+# Launch defaults (block_n 32, 4 warps, 3 stages): 2x faster than the first defaults (32, 8, 2) for int4 at
+# 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py --sweep``, BENCHMARKS.md). block_n 64 with
+# 4 warps timed 1.4x faster still but spills registers (16-56 bytes, tests/kernels/test_kv_attention_aot.py,
+# which compiles with these defaults).
+BLOCK_N = 32
+NUM_WARPS = 4
+NUM_STAGES = 3
 
-    Args:
-        sm_scale: softmax scale (``1/sqrt(D)`` for Llama).
-        mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
-        num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
-        block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
-        num_warps, num_stages: launch options. Defaults (block_n 32, 4 warps, 3 stages): 2x faster than the
-            first defaults (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200
-            (``scripts/bench_kv_attention.py --sweep``, BENCHMARKS.md). block_n 64 with 4 warps timed 1.4x
-            faster still but spills registers (16-56 bytes, tests/kernels/test_kv_attention_aot.py).
-    Returns:
-        ``[B, H_q, D]`` in ``q.dtype``.
+
+# The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
+# q        [B, H_q, D]              fp16 / bf16 / fp32 (any strides; copied if the last dim is not contiguous)
+# k_codes  [B, H_kv, cap, D/P]      int32, P = 32/bits codes per word along D; first n_quant tokens valid
+# v_codes  same shape and strides as k_codes
+# k_scales [B, H_kv, cap, D/g] fp16 (per-token keys) or [B, H_kv, cap/g, D] fp16 (key_per_channel)
+# k_zeros  same shape as k_scales, uint8; None when symmetric (zero = 2**(bits-1))
+# v_scales [B, H_kv, cap, D/g]      fp16;  v_zeros same shape uint8, or None when symmetric
+# k_res    [B, H_kv, n_res, D]      q.dtype, the residual window (newest tokens, full precision)
+# v_res    same shape and strides as k_res
+# mask     [B, n_quant + n_res]     bool (False = masked out), or None
+# out      [B, H_q, D]              q.dtype, contiguous (a new tensor: the op mutates and aliases nothing)
+def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor,
+                               k_zeros: torch.Tensor | None, v_codes: torch.Tensor, v_scales: torch.Tensor,
+                               v_zeros: torch.Tensor | None, k_res: torch.Tensor, v_res: torch.Tensor,
+                               mask: torch.Tensor | None, n_quant: int, bits: int, group_size: int,
+                               key_per_channel: bool, symmetric: bool, sm_scale: float,
+                               num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                               num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """The launcher, on the flattened ``PackedKV`` (shapes above); also ``torch.ops.llmq.kv_decode_attention``.
+
+    Call it through ``kv_decode_attention(q, kv, ...)``; the arguments are those of ``PackedKV`` and of
+    ``kv_decode_attention`` (same names, same meaning). Returns ``[B, H_q, D]`` in ``q.dtype``.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim] (one decode token), got {tuple(q.shape)}")
     if q.dtype not in _DOT_DTYPES:
         raise ValueError(f"q dtype {q.dtype} not supported: use float16, bfloat16 or float32")
     b, hq, d = q.shape
-    _, hkv, n_res, dr = kv.k_res.shape
+    _, hkv, n_res, dr = k_res.shape
     if d != dr or d < 16 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two >= 16 and match the cache, got q {d}, cache {dr}")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if kv.k_codes.stride() != kv.v_codes.stride() or kv.k_res.stride() != kv.v_res.stride():
+    if k_codes.stride() != v_codes.stride() or k_res.stride() != v_res.stride():
         raise ValueError("K and V codes (and K and V residuals) must share shape and strides")
+    if not symmetric and (k_zeros is None or v_zeros is None):
+        raise ValueError("an asymmetric cache needs k_zeros and v_zeros (None only when symmetric)")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (tl.dot tile), got {block_n}")
-    if kv.key_per_channel:
-        block_n = min(block_n, kv.group_size)  # a tile must lie inside one key token group
-    total = kv.n_quant + n_res
+    if key_per_channel:
+        block_n = min(block_n, group_size)  # a tile must lie inside one key token group
+    total = n_quant + n_res
     if total == 0:
         raise ValueError("the cache is empty: nothing to attend to")
     if q.stride(-1) != 1:
         q = q.contiguous()
-    k_res, v_res = kv.k_res, kv.v_res
     if k_res.stride(-1) != 1 or k_res.stride() != v_res.stride():
         k_res, v_res = k_res.contiguous(), v_res.contiguous()
     if mask is not None:
@@ -312,22 +327,22 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
     l_part = torch.empty_like(m_part)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     # zeros pointers must be valid tensors even when unused (symmetric)
-    kz = kv.k_zeros if kv.k_zeros is not None else kv.k_scales
-    vz = kv.v_zeros if kv.v_zeros is not None else kv.v_scales
+    kz = k_zeros if k_zeros is not None else k_scales
+    vz = v_zeros if v_zeros is not None else v_scales
     mask_t = mask if mask is not None else o_part
     dot_dtype = tl.float32 if interpreting() else _DOT_DTYPES[q.dtype]  # bf16 math is broken when interpreting
 
     _kv_decode_split_kernel[(b * hkv, num_splits)](
-        q, kv.k_codes, kv.k_scales, kz, kv.v_codes, kv.v_scales, vz, k_res, v_res, mask_t,
+        q, k_codes, k_scales, kz, v_codes, v_scales, vz, k_res, v_res, mask_t,
         o_part, m_part, l_part,
-        kv.n_quant, n_res, hkv, rep, tokens_per_split, num_splits, float(sm_scale),
+        n_quant, n_res, hkv, rep, tokens_per_split, num_splits, float(sm_scale),
         q.stride(0), q.stride(1),
-        kv.k_codes.stride(0), kv.k_codes.stride(1), kv.k_codes.stride(2),
-        kv.k_scales.stride(0), kv.k_scales.stride(1), kv.k_scales.stride(2),
-        kv.v_scales.stride(0), kv.v_scales.stride(1), kv.v_scales.stride(2),
+        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
+        v_scales.stride(0), v_scales.stride(1), v_scales.stride(2),
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         mask.stride(0) if mask is not None else 0,
-        BITS=kv.bits, GROUP=kv.group_size, KEY_PER_CHANNEL=kv.key_per_channel, SYMMETRIC=kv.symmetric,
+        BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
         HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_H=max(16, triton.next_power_of_2(rep)),
         DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
     )
@@ -336,3 +351,45 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
     )
     return out
+
+
+# the same launcher as a torch.library op (torch.compile, CUDA graphs); _launch.through_op says when
+kv_decode_attention_op = torch.library.custom_op("llmq::kv_decode_attention", kv_decode_attention_launch,
+                                                 mutates_args=())
+
+
+@kv_decode_attention_op.register_fake
+def _(q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros, k_res, v_res, mask, n_quant, bits, group_size,
+      key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS,
+      num_stages=NUM_STAGES):
+    return q.new_empty(q.shape)  # contiguous, like the real output (q itself may be strided)
+
+
+def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
+                        num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                        num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache ``kv`` (shapes above).
+
+    Unpacks ``kv`` into the custom op ``torch.ops.llmq.kv_decode_attention`` while ``torch.compile``
+    traces (``fullgraph=True``; CUDA graphs) or a gradient is asked for, else into the plain launcher
+    (the same kernels without the dispatcher's per-call cost; ``llmq.kernels._launch.through_op``).
+
+    Args:
+        q: ``[B, H_q, D]`` fp16/bf16/fp32, one decode token per row; H_q a multiple of H_kv.
+        kv: the packed cache (``PackedKV``), residual in ``q.dtype``.
+        sm_scale: softmax scale (``1/sqrt(D)`` for Llama).
+        mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
+        num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
+        block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
+        num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
+    Returns:
+        ``[B, H_q, D]`` in ``q.dtype``, contiguous.
+    Raises:
+        ValueError: shapes, dtypes, strides or launch options the kernel cannot run.
+    """
+    tensors = (q, mask, kv.k_codes, kv.k_scales, kv.k_zeros, kv.v_codes, kv.v_scales, kv.v_zeros, kv.k_res, kv.v_res)
+    launch = kv_decode_attention_op if through_op(*tensors) else kv_decode_attention_launch
+    return launch(
+        q, kv.k_codes, kv.k_scales, kv.k_zeros, kv.v_codes, kv.v_scales, kv.v_zeros, kv.k_res, kv.v_res, mask,
+        kv.n_quant, kv.bits, kv.group_size, kv.key_per_channel, kv.symmetric, sm_scale, num_splits, block_n,
+        num_warps, num_stages)
