@@ -24,9 +24,11 @@ op that *produces* ``X``:
 * ``up_proj`` → ``down_proj``: ``down``'s input is ``act(gate) * up``, linear in
   ``up``'s output per channel; ``up`` rows take ``1/s``, ``down`` columns ``s``.
 
-Tensors/modules in, modules modified in place; ``smooth_llama_layers`` applies all
-of it to a Llama-style decoder (``tests/algorithms/test_smoothquant.py`` checks the
-float model's logits are unchanged).
+Tensors/modules in, modules modified in place; ``smooth_llama_layer`` applies all
+of it to one Llama-style decoder layer (the layer-sequential W8A8 pipeline,
+``llmq.w8a8.layerwise``), ``smooth_llama_layers`` to every layer of a model in
+memory (``tests/algorithms/test_smoothquant.py`` checks the float model's logits
+are unchanged).
 """
 
 from __future__ import annotations
@@ -97,10 +99,77 @@ def reduce_kv(x: torch.Tensor, num_kv_heads: int, groups: int) -> torch.Tensor:
     return x.view(num_kv_heads, groups, -1).amax(dim=1).reshape(-1)
 
 
+def llama_layer_parts(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """The modules SmoothQuant folds through in one Llama-style decoder ``layer`` (works on ``meta`` too).
+
+    Returns ``{"q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2"}`` → module; raises ``ValueError``
+    naming ``prefix`` when the layer does not have that structure.
+    """
+    try:
+        attn, mlp = layer.self_attn, layer.mlp
+        return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "gate": mlp.gate_proj,
+                "up": mlp.up_proj, "down": mlp.down_proj, "ln1": layer.input_layernorm,
+                "ln2": layer.post_attention_layernorm}
+    except AttributeError as e:
+        raise ValueError(f"{prefix}: not a Llama-style decoder layer ({e}); SmoothQuant folding needs "
+                         f"input_layernorm -> q/k/v and post_attention_layernorm -> gate/up") from None
+
+
+def kv_groups(config) -> tuple[int, int]:
+    """``(num_kv_heads, query heads per KV head)`` of a model config (no GQA: ``(num_heads, 1)``)."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    return n_kv, n_heads // n_kv
+
+
+@torch.no_grad()
+def smooth_llama_layer(layer: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float, num_kv_heads: int,
+                       groups: int, prefix: str = "layer", smooth_vo: bool = True,
+                       smooth_up_down: bool = True) -> list[str]:
+    """Apply SmoothQuant to one Llama-style decoder ``layer``, in place; its float function is unchanged.
+
+    Args:
+        act_absmax: per-input-channel ``max|X|`` ``[K]`` float32 of the layer's Linears by *local* name
+            (``"self_attn.q_proj"``, ``"self_attn.o_proj"``, ``"mlp.gate_proj"``, ``"mlp.down_proj"`` are read),
+            collected on this layer before smoothing.
+        num_kv_heads, groups: ``kv_groups(model.config)``; ``v_proj -> o_proj`` shares factors across the
+            ``groups`` query heads of each KV head.
+        prefix: the layer's name in the model, for error messages.
+    Returns:
+        local names of the Linears whose inputs were smoothed.
+    """
+    m = llama_layer_parts(layer, prefix)
+
+    def stats(name: str) -> torch.Tensor:
+        if name not in act_absmax:
+            raise ValueError(f"no activation statistics for {prefix}.{name}: calibration never reached it")
+        return act_absmax[name]
+
+    s = smoothing_factors(stats("self_attn.q_proj"), [m["q"].weight, m["k"].weight, m["v"].weight], alpha)
+    fold_into_norm(m["ln1"], [m["q"], m["k"], m["v"]], s)
+    s = smoothing_factors(stats("mlp.gate_proj"), [m["gate"].weight, m["up"].weight], alpha)
+    fold_into_norm(m["ln2"], [m["gate"], m["up"]], s)
+    smoothed = [f"self_attn.{n}_proj" for n in "qkv"] + ["mlp.gate_proj", "mlp.up_proj"]
+    if smooth_vo:
+        v, o = m["v"], m["o"]
+        a = reduce_kv(stats("self_attn.o_proj"), num_kv_heads, groups)
+        w = reduce_kv(o.weight.abs().amax(dim=0), num_kv_heads, groups)
+        s = smoothing_factors(a, [w[None, :]], alpha)
+        v.weight.div_(s.to(v.weight.dtype)[:, None])
+        if v.bias is not None:
+            v.bias.div_(s.to(v.bias.dtype))
+        o.weight.mul_(expand_kv(s, num_kv_heads, groups).to(o.weight.dtype)[None, :])
+        smoothed.append("self_attn.o_proj")
+    if smooth_up_down:
+        fold_into_linear(m["up"], m["down"], smoothing_factors(stats("mlp.down_proj"), [m["down"].weight], alpha))
+        smoothed.append("mlp.down_proj")
+    return smoothed
+
+
 @torch.no_grad()
 def smooth_llama_layers(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float,
                         smooth_vo: bool = True, smooth_up_down: bool = True) -> list[str]:
-    """Apply SmoothQuant to every decoder layer of a Llama-style model, in place.
+    """Apply SmoothQuant to every decoder layer of a Llama-style model, in place (``smooth_llama_layer``).
 
     Args:
         act_absmax: per-input-channel ``max|X|`` ``[K]`` of each Linear, by module name
@@ -113,44 +182,11 @@ def smooth_llama_layers(model: nn.Module, act_absmax: dict[str, torch.Tensor], a
         raise ValueError("SmoothQuant folding supports Llama-style models (model.model.layers[i] with "
                          "self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input/post_attention_layernorm); "
                          f"{type(model).__name__} has no model.layers")
-    cfg = model.config
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    groups = n_heads // n_kv
+    n_kv, groups = kv_groups(model.config)
     smoothed = []
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}"
-        try:
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        except AttributeError as e:
-            raise ValueError(f"{prefix}: not a Llama-style decoder layer ({e}); SmoothQuant folding needs "
-                             f"input_layernorm -> q/k/v and post_attention_layernorm -> gate/up") from None
-
-        def stats(name: str) -> torch.Tensor:
-            key = f"{prefix}.{name}"
-            if key not in act_absmax:
-                raise ValueError(f"no activation statistics for {key}: calibration never reached it")
-            return act_absmax[key]
-
-        s = smoothing_factors(stats("self_attn.q_proj"), [q.weight, k.weight, v.weight], alpha)
-        fold_into_norm(ln1, [q, k, v], s)
-        s = smoothing_factors(stats("mlp.gate_proj"), [gate.weight, up.weight], alpha)
-        fold_into_norm(ln2, [gate, up], s)
-        smoothed += [f"{prefix}.self_attn.{n}" for n in "qkv"] + [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"]
-        if smooth_vo:
-            a = reduce_kv(stats("self_attn.o_proj"), n_kv, groups)
-            w = reduce_kv(o.weight.abs().amax(dim=0), n_kv, groups)
-            s = smoothing_factors(a, [w[None, :]], alpha)
-            v.weight.div_(s.to(v.weight.dtype)[:, None])
-            if v.bias is not None:
-                v.bias.div_(s.to(v.bias.dtype))
-            o.weight.mul_(expand_kv(s, n_kv, groups).to(o.weight.dtype)[None, :])
-            smoothed.append(f"{prefix}.self_attn.o_proj")
-        if smooth_up_down:
-            s = smoothing_factors(stats("mlp.down_proj"), [down.weight], alpha)
-            fold_into_linear(up, down, s)
-            smoothed.append(f"{prefix}.mlp.down_proj")
+        local = {k[len(prefix) + 1:]: v for k, v in act_absmax.items() if k.startswith(prefix + ".")}
+        done = smooth_llama_layer(layer, local, alpha, n_kv, groups, prefix, smooth_vo, smooth_up_down)
+        smoothed += [f"{prefix}.{n}" for n in done]
     return smoothed

@@ -149,7 +149,8 @@ def run_w8a8(args: argparse.Namespace) -> int:
     recipe = build_activation_recipe(args)
     result = quantize_w8a8(args.model, recipe, args.out, force=args.force, exclude=tuple(args.exclude),
                            n_samples=args.calib_samples, progress=not args.json,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, device=args.device,
+                           max_memory_mb=args.max_memory)
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "recipe": w8a8_weight_recipe().to_dict(),
                           "activation": recipe.to_dict(), **result.summary.to_dict()}))

@@ -3,7 +3,15 @@
     ids = calibration_batches(tokenizer, n_samples=128, seq_len=512)   # BBC business+sports
     summary = quantize_model_w8a8(model, ActivationRecipe(scheme="static", observer="kl"), ids)
 
-Steps (whole model in memory; SmolLM2-size models — no layer-by-layer offload):
+Two drivers share the hooks below (``absmax_hooks``, ``observer_hooks``) and the
+SmoothQuant folding:
+
+* ``quantize_w8a8`` (``llmq quantize --method smoothquant``) goes layer by layer
+  from the safetensors files, never holding the float model
+  (``llmq.w8a8.layerwise``; each layer calibrated on the quantized layers' outputs);
+* ``quantize_model_w8a8`` quantizes a model already in memory, in whole-model passes
+  that observe the *float* smoothed model (any module tree; the path behind the
+  measured quality table in ``docs/w8a8.md``):
 
 1. if ``recipe.smoothquant_alpha`` is set: one calibration pass with forward
    pre-hooks recording each selected Linear's per-input-channel ``max|x|``, then
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +42,7 @@ from llmq.model.swap import find_linears, set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import Observer, make_observer
 from llmq.recipes import DEFAULT_EXCLUDE, ActivationRecipe, ActScheme, WeightMethod, WeightRecipe
+from llmq.resources import peak_rss_mb
 
 
 def w8a8_weight_recipe(include=("*",), exclude=DEFAULT_EXCLUDE) -> WeightRecipe:
@@ -60,9 +71,12 @@ def run_calibration(model: nn.Module, batches: list[torch.Tensor], desc: str, pr
         model(input_ids=ids.to(device), use_cache=False)
 
 
-def collect_input_absmax(model: nn.Module, names: list[str], batches: list[torch.Tensor],
-                         progress: bool = True) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max|x|`` ``[K]`` (float32) of each named Linear over ``batches``."""
+@contextmanager
+def absmax_hooks(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, forward pre-hooks record each named Linear's per-input-channel ``max|x|`` ``[K]`` (float32).
+
+    Yields the ``{name: max|x|}`` dict, filled by whatever forward passes run inside the block.
+    """
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -73,16 +87,21 @@ def collect_input_absmax(model: nn.Module, names: list[str], batches: list[torch
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        run_calibration(model, batches, "smoothquant stats", progress)
+        yield stats
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
-def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], recipe: ActivationRecipe,
-                   progress: bool = True) -> dict[str, Observer]:
-    """One per-tensor observer per distinct Linear input (shared by Linears reading the same tensor)."""
+@contextmanager
+def observer_hooks(model: nn.Module, names: list[str], recipe: ActivationRecipe) -> Iterator[dict[str, Observer]]:
+    """While open, forward pre-hooks feed each named Linear's input to a per-tensor observer.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one observer, which sees
+    that tensor once. Each calibration window is one observation: a ``[b, T, K]`` input
+    is observed as ``b`` windows of ``[1, T, K]``, so the result does not depend on the
+    batch size the model runs at. Yields the ``{name: observer}`` dict.
+    """
     observers: dict[str, Observer] = {}
     # the input tensor the previous hook saw and its observer. The tensor itself is held (not its
     # address): an address can be reused by the next, unrelated activation of the same shape (o_proj's
@@ -100,18 +119,43 @@ def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tenso
                                                           percentile=recipe.percentile, bits=recipe.bits)
             obs = observers[name]
             if not (same_input and last.get("obs") is obs):
-                obs.observe(x)
+                for window in (x.split(1) if x.dim() >= 3 else (x,)):
+                    obs.observe(window)
             last["input"], last["obs"] = x, obs
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        run_calibration(model, batches, f"calibrating ({recipe.observer.value})", progress)
+        yield observers
     finally:
         for h in handles:
             h.remove()
         last.clear()
+
+
+def collect_input_absmax(model: nn.Module, names: list[str], batches: list[torch.Tensor],
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max|x|`` ``[K]`` (float32) of each named Linear over ``batches``."""
+    with absmax_hooks(model, names) as stats:
+        run_calibration(model, batches, "smoothquant stats", progress)
+    return stats
+
+
+def observe_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], recipe: ActivationRecipe,
+                   progress: bool = True) -> dict[str, Observer]:
+    """One per-tensor observer per distinct Linear input (shared by Linears reading the same tensor)."""
+    with observer_hooks(model, names, recipe) as observers:
+        run_calibration(model, batches, f"calibrating ({recipe.observer.value})", progress)
     return observers
+
+
+def static_scales(observers: dict[str, Observer], names: list[str]) -> dict[str, torch.Tensor]:
+    """``{name: act scale}`` for every name; a Linear no calibration data reached is a ``ValueError``."""
+    for n in names:
+        if n not in observers:
+            raise ValueError(f"{n}: calibration never reached this Linear, so it has no static activation "
+                             f"scale; exclude it or check the calibration data")
+    return {n: observers[n].scale() for n in names}
 
 
 @dataclass
@@ -123,6 +167,9 @@ class W8A8Summary:
     alpha: float | None
     calibration_samples: int
     seconds: float
+    peak_rss_mb: float | None = None  # of the whole process, at the end
+    model_mb_before: float | None = None  # float model, fp32
+    model_mb_after: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,8 +177,13 @@ class W8A8Summary:
     def __str__(self) -> str:
         obs = f", observer {self.observer}" if self.observer else ""
         sq = f"SmoothQuant alpha={self.alpha} on {self.smoothed} Linears" if self.alpha is not None else "no SmoothQuant"
-        return (f"W8A8 {self.scheme}{obs}: {self.linears} Linears -> W8A8Linear, {sq}, "
-                f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s")
+        out = (f"W8A8 {self.scheme}{obs}: {self.linears} Linears -> W8A8Linear, {sq}, "
+               f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s")
+        if self.model_mb_before is not None and self.model_mb_after is not None:
+            out += f"\n  model size {self.model_mb_before:8.1f} MB -> {self.model_mb_after:8.1f} MB"
+        if self.peak_rss_mb is not None:
+            out += f"\n  peak RSS   {self.peak_rss_mb:8.1f} MB"
+        return out
 
 
 def quantize_model_w8a8(model: nn.Module, recipe: ActivationRecipe, batches: list[torch.Tensor] | None,
@@ -159,47 +211,58 @@ def quantize_model_w8a8(model: nn.Module, recipe: ActivationRecipe, batches: lis
         smoothed = smooth_llama_layers(model, stats, recipe.smoothquant_alpha)
     scales: dict[str, torch.Tensor] = {}
     if recipe.scheme is ActScheme.STATIC:
-        observers = observe_inputs(model, names, batches, recipe, progress)
-        for n in names:
-            if n not in observers:
-                raise ValueError(f"{n}: calibration never reached this Linear, so it has no static activation "
-                                 f"scale; exclude it or check the calibration data")
-            scales[n] = observers[n].scale()
+        scales = static_scales(observe_inputs(model, names, batches, recipe, progress), names)
     for name, lin in tqdm(linears, desc="W8A8Linear", unit="linear", disable=not progress):
         set_submodule(model, name, W8A8Linear.from_linear(lin, scales.get(name), name=name, backend=backend))
     return W8A8Summary(len(linears), len(smoothed), recipe.scheme.value,
                        recipe.observer.value if recipe.scheme is ActScheme.STATIC else None,
-                       recipe.smoothquant_alpha, len(batches or []), time.perf_counter() - start)
+                       recipe.smoothquant_alpha, len(batches or []), time.perf_counter() - start,
+                       peak_rss_mb=peak_rss_mb())
 
 
 def quantize_w8a8(model: str | os.PathLike, recipe: ActivationRecipe, out_dir: str | os.PathLike | None = None,
                   force: bool = False, exclude: tuple[str, ...] = (), n_samples: int = 128, seq_len: int = 512,
-                  progress: bool = True, trust_remote_code: bool = False):
-    """``llmq quantize --method smoothquant``: load, calibrate, quantize and (optionally) save a checkpoint.
+                  progress: bool = True, trust_remote_code: bool = False, device: str | None = None,
+                  max_memory_mb: float | None = None, batch_size: int = 8, backend: str | None = None):
+    """``llmq quantize --method smoothquant``: calibrate and quantize layer by layer, (optionally) save.
+
+    The float model is never loaded whole: ``llmq.w8a8.layerwise.quantize_layerwise_w8a8``
+    reads one decoder layer at a time from the safetensors files, and calibrates each
+    layer on the outputs of the already quantized layers before it (see that module).
+    ``max_memory_mb`` checks the plan before any work; ``device``: where layers run.
+    Bad calibration settings and output folders fail before anything is loaded.
 
     The checkpoint's ``quantization_config`` has ``"weight"`` (int8 per channel,
     method smoothquant), ``"activation"`` (the recipe) and ``"calibration"``; static
     activation scales are ``act_scale`` buffers of each ``W8A8Linear``.
     Returns ``llmq.api.QuantizeResult``.
     """
+    from transformers import AutoTokenizer
+
     from llmq.api import QuantizeResult
     from llmq.checkpoint import build_quantization_config, save_quantized
     from llmq.checkpoint.save import check_output_dir
-    from llmq.model.source import load_model, resolve_model_path
+    from llmq.model.source import resolve_model_path
+    from llmq.w8a8.layerwise import needs_calibration, quantize_layerwise_w8a8
 
+    if needs_calibration(recipe) and (n_samples < 1 or seq_len < 1):
+        raise ValueError(f"SmoothQuant and static activation scales need calibration data, but n_samples={n_samples} "
+                         f"and seq_len={seq_len}; use --calib-samples >= 1, or --act-scheme dynamic --alpha none")
     source = resolve_model_path(model)
     if out_dir is not None:
         check_output_dir(out_dir, force, source_dir=source)
-    fp_model, tokenizer, _ = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     wrecipe = w8a8_weight_recipe(exclude=DEFAULT_EXCLUDE + tuple(exclude))
-    needs_data = recipe.smoothquant_alpha is not None or recipe.scheme is ActScheme.STATIC
-    batches = calibration_batches(tokenizer, n_samples, seq_len) if needs_data else None
-    summary = quantize_model_w8a8(fp_model, recipe, batches, wrecipe, progress=progress)
+    batches = calibration_batches(tokenizer, n_samples, seq_len) if needs_calibration(recipe) else None
+    q_model, summary = quantize_layerwise_w8a8(source, recipe, batches, wrecipe, device=device,
+                                               max_memory_mb=max_memory_mb, batch_size=batch_size,
+                                               progress=progress, backend=backend,
+                                               trust_remote_code=trust_remote_code)
     saved = None
     if out_dir is not None:
         extra = {"activation": recipe.to_dict(),
                  "calibration": {"samples": summary.calibration_samples, "seq_len": seq_len, "seed": 0,
-                                 "text": "bbc business+sports, odd file numbers"}}
-        qcfg = build_quantization_config(fp_model, wrecipe, extra)
-        saved = save_quantized(fp_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(fp_model, tokenizer, summary, None if saved is None else Path(saved))
+                                 "text": "bbc business+sports, odd file numbers", "sequential": True}}
+        qcfg = build_quantization_config(q_model, wrecipe, extra)
+        saved = save_quantized(q_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
+    return QuantizeResult(q_model, tokenizer, summary, None if saved is None else Path(saved))
