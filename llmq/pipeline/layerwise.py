@@ -208,7 +208,8 @@ def _check_plan(max_memory_mb, parts: dict[str, float], device: torch.device) ->
         return True
     detail = ", ".join(f"{k} {v:.0f} MB" for k, v in parts.items())
     raise ValueError(f"the layer-wise plan needs about {total:.0f} MB ({detail}) but --max-memory is "
-                     f"{max_memory_mb:.0f} MB; lower --nsamples/--seqlen or raise --max-memory")
+                     f"{max_memory_mb:.0f} MB; use fewer or shorter calibration windows (--nsamples/--seqlen, "
+                     f"--calib-samples for --method smoothquant) or raise --max-memory")
 
 
 def _check_calibration(recipe: WeightRecipe, input_ids: torch.Tensor | None) -> None:
