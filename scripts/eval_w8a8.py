@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--percentile", type=float, default=99.99)
+    ap.add_argument("--percentile", type=float, default=99.9999)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--only", nargs="*", default=None, help="subset of rows, e.g. fp w8a8-dynamic-sq")
     ap.add_argument("--out", default="results/w8a8")

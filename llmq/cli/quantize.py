@@ -101,7 +101,7 @@ def register(sub) -> None:
                       "SmolLM2-135M, docs/w8a8.md; dynamic uses the row absmax)")
     w8a8.add_argument("--alpha", type=_alpha, default=0.5,
                       help="SmoothQuant migration strength in [0, 1], or 'none' for no smoothing (default 0.5)")
-    w8a8.add_argument("--percentile", type=float, default=99.99, help="percentile observer: %% of |x| kept")
+    w8a8.add_argument("--percentile", type=float, default=99.9999, help="percentile observer: %% of |x| kept")
     w8a8.add_argument("--momentum", type=float, default=0.9, help="EMA observer momentum")
     w8a8.add_argument("--calib-samples", type=int, default=128,
                       help="calibration windows of 512 tokens from the BBC calibration split (default 128)")

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-def make_observer(kind: ObserverKind | str, *, momentum: float = 0.9, percentile: float = 99.99,
+def make_observer(kind: ObserverKind | str, *, momentum: float = 0.9, percentile: float = 99.9999,
                   bits: int = 8, per_channel: bool = False, axis: int = -1) -> Observer:
     """An observer of the given kind (``minmax | ema | percentile | mse | kl``)."""
     try:

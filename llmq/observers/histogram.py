@@ -96,7 +96,7 @@ class PercentileObserver(HistogramObserver):
     ``percentile / 100`` of all values, so at least that fraction is never clipped.
     """
 
-    def __init__(self, percentile: float = 99.99, bins: int = 2048, bits: int = 8, per_channel: bool = False,
+    def __init__(self, percentile: float = 99.9999, bins: int = 2048, bits: int = 8, per_channel: bool = False,
                  axis: int = -1) -> None:
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
