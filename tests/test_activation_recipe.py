@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llmq.recipes import ActGranularity, ActivationRecipe, ActScheme, ObserverKind
+from llmq.recipes import DEFAULT_SMOOTHQUANT_ALPHA, ActGranularity, ActivationRecipe, ActScheme, ObserverKind
 
 
 @pytest.mark.parametrize("kw", [
@@ -21,6 +21,16 @@ def test_defaults_and_enums():
     assert r.scheme is ActScheme.STATIC and r.granularity is ActGranularity.PER_TENSOR
     assert r.observer is ObserverKind.MSE
     assert ActivationRecipe().granularity is ActGranularity.PER_TOKEN
+
+
+def test_smoothquant_alpha_defaults_per_scheme():
+    """Static per-tensor scales get more outlier migration by default (chosen on held-out text); an
+    explicit alpha, or None (no smoothing), is kept as given."""
+    assert ActivationRecipe().smoothquant_alpha == DEFAULT_SMOOTHQUANT_ALPHA[ActScheme.DYNAMIC] == 0.5
+    assert ActivationRecipe(scheme="static").smoothquant_alpha == DEFAULT_SMOOTHQUANT_ALPHA[ActScheme.STATIC] == 0.9
+    assert ActivationRecipe(scheme="static", smoothquant_alpha=0.5).smoothquant_alpha == 0.5
+    assert ActivationRecipe(scheme="static", smoothquant_alpha=None).smoothquant_alpha is None
+    assert ActivationRecipe(scheme="static").to_dict()["smoothquant_alpha"] == 0.9  # resolved in the checkpoint
 
 
 @pytest.mark.parametrize("kw, match", [
