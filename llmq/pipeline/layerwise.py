@@ -28,12 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from accelerate.utils import set_module_tensor_to_device
 
 from llmq.model.rtn import QuantizationSummary, model_bytes
 from llmq.model.swap import set_submodule
 from llmq.nn.quant_linear import QuantLinear
-from llmq.pipeline.lazy import LazyCheckpoint, empty_model, materialise
+from llmq.pipeline.lazy import (
+    LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
+)
 from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups
 from llmq.quant.primitives import QuantizedWeight
 from llmq.recipes import WeightRecipe
@@ -62,13 +63,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                      f"the layer pipeline supports decoder-only transformers (Llama, Mistral, Qwen2, ...)")
 
 
-def _to(obj, device):
+def to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -81,7 +82,7 @@ def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: to
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden.to(store))
-        captured.kwargs.append(_to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store))
+        captured.kwargs.append(to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}, store))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -120,7 +121,7 @@ class _Replay(nn.Module):
         return self.wrap(self.block, self.block.get_submodule(self.linear)(x))
 
 
-def _forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> list[torch.Tensor]:
+def forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> list[torch.Tensor]:
     """Run ``layer`` on every batch (blocks in ``replays`` replayed from their caches)."""
     originals = {}
     for linear, cached in replays.items():
@@ -133,7 +134,7 @@ def _forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> l
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             state["batch"] = b
             try:
-                out = layer(hidden.to(device), **_to(kwargs, device))
+                out = layer(hidden.to(device), **to_device(kwargs, device))
             except _StopForward:
                 continue
             if keep_outputs:
@@ -169,7 +170,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
 
             handle = layer.get_submodule(first).register_forward_pre_hook(hook)
             try:
-                _forward_all(layer, inputs, device, replays, state, keep_outputs=False)
+                forward_all(layer, inputs, device, replays, state, keep_outputs=False)
             finally:
                 handle.remove()
             if cache is not None:
@@ -186,7 +187,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
         n_weights += linear.weight.numel()
         n_bytes += linear.weight.numel() * 4
         set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
-    outs = _forward_all(layer, inputs, device, replays, state, keep_outputs=True) if inputs is not None else None
+    outs = forward_all(layer, inputs, device, replays, state, keep_outputs=True) if inputs is not None else None
     return outs, len(selected), n_weights, n_bytes
 
 
@@ -196,7 +197,7 @@ def _replay_ok(layer: nn.Module, linear: str) -> bool:
     return container in modules and linear in modules and type(layer).__name__ in _REPLAY_LAYERS
 
 
-def _check_plan(max_memory_mb, parts: dict[str, float], device: torch.device) -> bool:
+def check_memory_plan(max_memory_mb, parts: dict[str, float], device: torch.device) -> bool:
     """``True`` if the activations must live on the host (CUDA only); raises if the plan cannot fit."""
     if max_memory_mb is None:
         return False
@@ -220,7 +221,7 @@ def _check_calibration(recipe: WeightRecipe, input_ids: torch.Tensor | None) -> 
         raise ValueError(f"calibration ids must be a non-empty [nsamples, seqlen] tensor, got {tuple(input_ids.shape)}")
 
 
-def _check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> None:
+def check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> None:
     """Every selected Linear must sit in a decoder layer; at least one must be selected."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and recipe.matches(n)]
     outside = [n for n in names if not n.startswith(prefix + ".")]
@@ -232,7 +233,7 @@ def _check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> Non
                          f"exclude={list(recipe.exclude)}); check the patterns against `llmq inspect` module names")
 
 
-def _default_device(device) -> torch.device:
+def default_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -261,11 +262,11 @@ def quantize_layerwise(
     """
     start = time.perf_counter()
     _check_calibration(recipe, calibration_ids)
-    device = _default_device(device)
+    device = default_device(device)
     ckpt = LazyCheckpoint(folder)
     model = empty_model(folder, trust_remote_code)
     prefix, layers = find_decoder_layers(model)
-    _check_selection(model, prefix, recipe)
+    check_selection(model, prefix, recipe)
     hidden = model.config.hidden_size
     # everything is computed in fp32, whatever the dtype on disk;
     # one layer in fp32, plus as much again for the algorithms' working copies
@@ -277,18 +278,12 @@ def quantize_layerwise(
         acts_mb += calibration_ids.numel() * (hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * 4 / 1e6
     quant_mb = ckpt.numel(f"{prefix}.") * (recipe.bits + 1) / 8 / 1e6  # codes + scales/zeros, roughly
     base = current_rss_mb() if device.type == "cpu" else 0.0
-    acts_on_host = _check_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb, "one layer": layer_mb,
-                                                "calibration activations": acts_mb, "quantized layers": quant_mb}, device)
+    acts_on_host = check_memory_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb,
+                                                     "one layer": layer_mb, "calibration activations": acts_mb,
+                                                     "quantized layers": quant_mb}, device)
     store = torch.device("cpu") if acts_on_host else device
 
-    for name, _ in list(model.named_buffers()):  # rotary tables etc. are real tensors on the host
-        set_module_tensor_to_device(model, name, device)
-    # embeddings first (tied heads share them)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            materialise(model, name, ckpt, device)
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    materialise_inputs_side(model, ckpt, device)
     inputs = None
     if calibration_ids is not None:
         inputs = capture_layer0_inputs(model, layers, calibration_ids, batch_size, device, store)
@@ -297,11 +292,7 @@ def quantize_layerwise(
         return materialise(model, f"{prefix}.{i}", ckpt, device)
 
     n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress)
-    # everything outside the decoder layers (final norm, head), on the host
-    for name, param in list(model.named_parameters()):
-        if param.device.type == "meta":
-            materialise(model, name.rpartition(".")[0], ckpt, torch.device("cpu"))
-    model.to("cpu")
+    materialise_rest_on_host(model, ckpt)  # final norm, head
     return model, _summary(model, n, weights, fp_bytes, ckpt.nbytes() / 1e6, start)
 
 
@@ -316,10 +307,10 @@ def quantize_model(
     """Same as ``quantize_layerwise`` for a model already in memory (modified in place)."""
     start = time.perf_counter()
     _check_calibration(recipe, calibration_ids)
-    device = _default_device(device)
+    device = default_device(device)
     before = model_bytes(model) / 1e6
     prefix, layers = find_decoder_layers(model)
-    _check_selection(model, prefix, recipe)
+    check_selection(model, prefix, recipe)
     home = next(model.parameters()).device
     inputs = None
     if calibration_ids is not None:

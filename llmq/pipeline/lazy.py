@@ -101,3 +101,24 @@ def materialise(
         set_module_tensor_to_device(module, local, device, value=ckpt.get(full, dtype), dtype=dtype)
     return module
 
+
+
+def materialise_inputs_side(model: nn.Module, ckpt: LazyCheckpoint, device: torch.device) -> None:
+    """What a layer-by-layer pass needs before decoder layer 0: the buffers (rotary tables, …) on
+    ``device`` and the embeddings read there (a tied output head then shares the embedding weight)."""
+    for name, _ in list(model.named_buffers()):
+        set_module_tensor_to_device(model, name, device)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            materialise(model, name, ckpt, device)
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def materialise_rest_on_host(model: nn.Module, ckpt: LazyCheckpoint) -> None:
+    """Read every parameter still on ``meta`` (final norm, untied head, …) on the host, then move the
+    whole model there: the end of a layer-by-layer pass."""
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta":
+            materialise(model, name.rpartition(".")[0], ckpt, torch.device("cpu"))
+    model.to("cpu")

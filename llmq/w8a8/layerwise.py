@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -47,10 +46,12 @@ from llmq.model.rtn import model_bytes
 from llmq.model.swap import set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.pipeline.layerwise import (
-    LayerInputs, _check_plan, _check_selection, _default_device, _forward_all, _to, capture_layer0_inputs,
-    find_decoder_layers,
+    LayerInputs, capture_layer0_inputs, check_memory_plan, check_selection, default_device, find_decoder_layers,
+    forward_all, to_device,
 )
-from llmq.pipeline.lazy import LazyCheckpoint, empty_model, materialise
+from llmq.pipeline.lazy import (
+    LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
+)
 from llmq.recipes import ActivationRecipe, ActScheme, WeightRecipe
 from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb
 from llmq.w8a8.quantize import W8A8Summary, absmax_hooks, observer_hooks, static_scales, w8a8_weight_recipe
@@ -114,7 +115,7 @@ def smooth_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, device: tor
     """
     names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     with absmax_hooks(layer, names) as stats:
-        _forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
+        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
     return smooth_llama_layer(layer, stats, alpha, num_kv_heads, groups, prefix)
 
 
@@ -127,7 +128,7 @@ def observe_layer(layer: nn.Module, prefix: str, names: list[str], inputs: Layer
     ``observer_hooks``). A Linear the forward never reaches is a ``ValueError``.
     """
     with observer_hooks(layer, names, recipe) as observers:
-        _forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
+        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
     scales = static_scales({f"{prefix}.{n}": o for n, o in observers.items()}, [f"{prefix}.{n}" for n in names])
     return {n: scales[f"{prefix}.{n}"] for n in names}
 
@@ -140,7 +141,7 @@ def advance(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> None
     are held once (plus one batch), not as separate input and output lists.
     """
     for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        out = layer(hidden.to(device), **_to(kwargs, device))
+        out = layer(hidden.to(device), **to_device(kwargs, device))
         inputs.hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden.device)
 
 
@@ -199,11 +200,11 @@ def quantize_layerwise_w8a8(
     start = time.perf_counter()
     check_calibration_batches(recipe, batches)
     weight_recipe = weight_recipe or w8a8_weight_recipe()
-    device = _default_device(device)
+    device = default_device(device)
     ckpt = LazyCheckpoint(folder)
     model = empty_model(folder, trust_remote_code)
     prefix, layers = find_decoder_layers(model)
-    _check_selection(model, prefix, weight_recipe)
+    check_selection(model, prefix, weight_recipe)
     if recipe.smoothquant_alpha is not None:
         for i, layer in enumerate(layers):
             llama_layer_parts(layer, f"{prefix}.{i}")  # on meta: the structure is known before any work
@@ -211,13 +212,7 @@ def quantize_layerwise_w8a8(
     data = batches if needs_calibration(recipe) else None
     store = _plan(model, ckpt, prefix, len(layers), data, batch_size, device, max_memory_mb)
 
-    for name, _ in list(model.named_buffers()):  # rotary tables etc. are real tensors on the host
-        set_module_tensor_to_device(model, name, device)
-    for name, module in model.named_modules():  # embeddings first (tied heads share them)
-        if isinstance(module, nn.Embedding):
-            materialise(model, name, ckpt, device)
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    materialise_inputs_side(model, ckpt, device)
     inputs = None if data is None else _calibration_inputs(model, layers, data, batch_size, device, store)
 
     desc = f"W8A8 {recipe.scheme.value}" + (f" + SmoothQuant {recipe.smoothquant_alpha}"
@@ -236,11 +231,7 @@ def quantize_layerwise_w8a8(
         _release_freed_memory()
         bar.set_postfix({"layer_s": f"{time.perf_counter() - t0:.1f}", **memory_postfix()})
     del inputs
-    # everything outside the decoder layers (final norm, head), on the host
-    for name, param in list(model.named_parameters()):
-        if param.device.type == "meta":
-            materialise(model, name.rpartition(".")[0], ckpt, torch.device("cpu"))
-    model.to("cpu")
+    materialise_rest_on_host(model, ckpt)  # final norm, head
     summary = W8A8Summary(n_linears, n_smoothed, recipe.scheme.value,
                           recipe.observer.value if recipe.scheme is ActScheme.STATIC else None,
                           recipe.smoothquant_alpha, sum(b.shape[0] for b in data or []),
@@ -267,7 +258,7 @@ def _plan(model, ckpt, prefix, n_layers, batches, batch_size, device, max_memory
         acts_mb += batch * seq * (3 * intermediate + 4 * hidden) * 4 / 1e6  # one batch inside the layer
     quant_mb = ckpt.numel(f"{prefix}.") * 1 / 1e6  # int8 codes (scales: one per row)
     base = current_rss_mb() if device.type == "cpu" else 0.0
-    acts_on_host = _check_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb,
+    acts_on_host = check_memory_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb,
                                                "one layer": layer_mb, "calibration activations": acts_mb,
                                                "quantized layers": quant_mb}, device)
     return torch.device("cpu") if acts_on_host else device
