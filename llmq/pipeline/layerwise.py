@@ -38,7 +38,7 @@ from llmq.pipeline.lazy import (
 from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups
 from llmq.quant.primitives import QuantizedWeight
 from llmq.recipes import WeightRecipe
-from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb
+from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb, release_freed_memory
 
 
 class _StopForward(Exception):
@@ -336,6 +336,7 @@ def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress) ->
             inputs.hidden = outs
         if device.type == "cuda":
             layer.to("cpu")  # finished layers wait on the host
+        release_freed_memory()
         bar.set_postfix({"layer_s": f"{time.perf_counter() - t0:.1f}", **memory_postfix()})
     return n, weights, fp_bytes
 

@@ -32,8 +32,6 @@ before any work starts.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from pathlib import Path
 
@@ -53,26 +51,8 @@ from llmq.pipeline.lazy import (
     LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
 )
 from llmq.recipes import ActivationRecipe, ActScheme, WeightRecipe
-from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb
+from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb, release_freed_memory
 from llmq.w8a8.quantize import W8A8Summary, absmax_hooks, observer_hooks, static_scales, w8a8_weight_recipe
-
-
-# glibc's malloc_trim, or None (macOS, musl): see ``_release_freed_memory``
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
-
-
-def _release_freed_memory() -> None:
-    """Give the heap pages freed by the finished layer back to the OS (glibc only; no-op elsewhere).
-
-    A float layer's tensors are freed when its Linears become ``W8A8Linear``, but glibc's
-    dynamic mmap threshold puts later large tensors on the heap, where the freed blocks sit
-    between live int8 buffers and are never returned. Measured on a 1.5 GB fp32 Llama (12
-    layers of 25 M weights): anonymous RSS before the last layer 1.17 GB without this call
-    between layers (~65 MB per layer), 0.62 GB with it (~25 MB: the int8 weights); peak RSS
-    1.72 GB vs 1.18 GB.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def needs_calibration(recipe: ActivationRecipe) -> bool:
@@ -228,7 +208,7 @@ def quantize_layerwise_w8a8(
         n_linears, n_smoothed = n_linears + k, n_smoothed + s
         if device.type == "cuda":
             layer.to("cpu")  # finished layers wait on the host
-        _release_freed_memory()
+        release_freed_memory()
         bar.set_postfix({"layer_s": f"{time.perf_counter() - t0:.1f}", **memory_postfix()})
     del inputs
     materialise_rest_on_host(model, ckpt)  # final norm, head
