@@ -48,3 +48,17 @@ def test_bad_w8a8_arguments(tiny_model_dir, tmp_path, args, message, capsys):
     assert main(["quantize", str(tiny_model_dir), "--method", "smoothquant", "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("scheme, observer, alpha", [("dynamic", "minmax", 0.5), ("static", "percentile", 0.9)])
+def test_scheme_defaults(scheme, observer, alpha):
+    """Without --observer/--alpha each scheme gets its held-out-chosen defaults (docs/w8a8.md);
+    '--alpha none' still turns smoothing off."""
+    from llmq.cli.main import build_parser
+    from llmq.cli.quantize import build_activation_recipe
+
+    base = ["quantize", "m", "--method", "smoothquant", "--act-scheme", scheme, "--out", "o"]
+    recipe = build_activation_recipe(build_parser().parse_args(base))
+    assert (recipe.observer.value, recipe.smoothquant_alpha) == (observer, alpha)
+    assert recipe.percentile == 99.9999
+    assert build_activation_recipe(build_parser().parse_args(base + ["--alpha", "none"])).smoothquant_alpha is None
