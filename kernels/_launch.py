@@ -32,8 +32,8 @@ def through_op(*tensors: torch.Tensor | None) -> bool:
     tensors and other tensor subclasses dispatch through, and what raises a clear error when a gradient
     is asked for. So it is used while compiling, for any input that is not a plain ``torch.Tensor``, and
     for inputs that require grad with grad mode on. Everywhere else the plain launcher runs the same
-    kernels without the dispatcher's round trip through Python, which costs ~20-25 µs per call
-    (measured on the 2-core CPU box, 2026-11-26) — paid by every quantized Linear of every layer at
+    kernels without the dispatcher's round trip through Python, which costs ~6-8 µs per call
+    (measured on the idle 2-core CPU box, 2026-11-26) — paid by every quantized Linear of every layer at
     every eager decode step.
     """
     if torch.compiler.is_compiling():
