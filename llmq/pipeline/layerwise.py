@@ -12,7 +12,8 @@
     materialise the final norm and lm_head
 
 Memory: the embeddings, one float decoder layer, the calibration activations
-(two copies of ``[nsamples, seqlen, hidden]`` fp32) and the quantized layers
+(one ``[nsamples, seqlen, hidden]`` fp32 copy: a layer's outputs replace its inputs batch
+by batch; plus the replay caches of o_proj / down_proj inputs) and the quantized layers
 done so far — never the float model. ``max_memory_mb`` checks that plan
 before any work starts; on CUDA it moves the activations to host memory when
 they do not fit beside the layer.
@@ -121,15 +122,19 @@ class _Replay(nn.Module):
         return self.wrap(self.block, self.block.get_submodule(self.linear)(x))
 
 
-def forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> list[torch.Tensor]:
-    """Run ``layer`` on every batch (blocks in ``replays`` replayed from their caches)."""
+def forward_all(layer, inputs, device, replays, state, advance: bool = False) -> None:
+    """Run ``layer`` on every batch (blocks in ``replays`` replayed from their caches); hooks observe.
+
+    With ``advance``, each batch's output replaces its input in ``inputs.hidden`` as soon as it
+    exists (the next layer's inputs), so the calibration activations are held once plus one batch,
+    never as an input list and an output list side by side.
+    """
     originals = {}
     for linear, cached in replays.items():
         container, wrap = REPLAYABLE[linear]
         originals[container] = layer.get_submodule(container)
         local = linear[len(container) + 1:]
         set_submodule(layer, container, _Replay(originals[container], local, wrap, cached, state))
-    outs = []
     try:
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             state["batch"] = b
@@ -137,20 +142,20 @@ def forward_all(layer, inputs, device, replays, state, keep_outputs: bool) -> li
                 out = layer(hidden.to(device), **to_device(kwargs, device))
             except _StopForward:
                 continue
-            if keep_outputs:
-                outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
+            if advance:
+                inputs.hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden.device)
     finally:
         for container, module in originals.items():
             set_submodule(layer, container, module)
-    return outs
 
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: LayerInputs | None,
-                   device: torch.device) -> tuple[list[torch.Tensor] | None, int, int, int]:
+                   device: torch.device) -> tuple[int, int, int]:
     """Quantize the selected Linears of one decoder ``layer`` in place (swapped for ``QuantLinear``).
 
-    Returns ``(next-layer inputs or None, #linears, #weights, float bytes of the linears)``.
+    ``inputs`` (when given) then become the quantized layer's outputs, the next layer's inputs.
+    Returns ``(#linears, #weights, float bytes of the linears)``.
     """
     selected = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and recipe.matches(f"{prefix}.{n}")]
     qweights: dict[str, QuantizedWeight] = {}
@@ -170,7 +175,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
 
             handle = layer.get_submodule(first).register_forward_pre_hook(hook)
             try:
-                forward_all(layer, inputs, device, replays, state, keep_outputs=False)
+                forward_all(layer, inputs, device, replays, state)
             finally:
                 handle.remove()
             if cache is not None:
@@ -187,8 +192,9 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
         n_weights += linear.weight.numel()
         n_bytes += linear.weight.numel() * 4
         set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
-    outs = forward_all(layer, inputs, device, replays, state, keep_outputs=True) if inputs is not None else None
-    return outs, len(selected), n_weights, n_bytes
+    if inputs is not None:
+        forward_all(layer, inputs, device, replays, state, advance=True)
+    return len(selected), n_weights, n_bytes
 
 
 def _replay_ok(layer: nn.Module, linear: str) -> bool:
@@ -273,7 +279,8 @@ def quantize_layerwise(
     layer_mb = 2 * max(ckpt.numel(f"{prefix}.{i}.") for i in range(len(layers))) * 4 / 1e6
     inner = tuple(f"{prefix}.{i}." for i in range(len(layers)))
     outer_mb = sum(ckpt.numel(n) for n in ckpt.files if not n.startswith(inner)) * 4 / 1e6
-    acts_mb = 0.0 if calibration_ids is None else 2 * calibration_ids.numel() * hidden * 4 / 1e6
+    # a layer's inputs, replaced by its outputs batch by batch
+    acts_mb = 0.0 if calibration_ids is None else calibration_ids.numel() * hidden * 4 / 1e6
     if calibration_ids is not None:  # replay caches: attention outputs + MLP activations
         acts_mb += calibration_ids.numel() * (hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * 4 / 1e6
     quant_mb = ckpt.numel(f"{prefix}.") * (recipe.bits + 1) / 8 / 1e6  # codes + scales/zeros, roughly
@@ -330,10 +337,8 @@ def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress) ->
     for i in bar:
         t0 = time.perf_counter()
         layer = load_layer(i)
-        outs, k, w, b = quantize_layer(layer, f"{prefix}.{i}", recipe, inputs, device)
+        k, w, b = quantize_layer(layer, f"{prefix}.{i}", recipe, inputs, device)
         n, weights, fp_bytes = n + k, weights + w, fp_bytes + b
-        if inputs is not None:
-            inputs.hidden = outs
         if device.type == "cuda":
             layer.to("cpu")  # finished layers wait on the host
         release_freed_memory()

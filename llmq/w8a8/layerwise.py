@@ -45,7 +45,7 @@ from llmq.model.swap import set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.pipeline.layerwise import (
     LayerInputs, capture_layer0_inputs, check_memory_plan, check_selection, default_device, find_decoder_layers,
-    forward_all, to_device,
+    forward_all,
 )
 from llmq.pipeline.lazy import (
     LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
@@ -95,7 +95,7 @@ def smooth_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, device: tor
     """
     names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     with absmax_hooks(layer, names) as stats:
-        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
+        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device})
     return smooth_llama_layer(layer, stats, alpha, num_kv_heads, groups, prefix)
 
 
@@ -108,21 +108,9 @@ def observe_layer(layer: nn.Module, prefix: str, names: list[str], inputs: Layer
     ``observer_hooks``). A Linear the forward never reaches is a ``ValueError``.
     """
     with observer_hooks(layer, names, recipe) as observers:
-        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, keep_outputs=False)
+        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device})
     scales = static_scales({f"{prefix}.{n}": o for n, o in observers.items()}, [f"{prefix}.{n}" for n in names])
     return {n: scales[f"{prefix}.{n}"] for n in names}
-
-
-@torch.no_grad()
-def advance(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> None:
-    """``inputs.hidden[b] = layer(inputs.hidden[b])`` for every batch, in place.
-
-    Each batch's input is dropped as soon as its output exists, so the activations
-    are held once (plus one batch), not as separate input and output lists.
-    """
-    for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        out = layer(hidden.to(device), **to_device(kwargs, device))
-        inputs.hidden[b] = (out[0] if isinstance(out, tuple) else out).to(hidden.device)
 
 
 @torch.no_grad()
@@ -144,7 +132,7 @@ def quantize_layer_w8a8(layer: nn.Module, prefix: str, recipe: ActivationRecipe,
         set_submodule(layer, name, W8A8Linear.from_linear(linear, scales.get(name), name=f"{prefix}.{name}",
                                                           backend=backend))
     if advance_inputs:
-        advance(layer, inputs, device)
+        forward_all(layer, inputs, device, {}, {"batch": 0, "device": device}, advance=True)
     return len(names), len(smoothed)
 
 

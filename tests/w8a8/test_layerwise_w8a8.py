@@ -13,7 +13,7 @@ import llmq
 import llmq.w8a8.layerwise as lw
 from llmq.algorithms.smoothquant import kv_groups
 from llmq.nn.w8a8_linear import W8A8Linear
-from llmq.pipeline.layerwise import forward_all, capture_layer0_inputs
+from llmq.pipeline.layerwise import LayerInputs, capture_layer0_inputs, forward_all
 from llmq.recipes import ActivationRecipe
 from llmq.w8a8 import calibration_batches, quantize_model_w8a8, quantize_w8a8
 from llmq.w8a8.layerwise import quantize_layerwise_w8a8, smooth_layer
@@ -135,13 +135,18 @@ def test_per_layer_fold_leaves_float_layer_outputs_unchanged(alpha):
     inputs = capture_layer0_inputs(model, layers, torch.cat(token_batches(3)), 2, torch.device("cpu"),
                                    torch.device("cpu"))
     state = {"batch": 0, "device": torch.device("cpu")}
+
+    def outputs(layer):
+        out = LayerInputs(list(inputs.hidden), inputs.kwargs)
+        forward_all(layer, out, torch.device("cpu"), {}, state, advance=True)
+        return out.hidden
+
     for i, layer in enumerate(layers):
-        ref = forward_all(layer, inputs, torch.device("cpu"), {}, state, keep_outputs=True)
+        ref = outputs(layer)
         smoothed = smooth_layer(layer, f"model.layers.{i}", inputs, torch.device("cpu"), alpha,
                                 *kv_groups(model.config))
         assert len(smoothed) == 7
-        got = forward_all(layer, inputs, torch.device("cpu"), {}, state, keep_outputs=True)
-        for r, g in zip(ref, got):
+        for r, g in zip(ref, outputs(layer)):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
         inputs.hidden = ref
 
