@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 
+# a constant while torch.compile traces (backend choice asks it; triton reads the knob through a C
+# extension that dynamo cannot trace)
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     knobs = getattr(triton, "knobs", None)  # triton >= 3.4

@@ -93,6 +93,11 @@ class LlmqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from llmq.nn import prepare
+
+        # backends chosen and kernel layouts held now, on the devices the weights were loaded to, so the
+        # first forward may run inside torch.compile
+        prepare(model)
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:

@@ -13,4 +13,17 @@ def set_backend(model, name: str | None) -> None:
             module.set_backend(name)
 
 
-__all__ = ["LinearSpec", "QuantLinear", "available_backends", "choose_backend", "register_backend", "set_backend", "W8A8Linear"]
+def prepare(model, dtype=None) -> None:
+    """Choose every quantized module's backend for ``dtype`` activations (default: each module's
+    ``activation_dtype_hint()``) on its device, and convert weights to the layout that backend reads.
+
+    ``from_pretrained`` and ``.to()`` / ``.cuda()`` / ``.half()`` already do this; call it yourself
+    before ``torch.compile`` when the model will run in another dtype than its scales, or after
+    ``set_backend``. Raises ``ValueError`` when a module has no backend that can run it.
+    """
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, W8A8Linear)) and module.qweight.device.type != "meta":
+            module.prepare(dtype)  # (meta = offloaded by accelerate: its first forward prepares it)
+
+
+__all__ = ["LinearSpec", "QuantLinear", "available_backends", "choose_backend", "prepare", "register_backend", "set_backend", "W8A8Linear"]

@@ -114,6 +114,26 @@ class BackendChoice:
             backend = self._backend[key] = self._choose_backend(x)
         return backend
 
+    def prepare(self, dtype: torch.dtype | None = None) -> None:
+        """Choose the backend for activations of ``dtype`` on this module's device now, eagerly.
+
+        ``dtype`` defaults to ``activation_dtype_hint()``. Done by ``llmq.nn.prepare(model)``, which
+        ``from_pretrained`` and ``.to()`` / ``.cuda()`` / ``.half()`` run, so that a first forward
+        inside ``torch.compile`` finds its backend chosen and its weights in the layout that backend
+        reads. Raises ``ValueError`` (with every backend's reason) when no backend can run.
+        """
+        weight = self.qweight
+        dtype = dtype or self.activation_dtype_hint()
+        example = torch.empty(0, self.in_features, device=weight.device, dtype=dtype)  # no data: only the spec
+        self._hold_inputs_of(self.backend_for(example))
+
+    def activation_dtype_hint(self) -> torch.dtype:
+        """The activation dtype ``prepare`` assumes when given none."""
+        return torch.get_default_dtype()
+
+    def _hold_inputs_of(self, backend) -> None:
+        """Put the buffers in the form ``backend`` reads (nothing to do unless a module overrides it)."""
+
     def set_backend(self, name: str | None) -> None:
         """Force a backend by name (``None`` = automatic choice); takes effect at the next forward."""
         self.backend_name = name
@@ -161,7 +181,8 @@ def choose_backend(spec: LinearSpec, forced: str | None = None) -> LinearBackend
         ok, reason = backend.can_implement(spec)
         if ok:
             key = (backend.name, reason)
-            if key not in _logged:
+            # not while torch.compile traces (dynamo cannot trace logging); ``prepare`` logs it eagerly
+            if key not in _logged and not torch.compiler.is_compiling():
                 _logged.add(key)
                 logger.info("llmq: QuantLinear backend %r (%s)", backend.name, reason)
             return backend

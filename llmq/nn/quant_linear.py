@@ -32,7 +32,9 @@ class QuantLinear(BackendChoice, nn.Module):
     Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``.
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
-    ``llmq.nn.backends.choose_backend``; ``backend=`` forces one.
+    ``llmq.nn.backends.choose_backend``; ``backend=`` forces one. ``prepare(dtype)`` makes that choice
+    (and the layout conversion below) eagerly; ``.to()`` and ``from_pretrained`` run it, so the first
+    forward may be inside ``torch.compile``.
 
     ``qweight`` is held in one layout at a time (``qweight_layout``, see ``llmq.nn.layouts``): the
     layout above until a backend that reads another one runs (the Triton kernels read ``"tiled"``),
@@ -99,6 +101,7 @@ class QuantLinear(BackendChoice, nn.Module):
             layer.qzeros.copy_(qw.zeros.t().to(torch.uint8))
         if bias is not None:
             layer.bias.copy_(bias.detach())
+        layer._prepare_if_runnable()
         return layer
 
     def to_config(self) -> dict:
@@ -136,6 +139,28 @@ class QuantLinear(BackendChoice, nn.Module):
         self.register_buffer("qweight", words)
         self.qweight_layout = layout
 
+    def activation_dtype_hint(self) -> torch.dtype:
+        # from_pretrained(dtype=...), .half() and .bfloat16() cast the scales to the model's dtype
+        return self.scales.dtype
+
+    def _hold_inputs_of(self, backend: LinearBackend) -> None:
+        self.use_qweight_layout(backend.layout)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() land here: hold the layout the new device's backend reads now, not
+        # at the first forward (which may be inside torch.compile, where it cannot convert)
+        result = super()._apply(fn, recurse)
+        self._prepare_if_runnable()
+        return result
+
+    def _prepare_if_runnable(self) -> None:
+        if self.qweight.device.type == "meta":
+            return
+        try:
+            self.prepare()
+        except ValueError:
+            pass  # no backend runs here (e.g. forced "triton" still on CPU): forward raises with the reasons
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.qweight_layout != CANONICAL:  # checkpoints keep the canonical layout
@@ -152,6 +177,12 @@ class QuantLinear(BackendChoice, nn.Module):
         # checked per call, not once per backend choice: the layer may have run another backend since
         # (e.g. moved to CPU and back); a Python attribute compare, guarded by torch.compile
         if self.qweight_layout != backend.layout:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"QuantLinear holds its packed weight in the {self.qweight_layout!r} layout but backend "
+                    f"{backend.name!r} reads {backend.layout!r}, and the conversion cannot run inside "
+                    "torch.compile: call llmq.nn.prepare(model, dtype) before compiling (from_pretrained and "
+                    ".to() do it for the model's dtype), or run one forward eagerly")
             self.use_qweight_layout(backend.layout)
         return backend.forward(self, x)
 

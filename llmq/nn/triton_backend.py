@@ -38,6 +38,11 @@ from llmq.nn.layouts import TILED
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots and cp.async pipelining
 
 
+@torch.compiler.assume_constant_result  # a constant while torch.compile traces a first-call backend choice
+def cuda_capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability()
+
+
 class TritonBackend:
     """Fused dequantize-matmul kernels (``llmq.kernels.dequant_matmul``) on CUDA."""
 
@@ -50,7 +55,7 @@ class TritonBackend:
         if spec.device_type != "cuda":
             return False, (f"needs a CUDA device, got {spec.device_type!r} (to run the kernels on CPU for "
                            "testing, set TRITON_INTERPRET=1 and force backend='triton-interpret')")
-        cap = torch.cuda.get_device_capability()
+        cap = cuda_capability()
         if cap < MIN_CAPABILITY:
             return False, f"needs compute capability >= {MIN_CAPABILITY}, this GPU has {cap}"
         return True, f"fused dequantize-matmul Triton kernels, {spec.bits}-bit, CUDA sm_{cap[0]}{cap[1]}"

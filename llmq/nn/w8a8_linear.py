@@ -102,7 +102,7 @@ def choose_w8a8_backend(spec: W8A8Spec, forced: str | None):
     for backend in candidates:
         ok, reason = backend.can_implement(spec)
         if ok:
-            if (backend.name, reason) not in _logged:
+            if (backend.name, reason) not in _logged and not torch.compiler.is_compiling():  # see choose_backend
                 _logged.add((backend.name, reason))
                 logger.info("llmq: W8A8Linear backend %r (%s)", backend.name, reason)
             return backend
@@ -200,6 +200,10 @@ class W8A8Linear(BackendChoice, nn.Module):
         check_config_shape(cfg, in_features, out_features)
         return cls(in_features, out_features, bias=bias, act_scheme=cfg.get("act_scheme", "dynamic"),
                    dtype=dtype, device=device)
+
+    def activation_dtype_hint(self) -> torch.dtype:
+        # from_pretrained(dtype=...), .half() and .bfloat16() cast the float buffers to the model's dtype
+        return self.weight_scale.dtype
 
     def _choose_backend(self, x: torch.Tensor):
         forced = self.backend_name or os.environ.get(BACKEND_ENV) or None

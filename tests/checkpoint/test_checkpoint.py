@@ -52,6 +52,24 @@ def test_load_with_dtype(tmp_path, dtype):
     torch.testing.assert_close(got.float(), ref, atol=0.15, rtol=0.05)
 
 
+def test_from_pretrained_prepares_layers_so_the_first_call_may_be_compiled(tmp_path, monkeypatch):
+    """After loading, every QuantLinear holds the layout its backend reads (forced here to the Triton
+    interpreter, whose tiled layout differs from the checkpoint's), so a full-graph torch.compile needs
+    no eager call first; logits match the torch backend."""
+    recipe = WeightRecipe(4, 32, False)
+    model, _ = _quantized_tiny(recipe)
+    out = save_quantized(model, None, tmp_path / "q", build_quantization_config(model, recipe))
+    monkeypatch.setenv("LLMQ_BACKEND", "triton-interpret")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    layers = [m for m in loaded.modules() if isinstance(m, llmq.QuantLinear)]
+    assert len(layers) == 14 and {m.qweight_layout for m in layers} == {"tiled"}
+    x = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        got = torch.compile(loaded, backend="aot_eager", fullgraph=True)(x).logits
+        ref = model(x).logits
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
 def test_llmq_load_returns_model_and_tokenizer(tiny_model_dir, tmp_path):
     result = llmq.quantize(tiny_model_dir, WeightRecipe(4, 32, False), tmp_path / "q", progress=False)
     model, tok = llmq.load(result.out_dir)

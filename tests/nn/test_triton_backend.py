@@ -97,10 +97,12 @@ def test_choice_is_logged_once(caplog):
 
 
 def test_weight_is_held_once_in_the_kernel_layout_and_saved_canonical(kernel_tol):
-    """The Triton backend converts qweight in place (one copy), state_dict gives canonical words back,
-    load_state_dict takes canonical words and the next forward converts again."""
+    """The layer holds qweight in the Triton kernels' layout (one copy, converted when built for that
+    backend), state_dict gives canonical words back, load_state_dict takes canonical words and the next
+    forward converts again."""
     layer = make_layer(backend="triton-interpret")
-    canonical = layer.qweight.clone()
+    assert layer.qweight_layout == "tiled"  # from_quantized prepared it for its forced backend
+    canonical = layer.canonical_qweight()
     x = torch.randn(1, 200)
     layer(x)
     assert layer.qweight_layout == "tiled"
@@ -137,6 +139,48 @@ def test_set_backend_on_model(kernel_tol):
     assert model[0].backend_for(x).name == "triton-interpret"
 
 
+def test_first_call_inside_torch_compile(kernel_tol):
+    """No eager call before torch.compile: the layers were prepared when built, so a full-graph compile's
+    first call traces the kernel op and matches eager."""
+    model = torch.nn.Sequential(make_layer(backend="triton-interpret"), torch.nn.SiLU(),
+                                make_layer(k=70, n=30, backend="triton-interpret"))
+    x = torch.randn(3, 200)
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert [m.qweight_layout for m in (model[0], model[2])] == ["tiled", "tiled"]
+    torch.testing.assert_close(y, model(x), **kernel_tol[torch.float32])
+
+
+def test_to_and_prepare_hold_the_layout_the_backend_reads():
+    """.to() re-prepares (layout for the backend on the new device / dtype); llmq.nn.prepare does it for a
+    model; a layer left unprepared gets a clear error inside torch.compile."""
+    from llmq.nn import prepare
+
+    layer = make_layer()
+    layer.set_backend("triton-interpret")  # takes effect lazily: still canonical
+    assert layer.qweight_layout == "canonical"
+    layer.to(torch.float16)
+    assert layer.qweight_layout == "tiled" and layer.scales.dtype == torch.float16
+    assert layer.backend_for(torch.empty(0, 200, dtype=torch.float16)).name == "triton-interpret"
+
+    model = torch.nn.Sequential(make_layer())
+    set_backend(model, "triton-interpret")
+    prepare(model, torch.float32)
+    assert model[0].qweight_layout == "tiled"
+    assert model[0]._backend[("cpu", torch.float32)].name == "triton-interpret"
+
+    unprepared = make_layer()
+    unprepared.set_backend("triton-interpret")
+    with pytest.raises(Exception, match=r"llmq\.nn\.prepare\(model, dtype\) before compiling"):
+        torch.compile(unprepared, backend="aot_eager", fullgraph=True)(torch.randn(2, 200))
+
+
+def test_forced_backend_that_cannot_run_still_raises_at_forward_not_at_to():
+    layer = make_layer(backend="triton")  # CUDA-only, on CPU: building and moving it must not raise
+    layer.to(torch.float16)
+    with pytest.raises(ValueError, match="forced backend 'triton'"):
+        layer(torch.randn(1, 200, dtype=torch.float16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 64], ids=lambda m: f"M{m}")
 def test_cuda_picks_triton_automatically(m, kernel_tol):
@@ -159,6 +203,16 @@ def test_cuda_torch_compile_and_cuda_graphs(mode, kernel_tol):
     for _ in range(3):  # warm-up runs record / replay the graph
         y = compiled(x)
     torch.testing.assert_close(y, expected, **kernel_tol[torch.float16])
+
+
+@pytest.mark.gpu
+def test_cuda_first_call_inside_torch_compile(kernel_tol):
+    """.cuda().half() prepares the layers (tiled layout, Triton chosen), so compiling needs no eager call."""
+    model = torch.nn.Sequential(make_layer(k=576, n=1536), torch.nn.SiLU(), make_layer(k=1536, n=576)).cuda().half()
+    assert model[0].qweight_layout == "tiled"
+    x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
+    y = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(y, model(x), **kernel_tol[torch.float16])
 
 
 @pytest.mark.gpu
