@@ -12,6 +12,8 @@ from llmq.kernels.dequant_tile import tiled_rows
 from llmq.kernels.interpreter import interpreting
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# uint8: integer zero points (GPTQ/AWQ-style); floats: float zero points (HQQ-style)
+ZERO_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 
 def autotune_bench(kernel_call, quantiles):
@@ -71,8 +73,9 @@ def check_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qze
     g = -(-k // group_size)
     if scales.shape != (g, n) or not scales.is_floating_point():
         raise ValueError(f"scales must be float [{g}, {n}], got {scales.dtype} {tuple(scales.shape)}")
-    if qzeros is not None and (qzeros.shape != (g, n) or qzeros.dtype != torch.uint8):
-        raise ValueError(f"qzeros must be uint8 [{g}, {n}], got {qzeros.dtype} {tuple(qzeros.shape)}")
+    if qzeros is not None and (qzeros.shape != (g, n) or qzeros.dtype not in ZERO_DTYPES):
+        raise ValueError(f"qzeros must be [{g}, {n}] uint8 (integer zero points) or float16/bfloat16/float32 "
+                         f"(float zero points), got {qzeros.dtype} {tuple(qzeros.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros), ("bias", bias)):

@@ -120,7 +120,7 @@ _tuned = {fp32: triton.autotune(configs(fp32), key=_KEY, do_bench=autotune_bench
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
 # qweight  [R, N]        int32, tiled layout (kernels.dequant_tile), R = tiled_rows(K, bits)
 # scales   [G, N]        float (any float dtype), G = ceil(K / group_size)
-# qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
+# qzeros   [G, N]        uint8 (integer zeros) or float (float zeros), or None (symmetric: 2**(bits-1))
 # bias     [N]           float, or None
 # out      [M, N]        x.dtype
 def dequant_gemm_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,

@@ -165,7 +165,7 @@ def auto_split_k(n: int, k: int, bits: int, device: torch.device, block_n: int) 
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
 # qweight  [R, N]        int32, tiled layout (kernels.dequant_tile), R = tiled_rows(K, bits)
 # scales   [G, N]        float (any float dtype), G = ceil(K / group_size)
-# qzeros   [G, N]        uint8, or None (symmetric: zero = 2**(bits-1))
+# qzeros   [G, N]        uint8 (integer zeros) or float (float zeros), or None (symmetric: 2**(bits-1))
 # bias     [N]           float, or None
 # out      [M, N]        x.dtype
 def dequant_gemv_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
@@ -176,7 +176,7 @@ def dequant_gemv_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     Args:
         x: ``[M, K]`` activations, fp16/bf16/fp32, last dim contiguous.
         qweight: ``[tiled_rows(K, bits), N]`` int32, ``kernels.dequant_tile`` tiled layout.
-        scales: ``[G, N]`` float group scales; ``qzeros``: ``[G, N]`` uint8 or ``None`` (symmetric).
+        scales: ``[G, N]`` float group scales; ``qzeros``: ``[G, N]`` uint8 integer or float zero points, or ``None`` (symmetric).
         bias: ``[N]`` or ``None``.
         bits: 2, 3, 4 or 8. group_size: effective group length (K for per-channel).
         in_features: K. split_k: K splits (0 = automatic: fill the SMs).

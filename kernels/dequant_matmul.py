@@ -42,7 +42,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Args:
         x: ``[..., K]`` fp16/bf16/fp32 activations (any leading shape, flattened to M rows).
         qweight: ``[tiled_rows(K, bits), N]`` int32 (``repack_tiled`` of the canonical qweight).
-        scales ``[G, N]`` float, qzeros ``[G, N]`` uint8 or ``None`` (symmetric), bias ``[N]`` or ``None``.
+        scales ``[G, N]`` float, qzeros ``[G, N]`` uint8 (integer zero points) or float (float zero points) or ``None`` (symmetric), bias ``[N]`` or ``None``.
         bits: 2/3/4/8; group_size: effective group length (K per channel); in_features: K.
         force: ``"gemv"`` / ``"gemm"`` to bypass the M rule (benchmarks, tests); ``None`` = rule.
         split_k: decode K splits (0 = automatic).

@@ -104,8 +104,13 @@ def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, qzeros: to
     """
     codes = unpack(qweight, bits, k).to(torch.int32)  # [K, N]
     gidx = torch.arange(k, device=codes.device) // group_size
-    zeros = qzeros.to(torch.int32)[gidx] if qzeros is not None else 1 << (bits - 1)
-    return (codes - zeros).float() * scales.float()[gidx]
+    if qzeros is None:
+        zeros = float(1 << (bits - 1))
+    elif qzeros.is_floating_point():  # float zero points (HQQ-style)
+        zeros = qzeros.float()[gidx]
+    else:
+        zeros = qzeros.to(torch.int32)[gidx].float()
+    return (codes.float() - zeros) * scales.float()[gidx]
 
 
 def dequant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -138,6 +143,22 @@ def codes_minus_zero(codes, zero_f):
 
 
 @triton.jit
+def scale_codes(codes, zero_f, scale, FLOAT_ZEROS: tl.constexpr):
+    """``float32((codes - zero) * scale)``; ``zero_f`` and ``scale`` are rows broadcast over ``codes``.
+
+    Integer zeros fold into the magic-number subtraction. Float zeros (HQQ-style) cannot — ``zero +
+    2**23`` would round them to an integer — so the weight is ``code * scale - zero * scale`` with the
+    product ``zero * scale`` formed once per row: per weight still one subtraction and one
+    multiply-add. (``(code - zero) * scale`` per weight costs one more instruction and, under triton
+    3.6, spilled the M = 1 kernel to the stack.)"""
+    if FLOAT_ZEROS:
+        w = codes_minus_zero(codes, 0.0) * scale - zero_f * scale
+    else:
+        w = codes_minus_zero(codes, zero_f) * scale
+    return w
+
+
+@triton.jit
 def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
                   BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Field ``i`` of a tiled word block → float32 weights ``[TILE_WORDS, BLOCK_N]``.
@@ -154,7 +175,7 @@ def dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num
         z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0).to(tl.float32)
     else:
         z = tl.full([1], 1 << (BITS - 1), tl.float32)
-    return codes_minus_zero(codes, z[None, :]) * s[None, :]
+    return scale_codes(codes, z[None, :], s[None, :], HAS_ZEROS and z_ptr.dtype.element_ty != tl.uint8)
 
 
 @triton.jit
@@ -179,7 +200,7 @@ def dequant_fields(words, t, f0, s_ptr, z_ptr, offs_n, n_mask, N, group_size, nu
         z = tl.load(z_ptr + s_off, mask=n_mask[None, :], other=0).to(tl.float32)
     else:
         z = tl.full([F, 1], 1 << (BITS - 1), tl.float32)
-    w = codes_minus_zero(codes, z[:, None, :]) * s[:, None, :]
+    w = scale_codes(codes, z[:, None, :], s[:, None, :], HAS_ZEROS and z_ptr.dtype.element_ty != tl.uint8)
     return tl.reshape(w, (F * TILE, words.shape[1]))
 
 

@@ -13,7 +13,7 @@ _register_with_transformers()
 
 from llmq.api import QuantizeResult, is_quantized_checkpoint, load, quantize  # noqa: E402
 from llmq.nn import QuantLinear, set_backend  # noqa: E402
-from llmq.recipes import FORMAT_VERSION, KVRecipe, WeightMethod, WeightRecipe  # noqa: E402
+from llmq.recipes import FORMAT_VERSION, KVRecipe, WeightMethod, WeightRecipe, ZeroPoint  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
@@ -21,6 +21,7 @@ __all__ = [
     "QuantizeResult",
     "WeightMethod",
     "WeightRecipe",
+    "ZeroPoint",
     "is_quantized_checkpoint",
     "load",
     "quantize",

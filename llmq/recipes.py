@@ -49,6 +49,17 @@ class WeightMethod(str, Enum):
     SMOOTHQUANT = "smoothquant"
 
 
+class ZeroPoint(str, Enum):
+    """How an asymmetric recipe stores its per-group zero points."""
+
+    INT = "int"  # uint8 codes in [0, 2**bits - 1] (GPTQ / AWQ checkpoints): 0.0 is exactly representable
+    FLOAT = "float"  # a float per group (HQQ): the zero moves off the integer grid to fit the weights
+
+
+# Methods that can produce each zero-point kind, and the default per method (asymmetric recipes).
+FLOAT_ZERO_METHODS = (WeightMethod.HQQ,)
+
+
 def _check_patterns(name: str, patterns: Any) -> tuple[str, ...]:
     if isinstance(patterns, str):
         raise ValueError(f"{name} must be a list of fnmatch patterns, not the single string {patterns!r}; "
@@ -72,7 +83,11 @@ class WeightRecipe:
             of the group size the last group is shorter (zero padded, see
             ``llmq.quant.primitives``).
         symmetric: symmetric (zero point fixed at ``2**(bits-1)``, no zeros stored)
-            or asymmetric (integer zero point per group).
+            or asymmetric (a zero point per group).
+        zero_point: asymmetric only: ``"int"`` (uint8 zero codes) or ``"float"`` (a float per group,
+            ``--method hqq`` only); ``None`` = the method's default, ``"float"`` for HQQ (its
+            solver moves the zero off the integer grid) and ``"int"`` otherwise. Symmetric recipes
+            store no zero point: leave it ``None``.
         method: algorithm producing the codes.
         include: fnmatch patterns over module names; a Linear is quantized only if
             it matches one of them (``("*",)`` = every Linear).
@@ -88,6 +103,7 @@ class WeightRecipe:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     method_args: dict[str, Any] = field(default_factory=dict)
+    zero_point: ZeroPoint | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_WEIGHT_BITS:
@@ -107,6 +123,28 @@ class WeightRecipe:
         object.__setattr__(self, "exclude", _check_patterns("exclude", self.exclude))
         if not isinstance(self.method_args, dict):
             raise ValueError(f"method_args must be a dict of JSON values, got {type(self.method_args).__name__}")
+        object.__setattr__(self, "zero_point", self._resolve_zero_point())
+
+    def _resolve_zero_point(self) -> ZeroPoint | None:
+        if self.zero_point is not None:
+            try:
+                zp = ZeroPoint(self.zero_point)
+            except ValueError:
+                raise ValueError(f"unknown zero_point {self.zero_point!r}: choose one of "
+                                 f"{[z.value for z in ZeroPoint]}") from None
+        else:
+            zp = None
+        if self.symmetric:
+            if zp is not None:
+                raise ValueError("symmetric recipes store no zero point (it is fixed at 2**(bits-1)): drop "
+                                 "zero_point / --zero-point, or quantize asymmetrically (--asym)")
+            return None
+        if zp is None:
+            return ZeroPoint.FLOAT if self.method in FLOAT_ZERO_METHODS else ZeroPoint.INT
+        if zp is ZeroPoint.FLOAT and self.method not in FLOAT_ZERO_METHODS:
+            raise ValueError(f"zero_point='float' is produced by {[m.value for m in FLOAT_ZERO_METHODS]} only, "
+                             f"not {self.method.value!r}: use zero_point='int' or --method hqq")
+        return zp
 
     def matches(self, module_name: str) -> bool:
         """True if a module of this name should be quantized (include minus exclude)."""
@@ -123,10 +161,13 @@ class WeightRecipe:
             "include": list(self.include),
             "exclude": list(self.exclude),
             "method_args": dict(self.method_args),
+            "zero_point": None if self.zero_point is None else self.zero_point.value,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WeightRecipe":
+        if not d.get("symmetric", cls.symmetric) and "zero_point" not in d:
+            d = {**d, "zero_point": ZeroPoint.INT.value}  # written before float zeros existed: integer zeros
         return _from_dict(cls, d, "weight")
 
 

@@ -24,6 +24,26 @@ def test_validation_messages(kw, match):
         WeightRecipe(**kw)
 
 
+def test_zero_point_defaults_and_validation():
+    from llmq.recipes import ZeroPoint
+
+    assert WeightRecipe(4, 64, False, method="hqq").zero_point is ZeroPoint.FLOAT  # HQQ's own form
+    assert WeightRecipe(4, 64, False, method="gptq").zero_point is ZeroPoint.INT
+    assert WeightRecipe(4, 64, False, method="hqq", zero_point="int").zero_point is ZeroPoint.INT
+    assert WeightRecipe(4, 64, True, method="hqq").zero_point is None  # symmetric: no zero stored
+    r = WeightRecipe(4, 64, False, method="hqq")
+    assert WeightRecipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    # a recipe written before zero_point existed meant integer zeros, whatever the method
+    old = {k: v for k, v in r.to_dict().items() if k != "zero_point"}
+    assert WeightRecipe.from_dict(old).zero_point is ZeroPoint.INT
+    with pytest.raises(ValueError, match="symmetric recipes store no zero point"):
+        WeightRecipe(4, 64, True, method="hqq", zero_point="float")
+    with pytest.raises(ValueError, match=r"zero_point='float' is produced by \['hqq'\] only, not 'gptq'"):
+        WeightRecipe(4, 64, False, method="gptq", zero_point="float")
+    with pytest.raises(ValueError, match="unknown zero_point 'half'"):
+        WeightRecipe(4, 64, False, zero_point="half")
+
+
 def test_unknown_fields_rejected():
     with pytest.raises(ValueError, match="unknown weight-recipe fields"):
         WeightRecipe.from_dict({"bits": 4, "colour": "red"})

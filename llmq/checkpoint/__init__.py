@@ -7,7 +7,9 @@ Layout of a checkpoint folder::
                              {module name: <module.to_config()>}, ...}
     model*.safetensors       shards (+ model.safetensors.index.json when sharded); each
                              quantized Linear "<name>" stores "<name>.qweight" int32,
-                             "<name>.scales" fp16, "<name>.qzeros" uint8 (asymmetric only),
+                             "<name>.scales" fp16, "<name>.qzeros" uint8 (asymmetric, integer
+                             zeros) or "<name>.zeros" fp16 (asymmetric, float zeros: the module
+                             config says "zero_point": "float"),
                              "<name>.bias" (if any) — see llmq.nn.QuantLinear
     generation_config.json   copied from the source model
     tokenizer*.json, ...     copied from the source model

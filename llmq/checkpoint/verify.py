@@ -45,8 +45,13 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
 def _expected_tensors(name: str, cfg: dict[str, Any]) -> list[str]:
     keys = [f"{name}.qweight", f"{name}.scales"] if cfg.get("kind") == "quant_linear" else []
     if cfg.get("kind") == "quant_linear" and not cfg.get("symmetric", True):
-        keys.append(f"{name}.qzeros")
+        keys.append(f"{name}.{_zero_tensor(cfg)}")
     return keys
+
+
+def _zero_tensor(cfg: dict[str, Any]) -> str:
+    """Name of an asymmetric QuantLinear's zero-point tensor: uint8 ``qzeros`` or float ``zeros``."""
+    return "zeros" if cfg.get("zero_point", "int") == "float" else "qzeros"
 
 
 def verify_checkpoint(files: list[str | Path], quantization_config: dict[str, Any]) -> None:
@@ -85,14 +90,16 @@ def _check_quant_linear(name: str, cfg: dict[str, Any], present: dict[str, dict]
 
     k, n = cfg["in_features"], cfg["out_features"]
     g = num_groups(k, cfg["group_size"])
-    expected = {"qweight": ("I32", [packed_rows(k, cfg["bits"]), n]), "scales": (None, [g, n])}
+    floats = ("F16", "BF16", "F32")
+    expected = {"qweight": (("I32",), [packed_rows(k, cfg["bits"]), n]), "scales": (floats, [g, n])}
     if not cfg["symmetric"]:
-        expected["qzeros"] = ("U8", [g, n])
-    for tensor, (dtype, shape) in expected.items():
+        zero = _zero_tensor(cfg)
+        expected[zero] = (("U8",) if zero == "qzeros" else floats, [g, n])
+    for tensor, (dtypes, shape) in expected.items():
         entry = present[f"{name}.{tensor}"]
-        if entry["shape"] != shape or (dtype is not None and entry["dtype"] != dtype):
+        if entry["shape"] != shape or entry["dtype"] not in dtypes:
             raise ValueError(
                 f"{name}.{tensor} is {entry['dtype']} {entry['shape']} in the shards but its recipe "
-                f"({cfg['bits']}-bit, group {cfg['group_size']}, {k}->{n}) needs {dtype or 'float'} {shape}; "
+                f"({cfg['bits']}-bit, group {cfg['group_size']}, {k}->{n}) needs {'/'.join(dtypes)} {shape}; "
                 f"config.json and the weights do not match"
             )

@@ -7,7 +7,7 @@ import json
 
 from llmq.recipes import (
     DEFAULT_EXCLUDE, SUPPORTED_ACT_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, ActivationRecipe, ActScheme,
-    SCHEME_DEFAULT, ObserverKind, WeightMethod, WeightRecipe,
+    SCHEME_DEFAULT, ObserverKind, WeightMethod, WeightRecipe, ZeroPoint,
 )
 
 
@@ -68,8 +68,11 @@ def register(sub) -> None:
                    "(default 128; a last partial group is padded)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric: fixed zero point, no zeros stored")
-    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric: integer zero per group (default)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric: a zero point per group (default)")
     p.set_defaults(symmetric=False)
+    p.add_argument("--zero-point", choices=[z.value for z in ZeroPoint], default=None,
+                   help="asymmetric zero points: int (uint8, GPTQ/AWQ-style) or float (a float per group, "
+                   "--method hqq only); default float for hqq, int otherwise")
     p.add_argument("--method", choices=[m.value for m in WeightMethod], default="rtn",
                    help="quantization algorithm (default rtn = round to nearest)")
     p.add_argument("--calib", default="bbc", metavar="SOURCE",
@@ -121,6 +124,7 @@ def build_recipe(args: argparse.Namespace) -> WeightRecipe:
         include=tuple(args.include) if args.include else ("*",),
         exclude=DEFAULT_EXCLUDE + tuple(args.exclude),
         method_args=_method_args(args.method_arg),
+        zero_point=args.zero_point,
     )
 
 
@@ -144,8 +148,9 @@ def build_activation_recipe(args: argparse.Namespace) -> ActivationRecipe:
 def run_w8a8(args: argparse.Namespace) -> int:
     from llmq.w8a8.quantize import quantize_w8a8, w8a8_weight_recipe
 
-    if args.bits not in (4, 8) or args.group not in (128, None) or args.symmetric or args.include:
-        raise ValueError("--bits/--group/--sym/--include do not apply to --method smoothquant "
+    if (args.bits not in (4, 8) or args.group not in (128, None) or args.symmetric or args.include
+            or args.zero_point):
+        raise ValueError("--bits/--group/--sym/--include/--zero-point do not apply to --method smoothquant "
                          "(W8A8 weights are int8, per output channel, symmetric); drop them")
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")

@@ -86,8 +86,8 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
     # view as [G, g, N] (zero-padding the short last group) so scales/zeros broadcast
     # per group instead of being gathered into a [K, N] tensor
     codes = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * g - k)).float().view(n_groups, g, n)
-    if layer.qzeros is not None:
-        zeros = layer.qzeros.float()[:, None, :]
+    if layer.zero_points is not None:  # uint8 integer or float zero points
+        zeros = layer.zero_points.float()[:, None, :]
     else:
         zeros = float(1 << (layer.bits - 1))
     w = (codes - zeros) * layer.scales.float()[:, None, :]

@@ -25,11 +25,14 @@ class QuantLinear(BackendChoice, nn.Module):
                                             never used (every backend masks K)
         scales   [G, N]            float16  per-group scales (from_pretrained casts them to the
                                             model dtype)
-        qzeros   [G, N]            uint8    per-group integer zero points; absent when symmetric
-                                            (zero = 2**(bits-1))
+        qzeros   [G, N]            uint8    per-group integer zero points (zero_point="int"); absent
+                                            when symmetric (zero = 2**(bits-1))
+        zeros    [G, N]            float16  per-group float zero points instead (zero_point="float",
+                                            HQQ-style; from_pretrained casts them to the model dtype)
         bias     [N]               float    optional
 
-    Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``.
+    Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``, whichever
+    kind the zero is (``zero_points`` gives the tensor or ``None``).
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
     ``llmq.nn.backends.choose_backend``; ``backend=`` forces one. ``prepare(dtype)`` makes that choice
@@ -55,6 +58,7 @@ class QuantLinear(BackendChoice, nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
+        zero_point: str = "int",
     ) -> None:
         super().__init__()
         if bits not in SUPPORTED_WEIGHT_BITS:
@@ -65,7 +69,10 @@ class QuantLinear(BackendChoice, nn.Module):
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
+        if zero_point not in ("int", "float"):
+            raise ValueError(f"unknown zero_point {zero_point!r}: choose 'int' or 'float'")
         self.symmetric = symmetric
+        self.zero_point = None if symmetric else zero_point
         self.backend_name = backend
         self._backend: dict[tuple[str, torch.dtype], LinearBackend] = {}
         self.qweight_layout = CANONICAL
@@ -74,14 +81,23 @@ class QuantLinear(BackendChoice, nn.Module):
             "qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device)
         )
         self.register_buffer("scales", torch.ones(g, out_features, dtype=SCALE_DTYPE, device=device))
-        if symmetric:
-            self.qzeros = None
-        else:
-            self.register_buffer("qzeros", torch.zeros(g, out_features, dtype=torch.uint8, device=device))
+        # a registered buffer for the kind stored, a plain None attribute for the other
+        zero_dtypes = {"qzeros": torch.uint8 if self.zero_point == "int" else None,
+                       "zeros": SCALE_DTYPE if self.zero_point == "float" else None}
+        for name, zero_dtype in zero_dtypes.items():
+            if zero_dtype is None:
+                setattr(self, name, None)
+            else:
+                self.register_buffer(name, torch.zeros(g, out_features, dtype=zero_dtype, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
             self.bias = None
+
+    @property
+    def zero_points(self) -> torch.Tensor | None:
+        """``[G, N]`` zero points as stored (uint8 ``qzeros`` or float ``zeros``), ``None`` when symmetric."""
+        return self.qzeros if self.qzeros is not None else self.zeros
 
     @property
     def effective_group_size(self) -> int:
@@ -94,11 +110,14 @@ class QuantLinear(BackendChoice, nn.Module):
         """Pack a ``QuantizedWeight`` (``[N, K]`` codes) into a new layer on the codes' device."""
         n, k = qw.shape
         layer = cls(k, n, qw.bits, qw.group_size, qw.symmetric, bias=bias is not None,
-                    dtype=None if bias is None else bias.dtype, device=qw.codes.device, backend=backend)
+                    dtype=None if bias is None else bias.dtype, device=qw.codes.device, backend=backend,
+                    zero_point="float" if qw.float_zeros else "int")
         layer.qweight.copy_(pack(qw.codes.t(), qw.bits))
         layer.scales.copy_(qw.scales.t().to(SCALE_DTYPE))
         if layer.qzeros is not None:
             layer.qzeros.copy_(qw.zeros.t().to(torch.uint8))
+        if layer.zeros is not None:
+            layer.zeros.copy_(qw.zeros.t().to(SCALE_DTYPE))
         if bias is not None:
             layer.bias.copy_(bias.detach())
         layer._prepare_if_runnable()
@@ -106,15 +125,18 @@ class QuantLinear(BackendChoice, nn.Module):
 
     def to_config(self) -> dict:
         """JSON description stored per module in the checkpoint (see ``llmq.nn.registry``)."""
-        return {"kind": self.KIND, "in_features": self.in_features, "out_features": self.out_features,
-                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        cfg = {"kind": self.KIND, "in_features": self.in_features, "out_features": self.out_features,
+               "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.zero_point == "float":  # absent = integer zeros (as written before float zeros existed)
+            cfg["zero_point"] = "float"
+        return cfg
 
     @classmethod
     def from_config(cls, cfg: dict, in_features: int, out_features: int, bias: bool,
                     dtype: torch.dtype | None = None, device=None) -> "QuantLinear":
         check_config_shape(cfg, in_features, out_features)
         return cls(in_features, out_features, cfg["bits"], cfg["group_size"], cfg["symmetric"], bias=bias,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, zero_point=cfg.get("zero_point", "int"))
 
     def spec(self, x: torch.Tensor) -> LinearSpec:
         return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
@@ -188,5 +210,6 @@ class QuantLinear(BackendChoice, nn.Module):
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
+        zp = "" if self.zero_point in (None, "int") else f", zero_point={self.zero_point}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={g}, symmetric={self.symmetric}, bias={self.bias is not None}")
+                f"group_size={g}, symmetric={self.symmetric}{zp}, bias={self.bias is not None}")

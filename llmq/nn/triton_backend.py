@@ -61,7 +61,7 @@ class TritonBackend:
         return True, f"fused dequantize-matmul Triton kernels, {spec.bits}-bit, CUDA sm_{cap[0]}{cap[1]}"
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return dequant_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, layer.bits,
+        return dequant_matmul(x, layer.qweight, layer.scales, layer.zero_points, layer.bias, layer.bits,
                               layer.effective_group_size, layer.in_features)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from llmq.algorithms import AWQ, GPTQ, HQQ, RTNClip
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
-from llmq.recipes import WeightMethod, WeightRecipe
+from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
 
 # (Linears reading one input, the module producing that input: AWQ folds 1/s into it).
 LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -163,7 +163,7 @@ class SubgroupQuantizer:
         elif r.method is WeightMethod.HQQ:
             out = [HQQ(lin.weight.data, r.bits, r.group_size, r.symmetric, iters=a["iters"],
                        lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], select_norm=a["select_norm"],
-                       name=name).quantize()
+                       zero_point=(r.zero_point or ZeroPoint.INT).value, name=name).quantize()
                    for lin, name in zip(self.linears, self.full_names)]
         elif a["clip"] is not None:
             out = [RTNClip(lin.weight.data, r.bits, r.group_size, r.symmetric, clip=a["clip"], name=name).quantize()

@@ -115,7 +115,10 @@ class QuantizedWeight:
     Attributes:
         codes: ``[N, K]`` uint8, values in ``[0, 2**bits - 1]``.
         scales: ``[N, n_groups]`` float32 (exactly representable in fp16).
-        zeros: ``[N, n_groups]`` int32; for symmetric recipes all ``2**(bits-1)``.
+        zeros: ``[N, n_groups]`` int32 integer zero points (for symmetric recipes all
+            ``2**(bits-1)``), or float32 float zero points (``zero_point="float"``, HQQ-style:
+            ``W = (code - zero) * scale`` with a zero off the integer grid; values fp16-representable,
+            as stored).
         bits, group_size (``None`` = per channel), symmetric: the recipe used.
     """
 
@@ -125,6 +128,11 @@ class QuantizedWeight:
     bits: int
     group_size: int | None
     symmetric: bool
+
+    @property
+    def float_zeros(self) -> bool:
+        """True when the zero points are floats (HQQ-style), not integer codes."""
+        return self.zeros.is_floating_point()
 
     @property
     def shape(self) -> tuple[int, int]:

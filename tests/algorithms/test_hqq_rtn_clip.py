@@ -4,7 +4,7 @@ from layer_problems import layer_problem, output_error
 
 from llmq.algorithms import HQQ, RTNClip
 from llmq.algorithms.hqq import shrink_lp
-from llmq.quant.primitives import dequantize_groups, qmax, quantize_weight, to_groups
+from llmq.quant.primitives import dequantize_groups, qmax, quantize_weight, quantize_with_params, to_groups
 
 
 @pytest.fixture
@@ -21,12 +21,12 @@ def l2_error(w, qw):
 
 
 @pytest.mark.parametrize("bits,group", SETTINGS, ids=IDS)
-@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym-intzero", "sym"])
 def test_hqq_canonical_and_better_than_rtn(bits, group, symmetric):
     w = torch.randn(64, 200) * 0.05  # Gaussian weights, K=200 (short last group)
     x = torch.randn(512, 200)
     rtn = quantize_weight(w, bits, group, symmetric)
-    qw = HQQ(w, bits, group, symmetric).quantize()
+    qw = HQQ(w, bits, group, symmetric, zero_point="int").quantize()
     # canonical: integer zeros in range, fp16 scales, codes consistent with them
     assert qw.zeros.dtype == torch.int32 and 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= qmax(bits)
     if symmetric:
@@ -36,6 +36,25 @@ def test_hqq_canonical_and_better_than_rtn(bits, group, symmetric):
     # no weight is clamped: every error within half a step of its group, like RTN
     err = to_groups((w - qw.dequantize()).abs(), group).amax(-1)
     assert (err <= 0.5 * qw.scales * (1 + 1e-3)).all()
+    assert output_error(w, x, qw.dequantize()) < output_error(w, x, rtn.dequantize())
+
+
+@pytest.mark.parametrize("bits,group", SETTINGS + [(8, None)], ids=IDS + ["int8-gch"])
+def test_hqq_float_zeros_keep_rtn_scales_and_beat_rtn(bits, group):
+    """The default for asymmetric recipes: RTN's fp16 scales, float zeros (fp16-representable, as stored)
+    started from RTN's integer zeros; the mean |W - Ŵ| (its stopping criterion) and the layer's output
+    error are both below RTN's. K = 200 leaves a short last group at every group size."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 200) * 0.05
+    x = torch.randn(512, 200)
+    rtn = quantize_weight(w, bits, group, False)
+    qw = HQQ(w, bits, group, False).quantize()
+    assert qw.float_zeros and qw.zeros.dtype == torch.float32 and torch.equal(qw.zeros, qw.zeros.half().float())
+    assert torch.equal(qw.scales, rtn.scales)
+    assert not torch.equal(qw.zeros, rtn.zeros.float())  # the zeros moved off the integer grid
+    assert torch.equal(qw.codes, quantize_with_params(w, qw.scales, qw.zeros, bits, group))
+    mean_abs = lambda q: float((w - q.dequantize()).abs().mean())  # noqa: E731
+    assert mean_abs(qw) < mean_abs(rtn)
     assert output_error(w, x, qw.dequantize()) < output_error(w, x, rtn.dequantize())
 
 

@@ -70,6 +70,28 @@ def test_from_pretrained_prepares_layers_so_the_first_call_may_be_compiled(tmp_p
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
 
 
+def test_float_zero_checkpoint_round_trip_and_dtype_check(tiny_model_dir, tmp_path):
+    """--method hqq (float zeros by default): the shards hold "<name>.zeros" float16, from_pretrained
+    rebuilds the same model, and zeros stored with the wrong dtype are refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    result = llmq.quantize(tiny_model_dir, WeightRecipe(4, 32, False, method="hqq"), tmp_path / "q", progress=False)
+    cfg = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert cfg["weight"]["zero_point"] == "float"
+    assert {m.get("zero_point") for m in cfg["modules"].values()} == {"float"}
+    tensors = load_file(result.out_dir / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj"
+    assert tensors[f"{name}.zeros"].dtype == torch.float16 and f"{name}.qzeros" not in tensors
+    loaded = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    x = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, result.model(x).logits)
+    tensors[f"{name}.zeros"] = tensors[f"{name}.zeros"].to(torch.uint8)
+    save_file(tensors, result.out_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{name}.zeros is U8 .* needs F16/BF16/F32"):
+        AutoModelForCausalLM.from_pretrained(result.out_dir)
+
+
 def test_llmq_load_returns_model_and_tokenizer(tiny_model_dir, tmp_path):
     result = llmq.quantize(tiny_model_dir, WeightRecipe(4, 32, False), tmp_path / "q", progress=False)
     model, tok = llmq.load(result.out_dir)

@@ -60,8 +60,10 @@ def _text_file(tmp_path):
         (["--bits", "5"], "invalid choice: 5"),
         (["--group", "100"], "unsupported group size 100"),
         (["--group", "big"], "group must be one of"),
+        (["--method", "gptq", "--zero-point", "float"], "zero_point='float' is produced by ['hqq'] only"),
+        (["--method", "hqq", "--sym", "--zero-point", "float"], "symmetric recipes store no zero point"),
     ],
-    ids=["bits", "group", "group-word"],
+    ids=["bits", "group", "group-word", "float-zero-gptq", "float-zero-sym"],
 )
 def test_bad_recipe_arguments(tiny_model_dir, tmp_path, args, message):
     res = llmq("quantize", tiny_model_dir, "--out", tmp_path / "o", *args, check=False)

@@ -40,7 +40,7 @@ def make_layer(k, n, bits, group, symmetric, bias=True):
 def run_both(layer, x, **kw):
     """(kernel output, reference output) for one layer and input."""
     tiled = repack_tiled(layer.qweight, layer.bits, layer.in_features)
-    args = (layer.scales, layer.qzeros, layer.bias, layer.bits, layer.effective_group_size, layer.in_features)
+    args = (layer.scales, layer.zero_points, layer.bias, layer.bits, layer.effective_group_size, layer.in_features)
     y = dequant_matmul(x, tiled, *args, **kw)
     ref = dequant_matmul_reference(x, layer.qweight, *args)
     return y, ref
@@ -56,6 +56,29 @@ def test_every_bits_group_symmetry(m, bits, group, symmetric, kernel_tol):
     y, ref = run_both(layer, x)
     assert y.dtype == torch.float32 and y.shape == (m, 70)
     torch.testing.assert_close(y, ref, **kernel_tol[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_did)
+@pytest.mark.parametrize("group", [64, None], ids=_gid)
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("m", [1, 17], ids=["decode-M1", "prefill-M17"])
+def test_float_zero_points(m, bits, group, dtype, kernel_tol):
+    """HQQ-style float zeros (fp16 buffer): the kernels subtract them exactly, not rounded to integers
+    (the integer-zero path folds the zero into a 2**23 magic-number subtraction that would round it)."""
+    from llmq.algorithms import HQQ
+
+    w = torch.randn(70, 300) / 300**0.5
+    layer = QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(70))
+    assert layer.zeros is not None and layer.qzeros is None and layer.zeros.dtype == torch.float16
+    assert (layer.zeros.float() != layer.zeros.float().round()).any()
+    x = torch.randn(m, 300).to(dtype)
+    y, ref = run_both(layer, x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref, **kernel_tol[dtype])
+    if dtype == torch.float32:  # the kernel follows the float zeros, not zeros rounded to integers
+        rounded = dequant_matmul_reference(x, layer.qweight, layer.scales, layer.zeros.float().round().half(),
+                                           layer.bias, bits, layer.effective_group_size, 300)
+        assert (y - rounded).abs().max() > 10 * (y - ref).abs().max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_did)

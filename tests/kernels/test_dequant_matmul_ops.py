@@ -83,7 +83,7 @@ def test_torch_compile_fullgraph(kernel_tol):
         (lambda a: {**a, "x": a["x"][:, :32]}, r"x must end in K=64"),
         (lambda a: {**a, "qweight": a["canonical"]}, "tiled int32 layout"),
         (lambda a: {**a, "scales": a["scales"][:1]}, r"scales must be float \[2, 24\]"),
-        (lambda a: {**a, "qzeros": a["qzeros"].to(torch.int32)}, r"qzeros must be uint8"),
+        (lambda a: {**a, "qzeros": a["qzeros"].to(torch.int32)}, r"qzeros must be \[2, 24\] uint8 \(integer zero points\) or float16"),
         (lambda a: {**a, "bias": a["bias"][:5]}, r"bias must be \[24\]"),
         (lambda a: {**a, "bits": 5}, "unsupported bits 5"),
         (lambda a: {**a, "group_size": 24}, "multiple of 16"),

@@ -46,6 +46,28 @@ def test_buffer_shapes_as_documented():
     assert set(dict(sym.named_buffers())) == {"qweight", "scales"}
 
 
+@pytest.mark.parametrize("k", [129, 576], ids=lambda k: f"K{k}")
+def test_float_zero_points_layer(k):
+    """HQQ's float zeros: a float16 "zeros" buffer instead of uint8 "qzeros", recorded in the module config,
+    rebuilt from it, and dequantized exactly as the QuantizedWeight (torch backend)."""
+    from llmq.algorithms import HQQ
+
+    qw = HQQ(torch.randn(48, k), 4, 64, symmetric=False).quantize()
+    b = torch.randn(48)
+    layer = QuantLinear.from_quantized(qw, b)
+    assert layer.qzeros is None and layer.zeros.dtype == torch.float16 and layer.zeros.shape == (qw.zeros.shape[1], 48)
+    assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+    assert layer.to_config()["zero_point"] == "float" and "zero_point=float" in repr(layer)
+    assert torch.equal(dequantize_packed(layer), qw.dequantize().t().contiguous())
+    x = torch.randn(3, k)
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().t() + b, atol=1e-4, rtol=1e-4)
+    rebuilt = QuantLinear.from_config(layer.to_config(), k, 48, bias=True)
+    rebuilt.load_state_dict(layer.state_dict())
+    assert torch.equal(rebuilt(x), layer(x))
+    int_cfg = _layer(k, 48, 4, 64, False)[0].to_config()
+    assert "zero_point" not in int_cfg  # integer zeros: the config as before float zeros existed
+
+
 def test_config_round_trip_builds_same_module():
     layer, _, _ = _layer(96, 40, 3, 32, True)
     empty = QuantLinear.from_config(layer.to_config(), 96, 40, bias=True)
