@@ -61,13 +61,14 @@ def run_one(method: str, setting: str, args) -> dict:
         spec = CalibrationSpec(nsamples=n, seqlen=args.seqlen, seed=0)
         tok = AutoTokenizer.from_pretrained(folder)
         ids = calibration_batch(tok, spec)
-    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method)
+    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method, zero_point=args.zero_point)
     model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
     ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
     return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
+            "zero_point": None if recipe.zero_point is None else recipe.zero_point.value,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
             "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
             "load_average_1min": os.getloadavg()[0],
@@ -83,12 +84,24 @@ def _setting_of(r: dict) -> str:
 def _order(r: dict):
     methods = ("fp32",) + METHODS
     return (list(SETTINGS).index(_setting_of(r)) if r["method"] != "fp32" else -1, methods.index(r["method"]),
-            bool(r.get("symmetric")), (r.get("calibration") or {}).get("nsamples") or 0)
+            bool(r.get("symmetric")), _zero(r) or "", (r.get("calibration") or {}).get("nsamples") or 0)
+
+
+def _zero(r: dict) -> str | None:
+    """The run's zero-point kind; records from before float zeros existed (no key) used integer zeros."""
+    if r["method"] == "fp32" or r.get("symmetric"):
+        return None
+    return r.get("zero_point") or "int"
 
 
 def _label(r: dict) -> str:
-    """Method name, with ``(sym)`` for symmetric runs (every other run is asymmetric)."""
-    return f"{r['method']} (sym)" if r.get("symmetric") else r["method"]
+    """Method name, with ``(sym)`` for symmetric runs (every other run is asymmetric) and the zero-point
+    kind where it is not the method's default (HQQ: float, the others: int)."""
+    if r.get("symmetric"):
+        return f"{r['method']} (sym)"
+    default = "float" if r["method"] == "hqq" else "int"
+    zero = _zero(r)
+    return r["method"] if zero in (None, default) else f"{r['method']} ({zero} zeros)"
 
 
 def _cpu_s() -> float:
@@ -108,12 +121,11 @@ def plot(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fp = next((r for r in records if r["method"] == "fp32"), None)
     for method in METHODS:
-        for sym in (False, True):
-            rs = sorted((r for r in records if r["method"] == method and bool(r.get("symmetric")) == sym),
+        for label in dict.fromkeys(_label(r) for r in records if r["method"] == method):
+            rs = sorted((r for r in records if r["method"] == method and _label(r) == label),
                         key=lambda r: r["bits_per_weight"])
-            if rs:
-                ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], "o-" if not sym else "s:",
-                        label=_label(rs[0]))
+            style = "s:" if rs[0].get("symmetric") else ("o-" if label == method else "^--")
+            ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], style, label=label)
     if fp:
         ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
     ax.set_yscale("log")
@@ -159,6 +171,8 @@ def main() -> None:
                    help="only rebuild the table and plot from --out, adding RESULT lines of these single-run logs "
                    "(a later record replaces an earlier one of the same method, setting and calibration size)")
     p.add_argument("--sym", action="store_true", help="symmetric weights (default: asymmetric, like the table)")
+    p.add_argument("--zero-point", choices=["int", "float"], default=None,
+                   help="asymmetric zero points (default: the method's own, float for hqq, int otherwise)")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -172,7 +186,7 @@ def main() -> None:
                         if ln.startswith("RESULT ")]
         latest = {}
         for r in records:
-            latest[(r["method"], _setting_of(r), bool(r.get("symmetric")),
+            latest[(r["method"], _setting_of(r), bool(r.get("symmetric")), _zero(r),
                     (r.get("calibration") or {}).get("nsamples"))] = r
         records = sorted(latest.values(), key=_order)
         args.out.write_text(json.dumps(records, indent=1))
@@ -184,11 +198,13 @@ def main() -> None:
     if args.out.exists() and args.resume:
         records = json.loads(args.out.read_text())
         done = {(r["method"].replace("fp32", "fp"), _setting_of(r)) for r in records
-                if bool(r.get("symmetric")) == args.sym or r["method"] == "fp32"}
+                if r["method"] == "fp32" or (bool(r.get("symmetric")) == args.sym
+                                             and (args.zero_point is None or _zero(r) == args.zero_point))}
         runs = [r for r in runs if r not in done]
     passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
-                   "--threads", str(args.threads)] + (["--sym"] if args.sym else [])
+                   "--threads", str(args.threads)] + (["--sym"] if args.sym else []) + (
+                   ["--zero-point", args.zero_point] if args.zero_point else [])
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
