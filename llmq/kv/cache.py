@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llmq.kernels.kv_attention import PackedKV, dequantized_kv
-from llmq.quant.kv import QuantizedKVBlock, quantize_per_channel, quantize_per_token
+from llmq.quant.kv import QuantizedKVBlock, dequantize_kv, quantize_per_channel, quantize_per_token
 from llmq.recipes import KVAxis, KVRecipe
 
 ATTN_IMPLEMENTATION = "llmq_kv"  # name registered with transformers' AttentionInterface
@@ -63,6 +63,10 @@ class _Growing:
             self.data = new
         self.data[:, :, self.length : need] = x
         self.length = need
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` entries (the allocation stays, for the entries written next)."""
+        self.length = min(self.length, length)
 
     def nbytes_used(self) -> int:
         if self.data is None:
@@ -102,7 +106,7 @@ class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's quantized K/V (see module docstring). ``self.keys``/``self.values``
     hold the full-precision residual window ``[B, H_kv, n_res, D]``."""
 
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, recipe: KVRecipe, fused) -> None:
         super().__init__()
@@ -214,8 +218,50 @@ class QuantizedKVLayer(DynamicLayer):
         self._reset_storage()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a quantized KV cache cannot be cropped (assisted/speculative decoding needs a "
-                         "croppable cache): use transformers' DynamicCache for those modes")
+        """Drop the most recent tokens (assisted / speculative decoding discards rejected drafts).
+
+        ``tokens_to_remove < 0`` removes that many tokens and ``0`` none (transformers 5.x, which
+        calls ``crop(0)`` at the end of assisted generation); ``> 0`` is the older API's meaning,
+        the number of tokens to keep. A cut inside the residual window just shortens
+        it. A cut inside the quantized part keeps the whole flush blocks before it quantized and
+        puts the tokens of the cut block back into the residual window as the values attention saw
+        (dequantized; with per-channel keys a block shares its scales, so it cannot stay partly
+        quantized). Those few tokens are quantized again when they leave the window — the only case
+        where a token is quantized twice. Afterwards ``dequantized()`` equals the first ``keep``
+        tokens of what it was before (tested).
+        """
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        t = self.get_seq_length()
+        keep = max(0, t + tokens_to_remove) if tokens_to_remove < 0 else min(tokens_to_remove, t)
+        if keep >= self.n_quant:
+            self.keys = self.keys[:, :, : keep - self.n_quant]
+            self.values = self.values[:, :, : keep - self.n_quant]
+            return
+        block = self.recipe.flush_block
+        q_keep = keep // block * block
+        k_back, v_back = self._dequantized_range(q_keep, keep)
+        for store in (self.k_codes, self.v_codes, self.v_scales, self.v_zeros):
+            store.truncate(q_keep)
+        for store in (self.k_scales, self.k_zeros):  # per-channel keys: one row per block of tokens
+            store.truncate(q_keep // block)
+        self.n_quant = q_keep
+        self.keys, self.values = k_back, v_back
+
+    def _dequantized_range(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of quantized tokens ``[start, stop)`` (``start`` on a flush-block
+        boundary) in the model dtype, ``[B, H_kv, stop - start, D]``."""
+        r = self.recipe
+        block = r.flush_block
+
+        def side(codes, scales, zeros, per_channel):
+            rows = slice(start // block, -(-stop // block)) if per_channel else slice(start, stop)
+            blk = QuantizedKVBlock(codes.data[:, :, start:stop], scales.data[:, :, rows],
+                                   None if r.symmetric else zeros.data[:, :, rows])
+            return dequantize_kv(blk, r.bits, r.group_size, per_channel).to(self.dtype)
+
+        return (side(self.k_codes, self.k_scales, self.k_zeros, self.key_per_channel),
+                side(self.v_codes, self.v_scales, self.v_zeros, False))
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:

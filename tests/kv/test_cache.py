@@ -150,11 +150,74 @@ def test_sliding_window_models_refused():
         QuantizedKVCache(cfg, group_size=16)
 
 
-def test_crop_refused():
-    cache = QuantizedKVCache(tiny_config(), group_size=16)
-    cache.update(torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32), 0)
-    with pytest.raises(ValueError, match="cannot be cropped"):
-        cache.layers[0].crop(-1)
+def _filled_layer(key_axis, symmetric, n=80):
+    cfg = tiny_config(num_hidden_layers=1)
+    cache = QuantizedKVCache(cfg, bits=4, key_axis=key_axis, group_size=16, residual_length=8, symmetric=symmetric)
+    torch.manual_seed(5)
+    k_all, v_all = torch.randn(2, 2, n, 32, dtype=torch.float16), torch.randn(2, 2, n, 32, dtype=torch.float16)
+    cache.update(k_all[:, :, :21], v_all[:, :, :21], 0)
+    for t in range(21, n):
+        cache.update(k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], 0)
+    return cache, k_all, v_all
+
+
+@pytest.mark.parametrize("key_axis, symmetric", [("channel", False), ("token", True)],
+                         ids=["channel-asym", "token-sym"])
+@pytest.mark.parametrize("where", ["residual", "mid-block", "block-boundary", "everything"])
+def test_crop(key_axis, symmetric, where):
+    """crop keeps exactly the first `keep` tokens as attention saw them, wherever the cut falls; the cache
+    goes on quantizing afterwards and its byte count stays the theoretical one."""
+    cache, k_all, v_all = _filled_layer(key_axis, symmetric)
+    layer = cache.layers[0]
+    k_before, v_before = layer.dequantized()
+    n_quant, n_res = layer.n_quant, layer.keys.shape[2]
+    assert (n_quant, n_res) == ((64, 16) if key_axis == "channel" else (71, 9))
+    remove = {"residual": 3, "mid-block": n_res + 5, "block-boundary": n_res + 16, "everything": 80}[where]
+    keep = 80 - remove
+    assert cache.is_croppable
+    cache.crop(-remove)
+    assert cache.get_seq_length() == keep and layer.n_quant % layer.recipe.flush_block == 0
+    k, v = layer.dequantized()
+    assert torch.equal(k, k_before[:, :, :keep]) and torch.equal(v, v_before[:, :, :keep])
+    if where == "residual":
+        assert layer.n_quant == n_quant
+    elif where == "mid-block" and key_axis == "channel":  # the cut block went back to full precision
+        assert layer.n_quant == 48 and layer.keys.shape[2] == keep - 48
+    for t in range(keep, keep + 40):  # go on: new tokens, flushes, memory accounting
+        cache.update(k_all[:, :, t % 80:t % 80 + 1], v_all[:, :, t % 80:t % 80 + 1], 0)
+    assert cache.get_seq_length() == keep + 40
+    n = layer.n_quant
+    mem = cache.memory()
+    expect = (kv_block_nbytes(n, 2, 2, 32, 4, 16, key_axis == "channel", symmetric)
+              + kv_block_nbytes(n, 2, 2, 32, 4, 16, False, symmetric) + 2 * (keep + 40 - n) * 2 * 2 * 32 * 2)
+    assert mem.used_bytes == expect
+
+
+def test_crop_legacy_argument_is_the_length_to_keep():
+    a, _, _ = _filled_layer("channel", False)
+    b, _, _ = _filled_layer("channel", False)
+    a.crop(-21)
+    b.layers[0].crop(59)  # transformers before 5.x: crop(max_length)
+    assert torch.equal(a.layers[0].dequantized()[0], b.layers[0].dequantized()[0])
+    b.crop(0)  # 5.x: remove nothing (generate calls it when assisted decoding ends)
+    assert b.get_seq_length() == 59
+
+
+def test_assisted_generation(tiny_model):
+    """Assisted (speculative) decoding crops the cache after each rejected draft: with the residual window
+    covering the sequence it equals greedy decoding with DynamicCache exactly; with int8 and a short window
+    (crops inside the quantized part) it agrees with it token for token in most positions."""
+    torch.manual_seed(6)
+    assistant = LlamaForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 128, (1, 10))
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0, assistant_model=assistant)
+    ref = tiny_model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+    covering = QuantizedKVCache(tiny_model.config, bits=2, group_size=16, residual_length=64)
+    assert torch.equal(tiny_model.generate(ids, **kw, **{cache_kwarg(tiny_model): covering}), ref)
+    short = QuantizedKVCache(tiny_model.config, bits=8, group_size=16, residual_length=2)
+    out = tiny_model.generate(ids, **kw, **{cache_kwarg(tiny_model): short})
+    assert short.memory().quantized_tokens > 0
+    assert (out == ref).float().mean() >= 0.9
 
 
 def test_int4_memory_at_8k_is_under_0_3x_fp16():
