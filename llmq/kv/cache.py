@@ -5,6 +5,11 @@ Per layer it holds (see ``llmq.quant.kv`` for the packed layout)::
     quantized part   tokens [0, n_quant)      packed codes + fp16 scales (+ uint8 zeros)
     residual window  tokens [n_quant, T)      full precision (model dtype)
 
+Models with sliding-window layers (Gemma-, Qwen2-style ``layer_types``): only the
+full-attention layers are quantized; sliding-window layers keep transformers'
+full-precision ``DynamicSlidingWindowLayer`` (bounded by the window; see
+``layer_kinds``).
+
 Incremental quantization: a token is quantized exactly once, when it leaves the
 residual window of the ``residual_length`` most recent tokens; per-channel keys
 need a whole group of tokens per scale, so with ``key_axis='channel'`` tokens leave
@@ -33,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from llmq.kernels.kv_attention import PackedKV, dequantized_kv
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv, quantize_per_channel, quantize_per_token
@@ -286,6 +291,37 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
+def layer_kinds(cfg) -> list[str]:
+    """``"full_attention"`` or ``"sliding_attention"`` per decoder layer (from ``layer_types``, else a
+    ``sliding_window`` on the config means every layer slides, as transformers infers it).
+
+    Full-attention layers get a ``QuantizedKVLayer``. Sliding-window layers keep transformers'
+    full-precision ``DynamicSlidingWindowLayer``: they hold at most the window, a bound that does
+    not grow with the context, while full-attention layers grow with it. Raises ``ValueError`` for
+    other layer kinds (linear attention, chunked attention, ...) and when no layer is full attention.
+    """
+    n = cfg.num_hidden_layers
+    kinds = list(getattr(cfg, "layer_types", None) or
+                 (["sliding_attention"] * n if getattr(cfg, "sliding_window", None) else ["full_attention"] * n))
+    other = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+    if other:
+        raise ValueError(f"QuantizedKVCache supports full-attention and sliding-window layers; this model also "
+                         f"has {other} layers (linear / chunked attention): use transformers' own cache for it")
+    if "full_attention" not in kinds:
+        raise ValueError("every layer of this model is sliding-window attention, whose cache is bounded by the "
+                         "window and stays in full precision here: there is nothing to quantize, use "
+                         "transformers' DynamicCache")
+    return kinds
+
+
+def _window_memory(layer: DynamicSlidingWindowLayer) -> KVMemory:
+    """A full-precision sliding-window layer: what it holds (at most the window)."""
+    if not layer.is_initialized:
+        return KVMemory(0, 0, 0, 0, 0)
+    held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return KVMemory(held, held, (layer.keys.numel() + layer.values.numel()) * 2, layer.keys.shape[2], 0)
+
+
 def head_dim_of(config) -> int:
     cfg = _text_config(config)
     d = getattr(cfg, "head_dim", None)
@@ -318,12 +354,10 @@ class QuantizedKVCache(Cache):
             residual_length=residual_length)
         cfg = _text_config(config)
         self.recipe.check_head_dim(head_dim_of(cfg))
-        other = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"})
-        if other:
-            raise ValueError(f"QuantizedKVCache supports full-attention layers only; this model also has {other} "
-                             f"layers (sliding-window / linear attention): use transformers' own cache for it")
         self._config = cfg
-        layers = [QuantizedKVLayer(self.recipe, self.uses_fused_attention) for _ in range(cfg.num_hidden_layers)]
+        layers = [QuantizedKVLayer(self.recipe, self.uses_fused_attention) if kind == "full_attention"
+                  else DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window)
+                  for kind in layer_kinds(cfg)]
         super().__init__(layers=layers)
 
     def uses_fused_attention(self) -> bool:
@@ -331,8 +365,11 @@ class QuantizedKVCache(Cache):
         return getattr(self._config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
     def memory(self) -> KVMemory:
-        """Bytes used / reserved by all layers, and what an fp16 cache of the same tokens would use."""
-        per = [layer.memory() for layer in self.layers]
+        """Bytes used / reserved by all layers, and what an fp16 cache of the same tokens would use
+        (sliding-window layers count as held, in full precision; ``tokens`` / ``quantized_tokens`` are
+        those of the first quantized layer)."""
+        per = [layer.memory() if isinstance(layer, QuantizedKVLayer) else _window_memory(layer)
+               for layer in self.layers]
+        first = next(m for m, layer in zip(per, self.layers) if isinstance(layer, QuantizedKVLayer))
         return KVMemory(sum(m.used_bytes for m in per), sum(m.reserved_bytes for m in per),
-                        sum(m.fp16_bytes for m in per), per[0].tokens if per else 0,
-                        per[0].quantized_tokens if per else 0)
+                        sum(m.fp16_bytes for m in per), first.tokens, first.quantized_tokens)

@@ -143,10 +143,60 @@ def test_bad_settings(kw, match):
         QuantizedKVCache(tiny_config(), **kw)
 
 
-def test_sliding_window_models_refused():
+def tiny_hybrid_qwen2(**kw):
+    """A 2-layer Qwen2 whose layer 0 is full attention and layer 1 slides over 8 tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=1, max_position_embeddings=256, **kw)
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(7)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_sliding_window_layers_stay_full_precision_and_full_layers_quantize():
+    """Hybrid model: full-attention layers get the quantized cache, sliding-window layers transformers' own
+    window cache. With the residual covering the sequence it equals DynamicCache exactly; with int8 the
+    quantized layer is used, the sliding layer holds at most its window, and greedy decoding agrees; the
+    fused attention (packed cache for the full layer, sdpa with the window mask for the sliding one)
+    matches the dequantized path."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from llmq.kv.cache import QuantizedKVLayer
+
+    model = tiny_hybrid_qwen2()
+    ids = torch.randint(0, 128, (1, 12))
+    ref_tokens, ref_logits = _generate(model, ids, DynamicCache(config=model.config), 40)
+    covering = QuantizedKVCache(model.config, bits=2, group_size=16, residual_length=64)
+    assert [type(layer) for layer in covering.layers] == [QuantizedKVLayer, DynamicSlidingWindowLayer]
+    tokens, logits = _generate(model, ids, covering, 40)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+
+    cache = QuantizedKVCache(model.config, bits=8, group_size=16, residual_length=4)
+    tokens, logits = _generate(model, ids, cache, 40)
+    mem = cache.memory()
+    assert mem.tokens == 51 and mem.quantized_tokens == 32  # (51 - 4) tokens left the window: 2 blocks of 16
+    assert cache.layers[1].keys.shape[2] <= 8  # the window, in full precision
+    window_bytes = 2 * cache.layers[1].keys.numel() * 4  # fp32 model
+    assert mem.used_bytes == cache.layers[0].memory().used_bytes + window_bytes
+    assert (tokens == ref_tokens).float().mean() >= 0.9
+    enable_fused_attention(model)
+    fused_tokens, fused_logits = _generate(model, ids, QuantizedKVCache(model.config, bits=8, group_size=16,
+                                                                        residual_length=4), 40)
+    assert torch.equal(fused_tokens, tokens)
+    torch.testing.assert_close(fused_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer_types, match", [
+    (["full_attention", "linear_attention"], r"also has \['linear_attention'\] layers"),
+    (["sliding_attention", "sliding_attention"], "nothing to quantize"),
+], ids=["linear-attention", "all-sliding"])
+def test_unsupported_layer_kinds_refused(layer_types, match):
     cfg = tiny_config()
-    cfg.layer_types = ["full_attention", "sliding_attention"]  # as Gemma/Qwen-style configs declare it
-    with pytest.raises(ValueError, match="full-attention layers only"):
+    cfg.layer_types = layer_types
+    cfg.sliding_window = 8
+    with pytest.raises(ValueError, match=match):
         QuantizedKVCache(cfg, group_size=16)
 
 
