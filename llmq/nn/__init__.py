@@ -18,7 +18,7 @@ def prepare(model, dtype=None) -> None:
     ``activation_dtype_hint()``) on its device, and convert weights to the layout that backend reads.
 
     ``from_pretrained`` and ``.to()`` / ``.cuda()`` / ``.half()`` already do this; call it yourself
-    before ``torch.compile`` when the model will run in another dtype than its scales, or after
+    before ``torch.compile`` when the model will run in another dtype than its bias (or torch's default), or after
     ``set_backend``. Raises ``ValueError`` when a module has no backend that can run it.
     """
     for module in model.modules():

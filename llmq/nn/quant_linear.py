@@ -13,6 +13,10 @@ from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
+# dtypes that hold every float16 value exactly
+_EXACT_FOR_FP16 = (torch.float16, torch.float32, torch.float64)
+
+
 @register_module_kind
 class QuantLinear(BackendChoice, nn.Module):
     """``y = x @ dequant(W).T + bias`` with W stored as packed integer codes.
@@ -23,16 +27,20 @@ class QuantLinear(BackendChoice, nn.Module):
         qweight  [ceil(K / P), N]  int32    codes packed along K (llmq.quant.packing layout;
                                             = GPTQ qweight for 4/8 bit); codes past K are 0 and
                                             never used (every backend masks K)
-        scales   [G, N]            float16  per-group scales (from_pretrained casts them to the
-                                            model dtype)
+        scales   [G, N]            float16  per-group scales
         qzeros   [G, N]            uint8    per-group integer zero points (zero_point="int"); absent
                                             when symmetric (zero = 2**(bits-1))
         zeros    [G, N]            float16  per-group float zero points instead (zero_point="float",
-                                            HQQ-style; from_pretrained casts them to the model dtype)
+                                            HQQ-style)
         bias     [N]               float    optional
 
     Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``, whichever
     kind the zero is (``zero_points`` gives the tensor or ``None``).
+
+    Scales and float zeros hold fp16 values and keep them exactly: a cast of the model to a dtype
+    that cannot represent every fp16 value (``.bfloat16()``) leaves them float16 (``_apply``) —
+    a bf16 zero of an 8-bit group would be off by up to half a step. Casts to fp32 and back are
+    exact and apply.
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
     ``llmq.nn.backends.choose_backend``; ``backend=`` forces one. ``prepare(dtype)`` makes that choice
@@ -162,8 +170,10 @@ class QuantLinear(BackendChoice, nn.Module):
         self.qweight_layout = layout
 
     def activation_dtype_hint(self) -> torch.dtype:
-        # from_pretrained(dtype=...), .half() and .bfloat16() cast the scales to the model's dtype
-        return self.scales.dtype
+        # the bias follows the model's dtype (.half(), from_pretrained(dtype=...)); the scales do not (see
+        # _apply). The shipped backends read one layout for every float dtype on a device, so this only
+        # picks which (device, dtype) choice is made, and logged, ahead of the first forward.
+        return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
 
     def _hold_inputs_of(self, backend: LinearBackend) -> None:
         self.use_qweight_layout(backend.layout)
@@ -171,7 +181,12 @@ class QuantLinear(BackendChoice, nn.Module):
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() land here: hold the layout the new device's backend reads now, not
         # at the first forward (which may be inside torch.compile, where it cannot convert)
+        exact = {name: getattr(self, name) for name in ("scales", "zeros") if getattr(self, name) is not None}
         result = super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = getattr(self, name)
+            if after.dtype not in _EXACT_FOR_FP16:  # the cast would round the fp16 values: keep them
+                self.register_buffer(name, before.to(device=after.device, dtype=torch.float16))
         self._prepare_if_runnable()
         return result
 

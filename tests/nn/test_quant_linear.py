@@ -68,6 +68,24 @@ def test_float_zero_points_layer(k):
     assert "zero_point" not in int_cfg  # integer zeros: the config as before float zeros existed
 
 
+def test_dtype_casts_never_round_scales_or_float_zeros():
+    """.bfloat16() would round fp16 scales and an 8-bit group's float zero (up to half a step): they stay
+    float16; the bias follows the model. Casts to fp32 and back are exact and apply."""
+    from llmq.algorithms import HQQ
+
+    layer = QuantLinear.from_quantized(HQQ(torch.randn(32, 128), 8, None, symmetric=False).quantize(), torch.randn(32))
+    scales, zeros = layer.scales.clone(), layer.zeros.clone()
+    assert not torch.equal(zeros.bfloat16().half(), zeros)  # the rounding this guards against
+    layer.bfloat16()
+    assert layer.bias.dtype == torch.bfloat16
+    assert layer.scales.dtype == layer.zeros.dtype == torch.float16
+    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+    layer.float()
+    assert layer.scales.dtype == layer.zeros.dtype == torch.float32
+    layer.half()
+    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+
+
 def test_config_round_trip_builds_same_module():
     layer, _, _ = _layer(96, 40, 3, 32, True)
     empty = QuantLinear.from_config(layer.to_config(), 96, 40, bias=True)
