@@ -24,8 +24,8 @@ from llmq.quant.packing import codes_per_word
 
 ACT = {"fp16": ("*fp16", False), "bf16": ("*bf16", False), "fp32": ("*fp32", True)}
 # (bits, activations, zero points): every bit width with fp16 activations and integer (uint8) zeros;
-# the other activation dtypes at 4 bits; float (fp16) zeros, which take another subtraction per weight
-# (dequant_tile.minus_zero), at 4 bits and at 3 bits (field-by-field dots)
+# the other activation dtypes at 4 bits; float (fp16) zeros, dequantized by another instruction sequence
+# (dequant_tile.scale_codes), at 4 bits and at 3 bits (field-by-field dots)
 COMBOS = ([(b, "fp16", "*u8") for b in (2, 3, 4, 8)] + [(4, "bf16", "*u8"), (4, "fp32", "*u8")]
           + [(4, "fp16", "*fp16"), (3, "fp16", "*fp16")])
 
