@@ -97,12 +97,31 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
 _REGISTRY: list[LinearBackend] = []
 
 
+# dtypes that hold every float16 value exactly
+EXACT_FOR_FP16 = (torch.float16, torch.float32, torch.float64)
+
+
 class BackendChoice:
     """Mixin for quantized Linears: the backend is chosen per (device type, dtype) on first use and cached.
 
     The module sets ``backend_name`` (a forced name, or ``None``) and ``_backend = {}`` in ``__init__``
     and implements ``_choose_backend(x)``.
+
+    Buffers named in ``FP16_VALUED_BUFFERS`` hold fp16-representable quantization parameters
+    (scales, float zeros): a dtype cast of the model that would round them (``.bfloat16()``) leaves
+    them in their dtype (``_apply``); casts to fp16 / fp32 are exact and apply.
     """
+
+    FP16_VALUED_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.FP16_VALUED_BUFFERS if getattr(self, name) is not None}
+        result = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype not in EXACT_FOR_FP16:  # the cast rounded the values: keep them, on the new device
+                self.register_buffer(name, before.to(device=after.device))
+        return result
 
     def _choose_backend(self, x: torch.Tensor):
         raise NotImplementedError

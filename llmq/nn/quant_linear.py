@@ -13,10 +13,6 @@ from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
-# dtypes that hold every float16 value exactly
-_EXACT_FOR_FP16 = (torch.float16, torch.float32, torch.float64)
-
-
 @register_module_kind
 class QuantLinear(BackendChoice, nn.Module):
     """``y = x @ dequant(W).T + bias`` with W stored as packed integer codes.
@@ -38,9 +34,9 @@ class QuantLinear(BackendChoice, nn.Module):
     kind the zero is (``zero_points`` gives the tensor or ``None``).
 
     Scales and float zeros hold fp16 values and keep them exactly: a cast of the model to a dtype
-    that cannot represent every fp16 value (``.bfloat16()``) leaves them float16 (``_apply``) —
-    a bf16 zero of an 8-bit group would be off by up to half a step. Casts to fp32 and back are
-    exact and apply.
+    that cannot represent every fp16 value (``.bfloat16()``) leaves them float16
+    (``BackendChoice._apply``) — a bf16 zero of an 8-bit group would be off by up to half a step.
+    Casts to fp32 and back are exact and apply.
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
     ``llmq.nn.backends.choose_backend``; ``backend=`` forces one. ``prepare(dtype)`` makes that choice
@@ -54,6 +50,7 @@ class QuantLinear(BackendChoice, nn.Module):
     """
 
     KIND = "quant_linear"
+    FP16_VALUED_BUFFERS = ("scales", "zeros")
 
     def __init__(
         self,
@@ -181,12 +178,7 @@ class QuantLinear(BackendChoice, nn.Module):
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() land here: hold the layout the new device's backend reads now, not
         # at the first forward (which may be inside torch.compile, where it cannot convert)
-        exact = {name: getattr(self, name) for name in ("scales", "zeros") if getattr(self, name) is not None}
-        result = super()._apply(fn, recurse)
-        for name, before in exact.items():
-            after = getattr(self, name)
-            if after.dtype not in _EXACT_FOR_FP16:  # the cast would round the fp16 values: keep them
-                self.register_buffer(name, before.to(device=after.device, dtype=torch.float16))
+        result = super()._apply(fn, recurse)  # (BackendChoice keeps scales / float zeros exact)
         self._prepare_if_runnable()
         return result
 

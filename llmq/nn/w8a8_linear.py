@@ -122,11 +122,13 @@ class W8A8Linear(BackendChoice, nn.Module):
         act_scale     [1]     float32  static per-tensor activation scale; absent (None) for dynamic
         bias          [N]     float    optional
 
-    Scales are fp16-representable, so loading a checkpoint with ``dtype=torch.float16``
-    (which casts float buffers) keeps them exactly; bf16 loading rounds them to bf16.
+    Scales are fp16-representable and stay exact: ``from_pretrained(dtype=...)`` keeps the
+    checkpoint's float32 (checked on transformers 5.24), a cast to fp16 is exact, and a cast that
+    would round them (``.bfloat16()``) leaves them float32 (``BackendChoice._apply``).
     """
 
     KIND = "w8a8_linear"
+    FP16_VALUED_BUFFERS = ("weight_scale", "act_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  act_scheme: ActScheme | str = ActScheme.DYNAMIC, dtype: torch.dtype | None = None,
@@ -202,8 +204,8 @@ class W8A8Linear(BackendChoice, nn.Module):
                    dtype=dtype, device=device)
 
     def activation_dtype_hint(self) -> torch.dtype:
-        # from_pretrained(dtype=...), .half() and .bfloat16() cast the float buffers to the model's dtype
-        return self.weight_scale.dtype
+        # the bias follows the model's dtype; the scales do not (BackendChoice._apply)
+        return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
 
     def _choose_backend(self, x: torch.Tensor):
         forced = self.backend_name or os.environ.get(BACKEND_ENV) or None

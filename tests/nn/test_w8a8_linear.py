@@ -157,3 +157,17 @@ def test_cuda_picks_triton_and_matches_torch(m, static, kernel_tol):
     assert layer.backend_for(x).name == "triton"
     layer.set_backend("torch")
     torch.testing.assert_close(y, layer(x), **kernel_tol[torch.float16])
+
+
+def test_dtype_casts_never_round_the_scales():
+    """.bfloat16() would round the fp16-representable scales: they stay float32; the bias follows the model;
+    .half() is exact."""
+    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 24), act_scale=torch.tensor(0.0123))
+    weight_scale, act_scale = layer.weight_scale.clone(), layer.act_scale.clone()
+    assert not torch.equal(weight_scale.bfloat16().float(), weight_scale)  # the rounding this guards against
+    layer.bfloat16()
+    assert layer.bias.dtype == torch.bfloat16 and layer.weight_scale.dtype == layer.act_scale.dtype == torch.float32
+    assert torch.equal(layer.weight_scale, weight_scale) and torch.equal(layer.act_scale, act_scale)
+    layer.half()
+    assert layer.weight_scale.dtype == torch.float16
+    assert torch.equal(layer.weight_scale.float(), weight_scale) and torch.equal(layer.act_scale.float(), act_scale)
