@@ -50,14 +50,20 @@ GRAPHED = ("llmq", "fp16", "torch-int4")  # also timed as CUDA-graph replays
 DEVICE = "cuda"  # the timed path; tests point it at the CPU interpreter to keep this code from rotting
 
 
-def make_weight(k: int, n: int, bits: int, group: int, symmetric: bool, device: str, seed: int = 0):
-    """Random codes / scales / zeros in llmq's canonical layout (+ the tiled copy the kernels read)."""
+def make_weight(k: int, n: int, bits: int, group: int, symmetric: bool, device: str, seed: int = 0,
+                zero_point: str = "int"):
+    """Random codes / scales / zeros in llmq's canonical layout (+ the tiled copy the kernels read);
+    ``zero_point="float"``: fp16 zeros in [0, 2**bits - 1] (HQQ's form) instead of uint8."""
     g = torch.Generator(device=device).manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (k, n), generator=g, device=device, dtype=torch.int32)
     groups = -(-k // group)
     scales = (torch.rand(groups, n, generator=g, device=device) * 0.01 + 0.001).half()
-    zeros = None if symmetric else torch.randint(0, 1 << bits, (groups, n), generator=g, device=device,
-                                                 dtype=torch.int32).to(torch.uint8)
+    if symmetric:
+        zeros = None
+    elif zero_point == "float":
+        zeros = (torch.rand(groups, n, generator=g, device=device) * ((1 << bits) - 1)).half()
+    else:
+        zeros = torch.randint(0, 1 << bits, (groups, n), generator=g, device=device, dtype=torch.int32).to(torch.uint8)
     qweight = pack(codes, bits)
     del codes
     return qweight, repack_tiled(qweight, bits, k), scales, zeros
@@ -84,14 +90,16 @@ def tinygemm_weight(k: int, n: int, group: int, device: str):
 def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timeit, timeit_graph) -> list[dict]:
     """Every method at every M on one (K, N) linear; a failing M is recorded and the others still run."""
     rows = []
-    qweight, tiled, scales, zeros = make_weight(k, n, bits, args.group, args.sym, DEVICE)
+    qweight, tiled, scales, zeros = make_weight(k, n, bits, args.group, args.sym, DEVICE,
+                                                zero_point=args.zero_point)
     w16 = dequantize_reference(qweight, scales, zeros, bits, args.group, k).to(dtype)  # [K, N]
-    wbytes = tiled.numel() * 4 + scales.numel() * 2 + (zeros.numel() if zeros is not None else 0)
+    wbytes = tiled.numel() * 4 + scales.numel() * 2 + (zeros.numel() * zeros.element_size() if zeros is not None else 0)
     tg_w, tg_sz = tinygemm_weight(k, n, args.group, DEVICE) if bits == 4 and args.sym else (None, None)
     if bits == 4 and args.sym and tg_w is None:
         tqdm.write(f"torch-int4 unavailable for K={k} N={n}: {tg_sz}")
     for m in args.ms:
         base = dict(device=dev, bits=bits, group=args.group, dtype=args.dtype, model=model, layer=name,
+                    zero_point=None if args.sym else args.zero_point,
                     K=k, N=n, M=m, peak_gbs=peak, copy_gbs=copy_gbs)
         try:
             x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -245,15 +253,17 @@ def check_cpu() -> None:
     """Interpreter run on small shapes: correctness only."""
     print("No CUDA device: running small shapes through the Triton interpreter (TRITON_INTERPRET=1) "
           "for CORRECTNESS ONLY — no timings are reported.")
-    cases = [(bits, m, dt) for bits in (2, 3, 4, 8) for m in (1, 16, 17, 64) for dt in (torch.float16, torch.float32)]
-    for bits, m, dt in tqdm(cases, desc="interpreter check"):
+    cases = [(bits, m, dt, zp) for bits in (2, 3, 4, 8) for m in (1, 16, 17, 64) for dt in (torch.float16, torch.float32)
+             for zp in ("int", "float")]
+    for bits, m, dt, zp in tqdm(cases, desc="interpreter check"):
         k, n, group = 256, 96, 128
-        qweight, tiled, scales, zeros = make_weight(k, n, bits, group, symmetric=False, device="cpu")
+        qweight, tiled, scales, zeros = make_weight(k, n, bits, group, symmetric=False, device="cpu", zero_point=zp)
         x = torch.randn(m, k, dtype=dt)
         y = dequant_matmul(x, tiled, scales, zeros, None, bits, group, k)
         ref = dequant_matmul_reference(x, qweight, scales, zeros, None, bits, group, k)
         torch.testing.assert_close(y, ref, atol=2e-2, rtol=1e-2)
-    print(f"OK: {len(cases)} interpreter runs (bits 2/3/4/8, M 1/16/17/64, fp16/fp32, K={k}, N={n}, g{group}) "
+    print(f"OK: {len(cases)} interpreter runs (bits 2/3/4/8, M 1/16/17/64, fp16/fp32, uint8/float zeros, K={k}, "
+          f"N={n}, g{group}) "
           "match the pure-torch reference.")
 
 
@@ -262,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 3, 4, 8])
     p.add_argument("--group", type=int, default=128, choices=[32, 64, 128, 256])
     p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weights (default symmetric)")
+    p.add_argument("--zero-point", choices=["int", "float"], default="int",
+                   help="with --asym: uint8 zeros (GPTQ/AWQ) or fp16 float zeros (HQQ)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--ms", type=int, nargs="+", default=MS)

@@ -54,4 +54,6 @@ TAIL=20 stage bench_generate 110 python3 scripts/bench_generate.py --contexts 32
   --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate"
 TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 --ms 1 16 4096 --models llama-2-70b \
   --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
+TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
+  --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"
 echo "=== done in $((SECONDS - START))s"

@@ -23,7 +23,7 @@ def test_cpu_run_checks_correctness_and_reports_no_timings(bench, capsys):
     assert bench.main([]) == 0
     out = capsys.readouterr().out
     assert "CORRECTNESS ONLY" in out and "no timings" in out
-    assert "OK: 32 interpreter runs" in out
+    assert "OK: 64 interpreter runs" in out and "uint8/float zeros" in out
 
 
 def test_table_json_and_plot_from_rows(bench, tmp_path, capsys):
@@ -38,7 +38,8 @@ def test_table_json_and_plot_from_rows(bench, tmp_path, capsys):
     json.dumps(rows)
 
 
-def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_path):
+@pytest.mark.parametrize("sym, zero_point", [(True, "int"), (False, "float")], ids=["sym", "asym-float-zeros"])
+def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_path, sym, zero_point):
     """The GPU-only code path (every method, the reference checks, the crossover and target summary) run on CPU
     with a counting stand-in for the timer: it must not rot between GPU sessions. No timing is measured."""
     import triton.testing
@@ -49,9 +50,10 @@ def test_timed_path_runs_end_to_end_on_the_interpreter(bench, monkeypatch, tmp_p
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 1.0)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(fn()) or 1.0)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append(fn()) or 0.5)
-    args = bench.argparse.Namespace(bits=[4], group=64, sym=True, dtype="fp16", models=["tiny"], ms=[1, 17],
-                                    peak_gbs=None, out=str(tmp_path / "rows.json"))
+    args = bench.argparse.Namespace(bits=[4], group=64, sym=sym, dtype="fp16", models=["tiny"], ms=[1, 17],
+                                    peak_gbs=None, out=str(tmp_path / "rows.json"), zero_point=zero_point)
     rows = bench.bench_cuda(args)
+    assert {r["zero_point"] for r in rows} == {None if sym else zero_point}
     assert json.loads((tmp_path / "rows.json").read_text()) == rows  # written as it goes
     assert not [r for r in rows if "error" in r], rows
     methods = {(r["M"], r["method"]) for r in rows}
