@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Subcommand modules, in --help order; each defines register(subparsers) setting func=run.
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         # expected user errors: one clear line, no traceback
         print(f"llmq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`llmq inspect DIR | head`): stop quietly, as Unix tools do; point stdout
+        # at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -97,3 +97,15 @@ def test_existing_output_needs_force(tiny_model_dir, tmp_path):
 def test_eval_missing_text_file(tiny_model_dir, tmp_path):
     res = llmq("eval", tiny_model_dir, "--ppl", "--text", tmp_path / "nope.txt", check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_closed_output_pipe_stops_quietly(tiny_model_dir, tmp_path):
+    """`llmq inspect DIR | head -1`: when the reader has gone, llmq exits with 141 (SIGPIPE's status) and no
+    traceback."""
+    out = tmp_path / "q"
+    llmq("quantize", tiny_model_dir, "--out", out)
+    proc = subprocess.Popen([sys.executable, "-m", "llmq.cli.main", "inspect", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before llmq writes a line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
