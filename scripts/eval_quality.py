@@ -33,6 +33,7 @@ def run_one(method: str, setting: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from llmq.data.bbc import named_text
     from llmq.eval.perplexity import perplexity
     from llmq.model.source import load_model, resolve_model_path
     from llmq.resources import peak_rss_mb
@@ -42,9 +43,9 @@ def run_one(method: str, setting: str, args) -> dict:
         t0 = time.perf_counter()
         model, tok, _ = load_model(folder)
         rss = peak_rss_mb()
-        ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
+        ppl = perplexity(model, tok, text=named_text(args.text), max_tokens=args.tokens, progress=False)
         return {"method": "fp32", "bits": 32, "group_size": None, "bits_per_weight": 32.0,
-                "perplexity": ppl.perplexity, "tokens": ppl.tokens, "quantize_s": 0.0,
+                "perplexity": ppl.perplexity, "tokens": ppl.tokens, "text": args.text, "quantize_s": 0.0,
                 "peak_rss_mb": rss, "load_s": time.perf_counter() - t0}
 
     from transformers import AutoTokenizer
@@ -66,10 +67,11 @@ def run_one(method: str, setting: str, args) -> dict:
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
-    ppl = perplexity(model, tok, max_tokens=args.tokens, progress=False)
+    ppl = perplexity(model, tok, text=named_text(args.text), max_tokens=args.tokens, progress=False)
     return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
             "zero_point": None if recipe.zero_point is None else recipe.zero_point.value,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
+            "text": args.text,
             "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
             "load_average_1min": os.getloadavg()[0],
             "calibration": spec.to_dict() if spec else None}
@@ -162,6 +164,9 @@ def main() -> None:
     p.add_argument("--awq-nsamples", type=int, default=128, help="AWQ calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--text", choices=["eval", "selection"], default="eval",
+                   help="evaluation text (default) or the selection text defaults are chosen on: the "
+                   "calibration articles, used with --tokens 8192 (docs/quality.md's 'held-out text')")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (use --threads 1 with --jobs > 1)")
     p.add_argument("--no-fp", action="store_true", help="skip the fp32 baseline row")
@@ -203,7 +208,7 @@ def main() -> None:
         runs = [r for r in runs if r not in done]
     passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
-                   "--threads", str(args.threads)] + (["--sym"] if args.sym else []) + (
+                   "--threads", str(args.threads), "--text", args.text] + (["--sym"] if args.sym else []) + (
                    ["--zero-point", args.zero_point] if args.zero_point else [])
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.data.bbc import TEXTS, named_text
 from llmq.eval.perplexity import perplexity
 from llmq.model.rtn import quantize_model_rtn
 from llmq.model.source import load_model, resolve_model_path
@@ -65,6 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--text", choices=list(TEXTS), default="eval",
+                    help="evaluation text (default) or the selection text defaults are chosen on (the "
+                    "calibration articles; docs/w8a8.md's 'held-out text', used with --tokens 8192)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--percentile", type=float, default=99.9999)
@@ -85,7 +89,7 @@ def main() -> None:
         return args.only is None or key in args.only
 
     def evaluate(key, label, model, **extra):
-        r = perplexity(model, tok, max_tokens=args.tokens, progress=False)
+        r = perplexity(model, tok, text=named_text(args.text), max_tokens=args.tokens, progress=False)
         rows.append({"key": key, "config": label, "perplexity": r.perplexity, "tokens": r.tokens,
                      "eval_seconds": round(r.seconds, 1), **extra})
         print(f"{label:45s} ppl {r.perplexity:8.3f}  ({r.seconds:.0f} s)", flush=True)
@@ -120,7 +124,7 @@ def main() -> None:
     fp_ppl = next((r["perplexity"] for r in rows if r["key"] == "fp"), None)
     for r in rows:
         r["delta_vs_fp_pct"] = None if fp_ppl is None else round(100 * (r["perplexity"] / fp_ppl - 1), 2)
-    meta = {"model": args.model, "tokens": args.tokens, "window": 512, "calibration_samples": args.calib_samples,
+    meta = {"model": args.model, "tokens": args.tokens, "window": 512, "text": args.text, "calibration_samples": args.calib_samples,
             "calibration_seq_len": 512, "alpha": args.alpha, "percentile": args.percentile,
             "momentum": args.momentum, "backend": "torch (exact int8 reference), CPU",
             "threads": torch.get_num_threads(), "total_seconds": round(time.perf_counter() - t_start, 1)}

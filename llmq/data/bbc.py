@@ -50,6 +50,23 @@ def eval_text() -> str:
     return "\n\n".join(_articles(EVAL_CATEGORIES, parity=0))
 
 
+def selection_text() -> str:
+    """The calibration articles joined like ``eval_text``: the text llmq's defaults were *chosen* on
+    (its first 8,192 tokens, "held-out text" in the docs), so that the evaluation text stays unseen.
+    Calibration windows are drawn from the same articles at random offsets."""
+    return "\n\n".join(calibration_texts())
+
+
+TEXTS = ("eval", "selection")
+
+
+def named_text(name: str) -> str:
+    """``"eval"``: ``eval_text()``; ``"selection"``: ``selection_text()`` (the scripts' ``--text``)."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown text {name!r}: choose one of {TEXTS}")
+    return eval_text() if name == "eval" else selection_text()
+
+
 def calibration_texts() -> list[str]:
     """Calibration articles (business + sports, odd file numbers), disjoint from ``eval_text``."""
     return _articles(CALIBRATION_CATEGORIES, parity=1)
