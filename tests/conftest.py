@@ -74,10 +74,14 @@ def make_tiny_llama(vocab_size=320, hidden=64, intermediate=160, layers=2, heads
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """Folder with a tiny random Llama (fp32 safetensors) and a tokenizer, like a hub download."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    make_tiny_llama().save_pretrained(path)
+def save_model_dir(model, path):
+    """Save ``model`` (fp32 safetensors) and the tiny tokenizer to ``path``, like a hub download."""
+    model.save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with a tiny random Llama and a tokenizer, like a hub download."""
+    return save_model_dir(make_tiny_llama(), tmp_path_factory.mktemp("tiny") / "tiny-llama")

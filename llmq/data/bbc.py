@@ -50,10 +50,10 @@ def eval_text() -> str:
     return "\n\n".join(_articles(EVAL_CATEGORIES, parity=0))
 
 
-def selection_text() -> str:
-    """The calibration articles joined like ``eval_text``: the text llmq's defaults were *chosen* on
-    (its first 8,192 tokens, "held-out text" in the docs), so that the evaluation text stays unseen.
-    Calibration windows are drawn from the same articles at random offsets."""
+def calibration_text() -> str:
+    """The calibration articles joined like ``eval_text``. Calibration windows are drawn from it at
+    random offsets, and its first 8,192 tokens are the text llmq's defaults were *chosen* on ("held-out
+    text" in the docs; the scripts' ``--text selection``), so that the evaluation text stays unseen."""
     return "\n\n".join(calibration_texts())
 
 
@@ -61,10 +61,10 @@ TEXTS = ("eval", "selection")
 
 
 def named_text(name: str) -> str:
-    """``"eval"``: ``eval_text()``; ``"selection"``: ``selection_text()`` (the scripts' ``--text``)."""
+    """``"eval"``: ``eval_text()``; ``"selection"``: ``calibration_text()`` (the scripts' ``--text``)."""
     if name not in TEXTS:
         raise ValueError(f"unknown text {name!r}: choose one of {TEXTS}")
-    return eval_text() if name == "eval" else selection_text()
+    return eval_text() if name == "eval" else calibration_text()
 
 
 def calibration_texts() -> list[str]:

@@ -53,9 +53,9 @@ def w8a8_weight_recipe(include=("*",), exclude=DEFAULT_EXCLUDE) -> WeightRecipe:
 
 def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> list[torch.Tensor]:
     """``n_samples`` random ``[1, seq_len]`` token windows of the BBC calibration articles (seeded)."""
-    from llmq.data.bbc import calibration_texts
+    from llmq.data.bbc import calibration_text
 
-    ids = tokenizer("\n\n".join(calibration_texts()), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = tokenizer(calibration_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
     if ids.numel() <= seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)

@@ -88,10 +88,10 @@ def test_bbc_default_is_disjoint_from_eval_text():
 
 def test_selection_text_is_the_calibration_split_not_the_eval_text():
     """The scripts' `--text selection` (where defaults are chosen) never shows the evaluation text."""
-    from llmq.data.bbc import calibration_texts, eval_text, named_text
+    from llmq.data.bbc import calibration_text, calibration_texts, eval_text, named_text
 
     selection = named_text("selection")
-    assert named_text("eval") == eval_text()
+    assert named_text("eval") == eval_text() and selection == calibration_text()
     assert selection.startswith(calibration_texts()[0]) and selection[:2000] not in eval_text()
     with pytest.raises(ValueError, match="unknown text 'test'"):
         named_text("test")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer, save_model_dir
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -41,10 +41,7 @@ def outlier_llama(layers: int = 4, seed: int = 0):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A 4-layer tiny Llama with outliers with its tokenizer, saved like a hub download."""
-    path = tmp_path_factory.mktemp("outliers") / "llama"
-    outlier_llama().save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_model_dir(outlier_llama(), tmp_path_factory.mktemp("outliers") / "llama")
 
 
 def sqnr_db(ref, y):
