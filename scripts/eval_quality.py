@@ -62,7 +62,10 @@ def run_one(method: str, setting: str, args) -> dict:
         spec = CalibrationSpec(nsamples=n, seqlen=args.seqlen, seed=0)
         tok = AutoTokenizer.from_pretrained(folder)
         ids = calibration_batch(tok, spec)
-    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method, zero_point=args.zero_point)
+    from llmq.cli.quantize import parse_method_args
+
+    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method, zero_point=args.zero_point,
+                          method_args=parse_method_args(args.method_arg))
     model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
@@ -71,7 +74,7 @@ def run_one(method: str, setting: str, args) -> dict:
     return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
             "zero_point": None if recipe.zero_point is None else recipe.zero_point.value,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
-            "text": args.text,
+            "text": args.text, "method_args": recipe.method_args,
             "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
             "load_average_1min": os.getloadavg()[0],
             "calibration": spec.to_dict() if spec else None}
@@ -178,6 +181,8 @@ def main() -> None:
     p.add_argument("--sym", action="store_true", help="symmetric weights (default: asymmetric, like the table)")
     p.add_argument("--zero-point", choices=["int", "float"], default=None,
                    help="asymmetric zero points (default: the method's own, float for hqq, int otherwise)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm parameter for every quantized run, as `llmq quantize --method-arg`")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -209,7 +214,8 @@ def main() -> None:
     passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--awq-nsamples",
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
                    "--threads", str(args.threads), "--text", args.text] + (["--sym"] if args.sym else []) + (
-                   ["--zero-point", args.zero_point] if args.zero_point else [])
+                   ["--zero-point", args.zero_point] if args.zero_point else []) + [
+                   f"--method-arg={a}" for a in args.method_arg]
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 

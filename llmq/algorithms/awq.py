@@ -16,16 +16,21 @@ weights a finer relative grid. The division is *folded* into whatever produced
     (X / s)  ──▶ Linear_i (Q(W_i · s))           with 1/s folded into the producer of X
 
 Scale search (Eq. 5): ``s = s_X^α`` with ``s_X`` the mean |x| per channel,
-normalised by ``sqrt(max·min)``, for ``α`` on a grid in ``[0, 1)``; the loss is
-the output error of all Linears sharing ``X``::
+normalised by ``sqrt(max·min)``, for ``α`` on a grid in ``[0, 1)``. Each
+candidate gives the Linears the weights ``Q(W_i · s) / s``; it is scored either
+
+- by the output of the block that contains the Linears (the whole attention for
+  q/k/v, the whole MLP for gate/up), as the reference code's ``module2inspect``
+  does: ``search_scales(output_loss)`` with ``llmq.pipeline.block_loss``; or
+- by the Linears' own output error, from the accumulated ``H`` ``[K, K]``
+  (every calibration token counts at the cost of one ``[N, K] × [K, K]``
+  product per grid point; exact where the block *is* the Linear, o_proj and
+  down_proj)::
 
     L(α) = Σ_i ‖(Q(W_i · s) / s − W_i) Xᵀ‖² = Σ_i Σ_n d_n H d_nᵀ,   H = XᵀX / T
 
-computed from the accumulated ``H`` ``[K, K]``, so every calibration token
-counts at the cost of one ``[N, K] × [K, K]`` product per grid point (the
-reference code re-runs a sub-module on a token subset instead; here the loss is
-the Linears' outputs — the module after them is not needed). ``α = 0`` is
-``s = 1``, i.e. plain RTN, so the chosen scale never has a larger loss than RTN.
+``α = 0`` is ``s = 1``, i.e. plain RTN, so the chosen scale never has a larger
+loss than RTN.
 
 Clip search: per group the range is shrunk by ``f`` on a grid and the ``f``
 with the least output error ``dᵀ H_g d`` (``H_g``: diagonal ``g × g`` block of
@@ -33,6 +38,8 @@ with the least output error ``dᵀ H_g d`` (``H_g``: diagonal ``g × g`` block o
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -110,27 +117,37 @@ class AWQ:
         codes = quantize_with_params(w, scale, zero, self.bits, self.group_size)
         return dequantize_groups(codes, scale, zero, self.group_size)
 
+    def candidates(self, s: torch.Tensor) -> list[torch.Tensor]:
+        """``Q(W_i · s) / s`` ``[N_i, K]`` fp32 for every weight: what the Linears compute with scale ``s``."""
+        return [self._rtn(w.float() * s) / s for w in self.weights]
+
     def _loss(self, s: torch.Tensor) -> float:
         loss = 0.0
-        for w in self.weights:
-            w = w.float()
-            d = self._rtn(w * s) / s - w  # [N, K]
+        for w, w_hat in zip(self.weights, self.candidates(s)):
+            d = w_hat - w.float()  # [N, K]
             loss += ((d @ self.H) * d).sum().item()
         return loss
 
     @torch.no_grad()
-    def search_scales(self) -> torch.Tensor:
-        """Per-input-channel scales ``s`` ``[K]`` fp32 minimising ``L(α)`` (Eq. 5)."""
+    def search_scales(self, output_loss: Callable[[list[torch.Tensor]], float] | None = None) -> torch.Tensor:
+        """Per-input-channel scales ``s`` ``[K]`` fp32 minimising ``L(α)`` (Eq. 5).
+
+        Args:
+            output_loss: scores the candidate weights ``[Q(W_i·s)/s]`` by the output of the
+                block that contains the Linears (``llmq.pipeline.block_loss``, the reference
+                code's ``module2inspect``); ``None`` scores the Linears' own outputs through ``H``.
+        """
         if self.nsamples == 0:
             raise ValueError(f"{self.names[0]}: AWQ needs calibration inputs; call add_batch() first")
+        score = self._loss if output_loss is None else (lambda s: output_loss(self.candidates(s)))
         x_mean = self.x_abs_sum / self.nsamples
         best_s = torch.ones_like(x_mean)
-        best_loss = self._loss(best_s)  # α = 0: plain RTN
+        best_loss = score(best_s)  # α = 0: plain RTN
         for i in range(1, self.n_grid):
             alpha = i / self.n_grid
             s = x_mean.pow(alpha).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            loss = self._loss(s)
+            loss = score(s)
             if loss < best_loss:
                 best_loss, best_s = loss, s
         self.best_loss = best_loss

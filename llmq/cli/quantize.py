@@ -39,7 +39,8 @@ def _memory(value: str) -> float:
     return mb
 
 
-def _method_args(pairs: list[str]) -> dict:
+def parse_method_args(pairs: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` (``--method-arg``) as a dict; values are JSON where they parse, else strings."""
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -123,7 +124,7 @@ def build_recipe(args: argparse.Namespace) -> WeightRecipe:
         method=args.method,
         include=tuple(args.include) if args.include else ("*",),
         exclude=DEFAULT_EXCLUDE + tuple(args.exclude),
-        method_args=_method_args(args.method_arg),
+        method_args=parse_method_args(args.method_arg),
         zero_point=args.zero_point,
     )
 

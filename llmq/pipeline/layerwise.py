@@ -173,11 +173,15 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
                     cache.append(args[0])
                 raise _StopForward
 
-            handle = layer.get_submodule(first).register_forward_pre_hook(hook)
+            handles = [layer.get_submodule(first).register_forward_pre_hook(hook)]
+            if quantizer.block_loss is not None:  # AWQ scored on the attention / MLP output
+                block = layer.get_submodule(sub.block)
+                handles.append(block.register_forward_pre_hook(quantizer.block_loss.record, with_kwargs=True))
             try:
                 forward_all(layer, inputs, device, replays, state)
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
             if cache is not None:
                 replays[first] = cache
         qweights.update(quantizer.quantize(layer, qweights))

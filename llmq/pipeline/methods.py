@@ -23,15 +23,17 @@ import torch
 from torch import nn
 
 from llmq.algorithms import AWQ, GPTQ, HQQ, RTNClip
+from llmq.pipeline.block_loss import BlockOutputLoss
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
 from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
 
-# (Linears reading one input, the module producing that input: AWQ folds 1/s into it).
-LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    (("self_attn.o_proj",), "self_attn.v_proj"),  # only when v_proj's outputs are o_proj's inputs (no GQA)
-    (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-    (("mlp.down_proj",), "mlp.up_proj"),  # act(gate(x)) * up(x) is linear in up's rows
+# (Linears reading one input, the module producing that input: AWQ folds 1/s into it,
+#  the block whose output scores AWQ's scales: None where that output is the Linear's own).
+LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str, str | None], ...] = (
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "self_attn"),
+    (("self_attn.o_proj",), "self_attn.v_proj", None),  # only when v_proj's outputs are o_proj's inputs (no GQA)
+    (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"),
+    (("mlp.down_proj",), "mlp.up_proj", None),  # act(gate(x)) * up(x) is linear in up's rows
 )
 
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
@@ -39,7 +41,8 @@ LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str], ...] = (
 METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.RTN: {"clip": None},
     WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True},
-    WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5},
+    WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
+                       "scale_loss": "block", "block_windows": 16},
     WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0},
 }
 NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
@@ -55,20 +58,29 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
     unknown = set(given) - set(defaults)
     if unknown:
         raise ValueError(f"unknown {recipe.method.value} arguments {sorted(unknown)}; allowed: {sorted(defaults)}")
-    return {**defaults, **given}
+    args = {**defaults, **given}
+    if recipe.method is WeightMethod.AWQ:
+        if args["scale_loss"] not in ("block", "linear"):
+            raise ValueError(f"awq scale_loss must be 'block' (the attention / MLP output, as the reference code) "
+                             f"or 'linear' (the Linears' outputs), got {args['scale_loss']!r}")
+        if not isinstance(args["block_windows"], int) or args["block_windows"] < 1:
+            raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
+                             f"got {args['block_windows']!r}")
+    return args
 
 
 @dataclass
 class Subgroup:
     names: tuple[str, ...]  # local names inside the decoder layer
     producer: str | None  # module whose output is their input (AWQ folding), if foldable
+    block: str | None = None  # module whose output scores AWQ's scales, if not the Linears' own
 
 
 def plan_subgroups(layer: nn.Module, selected: list[str]) -> list[Subgroup]:
     """Split the selected Linears of ``layer`` (local names, module order) into sequential sub-groups."""
     plan, covered = [], set()
     modules = dict(layer.named_modules())
-    for names, producer in LLAMA_SUBGROUPS:
+    for names, producer, block in LLAMA_SUBGROUPS:
         names = tuple(n for n in names if n in selected)
         if not names:
             continue
@@ -79,7 +91,8 @@ def plan_subgroups(layer: nn.Module, selected: list[str]) -> list[Subgroup]:
         elif prod is not None and not isinstance(prod, nn.Linear):
             w = getattr(prod, "weight", None)
             prod = prod if isinstance(w, torch.Tensor) and w.shape == (k,) else None
-        plan.append(Subgroup(names, producer if prod is not None else None))
+        block = block if isinstance(modules.get(block), nn.Module) else None
+        plan.append(Subgroup(names, producer if prod is not None else None, block))
         covered.update(names)
     plan += [Subgroup((n,), None) for n in selected if n not in covered]
     return plan
@@ -122,6 +135,8 @@ class SubgroupQuantizer:
     def __init__(self, sub: Subgroup, layer: nn.Module, recipe: WeightRecipe, prefix: str) -> None:
         self.sub, self.recipe, self.args = sub, recipe, method_args(recipe)
         self.folded: torch.Tensor | None = None  # AWQ scales divided out of the producer
+        # AWQ with scale_loss="block": fed by a pre-hook on ``layer.<sub.block>`` during calibration
+        self.block_loss: BlockOutputLoss | None = None
         self.linears = [layer.get_submodule(n) for n in sub.names]
         self.full_names = [f"{prefix}.{n}" for n in sub.names]
         r, a = recipe, self.args
@@ -135,6 +150,9 @@ class SubgroupQuantizer:
             self.awq = AWQ([lin.weight.data for lin in self.linears], r.bits, r.group_size, r.symmetric,
                            n_grid=a["n_grid"], clip=a["clip"], clip_grid=a["clip_grid"],
                            max_shrink=a["max_shrink"], names=self.full_names)
+            if a["scale_loss"] == "block" and sub.block is not None and sub.producer is not None:
+                self.block_loss = BlockOutputLoss(layer.get_submodule(sub.block), self.linears, a["block_windows"],
+                                                  name=f"{prefix}.{sub.block}")
 
     @property
     def needs_data(self) -> bool:
@@ -155,7 +173,12 @@ class SubgroupQuantizer:
                 other.H, other.nsamples = first.H, first.nsamples
             out = [g.quantize() for g in self.algos]
         elif r.method is WeightMethod.AWQ:
-            s = self.awq.search_scales() if self.sub.producer is not None else None
+            s = None
+            if self.sub.producer is not None:
+                if self.block_loss is not None:
+                    self.block_loss.finish_recording()
+                s = self.awq.search_scales(self.block_loss)
+                self.block_loss = None  # frees the recorded block inputs
             out = self.awq.quantize(s)
             if s is not None:
                 fold_scales(layer, self.sub.producer, s, qweights)
