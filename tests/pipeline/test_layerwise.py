@@ -45,6 +45,26 @@ def test_layerwise_from_disk_equals_in_memory(tiny_model_dir, calib_ids, method)
         assert torch.equal(lazy(x).logits, full(x).logits)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_layerwise_on_cuda_agrees_with_cpu(tiny_model_dir, calib_ids, method):
+    """The CUDA path (layers on the GPU, finished layers back on the host) gives the CPU result up to
+    float rounding: nearly all packed words equal, logits close."""
+    recipe = WeightRecipe(4, 32, False, method=method)
+    ids = _ids_for(method, calib_ids)
+    gpu, _ = quantize_layerwise(tiny_model_dir, recipe, ids, device="cuda", batch_size=4, progress=False)
+    cpu, _ = quantize_layerwise(tiny_model_dir, recipe, ids, device="cpu", batch_size=4, progress=False)
+    a, b = _buffers(gpu), _buffers(cpu)
+    assert a.keys() == b.keys() and all(v.device.type == "cpu" for v in a.values())
+    words = [k for k in a if k.endswith("qweight")]
+    same = sum((a[k] == b[k]).sum().item() for k in words) / sum(a[k].numel() for k in words)
+    assert same > 0.95, f"only {same:.1%} of the packed words agree"
+    x = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        la, lb = gpu(x).logits, cpu(x).logits
+    assert (la - lb).abs().max() <= 0.05 * lb.abs().max()
+
+
 def test_batching_does_not_change_gptq(tiny_model_dir, calib_ids):
     recipe = WeightRecipe(4, 32, False, method="gptq")
     a, _ = quantize_layerwise(tiny_model_dir, recipe, calib_ids, batch_size=6, progress=False)
