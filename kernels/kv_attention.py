@@ -8,19 +8,32 @@ memory — which is the point: at long context a decode step is bound by how man
 bytes of KV cache it reads.
 
     grid = (B * H_kv, n_splits)           program (b, kv head, split)
-      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────┐
-      │ quantized part: unpack [BLOCK_N, D] K and V tiles, dequant, │
-      │ residual part:  load fp [BLOCK_N, D] tiles                  │
-      │ online softmax for all n_rep query heads of this kv head    │
-      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ──────────┘
+      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
+      │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
+      │   load the [BLOCK_W, D] K and V words once; for each field f < P:    │
+      │   the tokens w*P + f are one online-softmax step                     │
+      │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
+      │        group; per-token keys (q_j · codes_fᵀ - Σq_j · z_j) * s_j     │
+      │     V: (p * s_j) · codes_f - Σ_t p s_j z_j, j = channel group        │
+      │ residual part: load fp [BLOCK_N, D] tiles                            │
+      │ online softmax for all n_rep query heads of this kv head             │
+      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ───────────────────┘
     reduce grid = (B * H_q,): out = Σ e^(m_s-M) acc_s / Σ e^(m_s-M) l_s
+
+Why fields: the codes are packed along the tokens (``llmq.quant.kv``), so field f of a
+block of words is a ``[BLOCK_W, D]`` tile reached by a shift and a mask, and the exact codes
+go into the dots as they are: scales and zeros act on q, on the scores or on p (the diagram),
+never on a ``[BLOCK_W, D]`` tile. The first version packed along D, rebuilt ``[BLOCK_N, D]``
+tiles with a ``[BLOCK_N, D/P, P]`` reshape and dequantized every code; on an H200 its time
+followed the number of codes unpacked, not the bytes read (BENCHMARKS.md). Untimed since;
+what the compiler does with both is in docs/kv_cache.md ("Kernel layout").
 
 Grouped-query attention: the ``n_rep = H_q / H_kv`` query heads sharing a KV head
 are the rows of one ``[BLOCK_H, D]`` tile (padded to 16 for ``tl.dot``), so each
 K/V tile is read once per KV head, not once per query head.
 
-Layout of the packed cache: see ``llmq.quant.kv`` (codes packed along D, per-token
-scales ``[.., T, D/g]``, per-channel key scales ``[.., T/g, D]``).
+Layout of the packed cache: see ``llmq.quant.kv`` (codes ``[.., T/P, D]`` packed along the
+tokens, per-token scales ``[.., T, D/g]``, per-channel key scales ``[.., T/g, D]``).
 
 The launcher is the ``torch.library`` custom op ``llmq::kv_decode_attention`` (with a fake
 implementation, so ``torch.compile(fullgraph=True)`` and CUDA graphs trace through it);
@@ -46,8 +59,8 @@ class PackedKV:
     """Everything the decode kernel reads for one layer.
 
     Attributes:
-        k_codes, v_codes: ``[B, H_kv, cap, D // P]`` int32 (first ``n_quant`` tokens valid,
-            same shape and strides for K and V).
+        k_codes, v_codes: ``[B, H_kv, cap // P, D]`` int32, codes packed along the tokens (first
+            ``n_quant`` tokens valid, ``n_quant`` a multiple of ``P``; same shape and strides for K and V).
         k_scales: ``[B, H_kv, cap, D // g]`` fp16 (per-token keys) or ``[B, H_kv, cap // g, D]``
             (per-channel keys); ``k_zeros`` the same shape in uint8, or ``None`` when symmetric.
         v_scales / v_zeros: ``[B, H_kv, cap, D // g]`` fp16 / uint8 (or ``None``).
@@ -98,42 +111,95 @@ def kv_decode_attention_reference(q: torch.Tensor, kv: PackedKV, sm_scale: float
 
 
 @triton.jit
-def _dequant_tile(C, S, Z, n0, offs_n, offs_d, n_mask, stride_ct, stride_st,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_N, D] float32 tile of tokens ``offs_n = n0 + arange(BLOCK_N)`` from packed codes + scales (+ zeros).
+def _low_field_codes(words, BITS: tl.constexpr):
+    """The low ``BITS`` of each word of a ``[BLOCK_W, D]`` block as exact float32 codes."""
+    # the caller shifts the words right by BITS per field (arithmetic shift: the mask drops the sign bits)
+    return codes_minus_zero(words & ((1 << BITS) - 1), 0.0)  # no int->float conversion (kernels.dequant_tile)
 
-    Words are loaded once each (``[BLOCK_N, D/P]``) and expanded in registers to ``[BLOCK_N, D/P, P]``
-    → ``[BLOCK_N, D]`` (field i of word w is channel w*P + i). Per-channel scales: the launcher makes
-    BLOCK_N divide GROUP, so the whole tile lies in one token group and needs one ``[D]`` scale row.
+
+@triton.jit
+def _channel_folded_q(q_f32, S, Z, row_off, first_token, q_end, offs_d, BITS: tl.constexpr,
+                      SYMMETRIC: tl.constexpr):
+    """Per-channel keys of one token group: ``q · ((c - z) · s)ᵀ = (q∘s) · cᵀ - (q∘s) · z``.
+
+    Returns ``q∘s`` ``[BLOCK_H, D]`` fp32 and ``(q∘s) · z`` ``[BLOCK_H]`` for the scale/zero row at ``row_off``
+    (zeros for a group starting at or past ``q_end``: its row may not exist).
+    """
+    row_ok = (offs_d * 0 + first_token) < q_end  # [D]
+    sc = tl.load(S + row_off + offs_d, mask=row_ok, other=0.0).to(tl.float32)
+    q_g = q_f32 * sc[None, :]
+    if SYMMETRIC:
+        qz = tl.sum(q_g, 1) * (1 << (BITS - 1))
+    else:
+        qz = tl.sum(q_g * tl.load(Z + row_off + offs_d, mask=row_ok, other=0).to(tl.float32)[None, :], 1)
+    return q_g, qz
+
+
+@triton.jit
+def _token_params(S, Z, tok, valid, j, stride_st, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale and zero ``[BLOCK_W]`` fp32 of channel group ``j`` for tokens ``tok`` (per-token groups)."""
+    sc = tl.load(S + tok * stride_st + j, mask=valid, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = tl.full(sc.shape, 1 << (BITS - 1), tl.float32)
+    else:
+        z = tl.load(Z + tok * stride_st + j, mask=valid, other=0).to(tl.float32)
+    return sc, z
+
+
+@triton.jit
+def _field_step(q_f32, k_words, v_words, tok, w0, rows, q_end, KS, KZ, VS, VZ, MASK, stride_kst, stride_vst,
+                m_i, l_i, acc, sm_scale, offs_d,
+                BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over the tokens ``tok = rows*P + f`` of a block of words whose field ``f``
+    sits in the low ``BITS`` bits of ``k_words`` / ``v_words`` ``[BLOCK_W, D]``; returns ``(m_i, l_i, acc)``.
+
+    Scores come from the exact codes; scales and zeros act on q (per-channel keys: ``(q∘s)·cᵀ - (q∘s)·z``)
+    or on the scores (per-token keys) and on ``p`` (values: ``(p∘s)·c - Σ p s z``), never on a
+    ``[BLOCK_W, D]`` tile.
     """
     P: tl.constexpr = 32 // BITS
-    W: tl.constexpr = HEAD_DIM // P
-    offs_w = tl.arange(0, W)
-    words = tl.load(C + offs_n[:, None] * stride_ct + offs_w[None, :], mask=n_mask[:, None], other=0)
-    shifts = tl.arange(0, P) * BITS
-    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # arithmetic shift: masked
-    codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM))
-    if PER_CHANNEL:  # one scale per channel for this run of GROUP tokens
-        sp = (n0 // GROUP) * stride_st + offs_d
-        scale = tl.load(S + sp).to(tl.float32)[None, :]
-        if SYMMETRIC:
-            zero = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
+    N_GROUPS: tl.constexpr = HEAD_DIM // GROUP  # channel groups of per-token scales
+    G_T: tl.constexpr = max(1, BLOCK_W * P // GROUP)  # token groups of per-channel keys in one block
+    d_group = offs_d // GROUP
+    valid = tok < q_end
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + tok, mask=valid, other=0) != 0)
+    k_codes = tl.trans(_low_field_codes(k_words, BITS).to(DOT_DTYPE))  # [D, BLOCK_W]
+    s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    if KEY_PER_CHANNEL:  # a word row's P tokens share one key group (P divides GROUP)
+        for gr in tl.static_range(G_T):
+            g = (w0 * P) // GROUP + gr
+            q_g, qz = _channel_folded_q(q_f32, KS, KZ, g * stride_kst, g * GROUP, q_end, offs_d, BITS, SYMMETRIC)
+            part = tl.dot(q_g.to(DOT_DTYPE), k_codes) - qz[:, None]
+            if G_T == 1:
+                s += part
+            else:
+                s += tl.where((((rows - w0) * P) // GROUP == gr)[None, :], part, 0.0)
+    else:
+        for j in tl.static_range(N_GROUPS):
+            q_j = tl.where((d_group == j)[None, :], q_f32, 0.0)
+            sc, z = _token_params(KS, KZ, tok, valid, j, stride_kst, BITS, SYMMETRIC)
+            s += (tl.dot(q_j.to(DOT_DTYPE), k_codes) - tl.sum(q_j, 1)[:, None] * z[None, :]) * sc[None, :]
+    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # values: acc[:, group j] += (p * s_j) · codes - Σ_t p s_j z_j
+    v_codes = _low_field_codes(v_words, BITS).to(DOT_DTYPE)
+    for j in tl.static_range(N_GROUPS):
+        sc, z = _token_params(VS, VZ, tok, valid, j, stride_vst, BITS, SYMMETRIC)
+        p_j = p * sc[None, :]
+        part = tl.dot(p_j.to(DOT_DTYPE), v_codes) - tl.sum(p_j * z[None, :], 1)[:, None]
+        if N_GROUPS == 1:
+            acc += part
         else:
-            zero = tl.load(Z + sp).to(tl.float32)[None, :]
-    else:  # one scale per token per run of GROUP channels
-        offs_g = tl.arange(0, HEAD_DIM // GROUP)
-        sp = offs_n[:, None] * stride_st + offs_g[None, :]
-        scale = tl.load(S + sp, mask=n_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D/G]
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
-                           (BLOCK_N, HEAD_DIM))
-        if SYMMETRIC:
-            zero = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
-        else:
-            zero = tl.load(Z + sp, mask=n_mask[:, None], other=0).to(tl.float32)
-            zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, HEAD_DIM // GROUP, GROUP)),
-                              (BLOCK_N, HEAD_DIM))
-    return codes_minus_zero(codes, zero) * scale  # no int->float conversion (kernels.dequant_tile)
+            acc += tl.where((d_group == j)[None, :], part, 0.0)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -165,8 +231,8 @@ def _kv_decode_split_kernel(
     stride_mb,
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -186,22 +252,32 @@ def _kv_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
 
-    # quantized tokens [start, min(end, n_quant))
+    # quantized tokens [start, min(end, n_quant)): BLOCK_W word rows of P tokens per step
+    P: tl.constexpr = 32 // BITS
     kc = KC + b * stride_cb + hk * stride_ch
     vc = VC + b * stride_cb + hk * stride_ch
     ks_off = b * stride_ksb + hk * stride_ksh
     vs_off = b * stride_vsb + hk * stride_vsh
     q_end = tl.minimum(end, n_quant)
-    for n0 in range(start, q_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < q_end
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
-        k = _dequant_tile(kc, KS + ks_off, KZ + ks_off, n0, offs_n, offs_d, valid, stride_ct, stride_kst,
-                          BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_N)
-        v = _dequant_tile(vc, VS + vs_off, VZ + vs_off, n0, offs_n, offs_d, valid, stride_ct, stride_vst,
-                          BITS, GROUP, False, SYMMETRIC, HEAD_DIM, BLOCK_N)
-        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
+    q_f32 = q.to(tl.float32)
+    for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
+        rows = w0 + tl.arange(0, BLOCK_W)
+        row_ok = rows * P < q_end
+        w_off = rows[:, None] * stride_ct + offs_d[None, :]
+        k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
+        v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
+        # A runtime loop over the fields: field f is in the low bits after f shifts. Unrolled (constant
+        # shifts), the compiler unpacked straight into the dots' layouts, but 8 or 16 unrolled fields spilled
+        # registers and int8's 4 spilled on sm_80 with a mask; in this loop the fp16 code tiles pass through
+        # shared memory (docs/kv_cache.md, "Kernel layout").
+        for f in range(P):
+            m_i, l_i, acc = _field_step(
+                q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
+                KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst, stride_vst,
+                m_i, l_i, acc, sm_scale, offs_d,
+                BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+            k_words = k_words >> BITS
+            v_words = v_words >> BITS
 
     # full-precision residual tokens [max(start, n_quant), end)
     kr = KR + b * stride_rb + hk * stride_rh
@@ -255,18 +331,22 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.d
     return max(1, min(triton.cdiv(target, batch * kv_heads), triton.cdiv(n_tokens, min_tokens_per_split)))
 
 
-# Launch defaults (block_n 32, 4 warps, 3 stages): 2x faster than the first defaults (32, 8, 2) for int4 at
-# 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py --sweep``, BENCHMARKS.md). block_n 64 with
-# 4 warps timed 1.4x faster still but spills registers (16-56 bytes, tests/kernels/test_kv_attention_aot.py,
-# which compiles with these defaults).
+# Launch defaults. For the first kernel (codes packed along D) (block_n 32, 4 warps, 3 stages) timed 2x
+# faster than (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py
+# --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed: it uses
+# 8 warps because with 4 the per-token-key config with 4 channel groups (int2, g32, bf16, mask) spilled
+# 24 bytes on sm_90a; every config in tests/kernels/test_kv_attention_aot.py compiles without spills at 8.
 BLOCK_N = 32
-NUM_WARPS = 4
+NUM_WARPS = 8
 NUM_STAGES = 3
+# Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
+# dot, so at least 16 (tl.dot); not timed on a GPU yet.
+BLOCK_W = 16
 
 
 # The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
 # q        [B, H_q, D]              fp16 / bf16 / fp32 (any strides; copied if the last dim is not contiguous)
-# k_codes  [B, H_kv, cap, D/P]      int32, P = 32/bits codes per word along D; first n_quant tokens valid
+# k_codes  [B, H_kv, cap/P, D]      int32, P = 32/bits codes per word along the tokens; first n_quant valid
 # v_codes  same shape and strides as k_codes
 # k_scales [B, H_kv, cap, D/g] fp16 (per-token keys) or [B, H_kv, cap/g, D] fp16 (key_per_channel)
 # k_zeros  same shape as k_scales, uint8; None when symmetric (zero = 2**(bits-1))
@@ -297,14 +377,15 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
         raise ValueError(f"head_dim must be a power of two >= 16 and match the cache, got q {d}, cache {dr}")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if k_codes.shape[-1] != d:
+        raise ValueError(f"codes must be [batch, kv_heads, tokens / (32 // bits), head_dim] (packed along the "
+                         f"tokens, llmq.quant.kv), got {tuple(k_codes.shape)} for head_dim {d}")
     if k_codes.stride() != v_codes.stride() or k_res.stride() != v_res.stride():
         raise ValueError("K and V codes (and K and V residuals) must share shape and strides")
     if not symmetric and (k_zeros is None or v_zeros is None):
         raise ValueError("an asymmetric cache needs k_zeros and v_zeros (None only when symmetric)")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (tl.dot tile), got {block_n}")
-    if key_per_channel:
-        block_n = min(block_n, group_size)  # a tile must lie inside one key token group
     total = n_quant + n_res
     if total == 0:
         raise ValueError("the cache is empty: nothing to attend to")
@@ -319,7 +400,9 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
 
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, total, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), block_n) * block_n
+    # splits start on whole quantized steps (and residual blocks): both are powers of two
+    step = max(block_n, BLOCK_W * (32 // bits))
+    tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
     num_splits = triton.cdiv(total, tokens_per_split)
     rep = hq // hkv
     o_part = torch.empty(b * hq, num_splits, d, device=q.device, dtype=torch.float32)
@@ -343,7 +426,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         mask.stride(0) if mask is not None else 0,
         BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
-        HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_H=max(16, triton.next_power_of_2(rep)),
+        HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_W=BLOCK_W, BLOCK_H=max(16, triton.next_power_of_2(rep)),
         DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
     )
     _kv_decode_reduce_kernel[(b * hq,)](
@@ -380,7 +463,8 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         sm_scale: softmax scale (``1/sqrt(D)`` for Llama).
         mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
-        block_n: tokens per inner step (power of two >= 16; capped at the key group size for per-channel keys).
+        block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
+            part steps over ``BLOCK_W`` word rows (``BLOCK_W * 32 // bits`` tokens).
         num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.

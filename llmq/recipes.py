@@ -375,8 +375,13 @@ class KVRecipe:
 
     @property
     def flush_block(self) -> int:
-        """Tokens quantized at once when they leave the residual window."""
-        return self.group_size if self.key_axis is KVAxis.CHANNEL else 1
+        """Tokens quantized at once when they leave the residual window: whole int32 words of
+        codes packed along the tokens (``P = 32 // bits``, ``llmq.quant.kv``) and, for per-channel
+        keys, whole token groups (every supported group is a multiple of every ``P``)."""
+        from llmq.quant.packing import codes_per_word
+
+        p = codes_per_word(self.bits)
+        return max(self.group_size, p) if self.key_axis is KVAxis.CHANNEL else p
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` unless this recipe fits a model whose attention heads are ``head_dim`` wide."""

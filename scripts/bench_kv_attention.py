@@ -44,7 +44,7 @@ def random_cache(b: int, hkv: int, t: int, d: int, bits: int | None, device: str
     if bits is None:
         k = torch.randn(b, hkv, t, d, device=device, dtype=dtype)
         v = torch.randn(b, hkv, t, d, device=device, dtype=dtype)
-        empty = torch.zeros(b, hkv, 0, d // 8, device=device, dtype=torch.int32)
+        empty = torch.zeros(b, hkv, 0, d, device=device, dtype=torch.int32)
         s = torch.zeros(b, hkv, 0, 1, device=device, dtype=torch.float16)  # nothing quantized: one group per token
         return PackedKV(empty, s, None, empty, s, None, 0, k, v, 4, d, False, True)
     n_q, group = t - RESIDUAL, min(GROUP, d)
@@ -52,8 +52,8 @@ def random_cache(b: int, hkv: int, t: int, d: int, bits: int | None, device: str
     gen = torch.Generator(device=device).manual_seed(0)
 
     def codes():
-        return torch.randint(-2**31, 2**31 - 1, (b, hkv, n_q, d // p), generator=gen, device=device,
-                             dtype=torch.int32)
+        return torch.randint(-2**31, 2**31 - 1, (b, hkv, n_q // p, d), generator=gen, device=device,
+                             dtype=torch.int32)  # packed along the tokens (llmq.quant.kv)
 
     def scales(*shape):
         return (torch.rand(*shape, generator=gen, device=device) * 0.02 + 0.005).half()
@@ -72,7 +72,8 @@ def bytes_read(kv: PackedKV) -> int:
     n = kv.n_quant
     total = 0
     key_rows = n // kv.group_size if kv.key_per_channel else n  # per-channel keys: a scale row per group
-    for t, rows in ((kv.k_codes, n), (kv.v_codes, n), (kv.v_scales, n), (kv.v_zeros, n), (kv.k_scales, key_rows),
+    word_rows = n // (32 // kv.bits)  # codes packed along the tokens
+    for t, rows in ((kv.k_codes, word_rows), (kv.v_codes, word_rows), (kv.v_scales, n), (kv.v_zeros, n), (kv.k_scales, key_rows),
                     (kv.k_zeros, key_rows)):
         if t is not None:
             total += t[:, :, :rows].numel() * t.element_size()

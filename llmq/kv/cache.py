@@ -11,9 +11,10 @@ full-precision ``DynamicSlidingWindowLayer`` (bounded by the window; see
 ``layer_kinds``).
 
 Incremental quantization: a token is quantized exactly once, when it leaves the
-residual window of the ``residual_length`` most recent tokens; per-channel keys
-need a whole group of tokens per scale, so with ``key_axis='channel'`` tokens leave
-in blocks of ``group_size`` (KIVI), otherwise one at a time. Nothing already
+residual window of the ``residual_length`` most recent tokens; codes are packed
+along the tokens, ``P = 32 // bits`` to a word, and per-channel keys need a whole
+group of tokens per scale, so tokens leave in blocks of ``KVRecipe.flush_block``
+(``group_size`` with ``key_axis='channel'`` (KIVI), otherwise ``P``). Nothing already
 quantized is ever re-quantized (transformers' own ``QuantizedCache`` re-quantizes
 the whole history at every flush). Storage grows geometrically, so appending is
 amortized O(new tokens).
@@ -42,6 +43,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from llmq.kernels.kv_attention import PackedKV, dequantized_kv
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv, quantize_per_channel, quantize_per_token
+from llmq.quant.packing import codes_per_word
 from llmq.recipes import KVAxis, KVRecipe
 
 ATTN_IMPLEMENTATION = "llmq_kv"  # name registered with transformers' AttentionInterface
@@ -243,13 +245,15 @@ class QuantizedKVLayer(DynamicLayer):
             self.keys = self.keys[:, :, : keep - self.n_quant]
             self.values = self.values[:, :, : keep - self.n_quant]
             return
-        block = self.recipe.flush_block
-        q_keep = keep // block * block
+        r = self.recipe
+        q_keep = keep // r.flush_block * r.flush_block
         k_back, v_back = self._dequantized_range(q_keep, keep)
-        for store in (self.k_codes, self.v_codes, self.v_scales, self.v_zeros):
+        for store in (self.k_codes, self.v_codes):  # word rows of P tokens; q_keep is a multiple of P
+            store.truncate(q_keep // codes_per_word(r.bits))
+        for store in (self.v_scales, self.v_zeros):
             store.truncate(q_keep)
-        for store in (self.k_scales, self.k_zeros):  # per-channel keys: one row per block of tokens
-            store.truncate(q_keep // block)
+        for store in (self.k_scales, self.k_zeros):  # per-channel keys: one row per group of tokens
+            store.truncate(q_keep // r.group_size if self.key_per_channel else q_keep)
         self.n_quant = q_keep
         self.keys, self.values = k_back, v_back
 
@@ -257,13 +261,14 @@ class QuantizedKVLayer(DynamicLayer):
         """Dequantized keys and values of quantized tokens ``[start, stop)`` (``start`` on a flush-block
         boundary) in the model dtype, ``[B, H_kv, stop - start, D]``."""
         r = self.recipe
-        block = r.flush_block
+        p, g = codes_per_word(r.bits), r.group_size
+        words = slice(start // p, -(-stop // p))
 
         def side(codes, scales, zeros, per_channel):
-            rows = slice(start // block, -(-stop // block)) if per_channel else slice(start, stop)
-            blk = QuantizedKVBlock(codes.data[:, :, start:stop], scales.data[:, :, rows],
+            rows = slice(start // g, -(-stop // g)) if per_channel else slice(start, stop)
+            blk = QuantizedKVBlock(codes.data[:, :, words], scales.data[:, :, rows],
                                    None if r.symmetric else zeros.data[:, :, rows])
-            return dequantize_kv(blk, r.bits, r.group_size, per_channel).to(self.dtype)
+            return dequantize_kv(blk, r.bits, g, per_channel, n_tokens=stop - start).to(self.dtype)
 
         return (side(self.k_codes, self.k_scales, self.k_zeros, self.key_per_channel),
                 side(self.v_codes, self.v_scales, self.v_zeros, False))

@@ -7,9 +7,9 @@ the codes are laid out so the decode-attention kernel can read them directly.
 Layout of one cache side (keys or values) holding ``T`` quantized tokens of
 ``H`` KV heads, head dimension ``D``, ``P = codes_per_word(bits)``::
 
-    codes   [B, H, T, D // P] int32   packed along D: field i of word w = channel w*P + i
-                                      (the bit layout of ``llmq.quant.packing.pack``,
-                                      applied to the last axis)
+    codes   [B, H, T // P, D] int32   packed along T: field i of word row w = token w*P + i
+                                      (the bit layout of ``llmq.quant.packing.pack``, applied
+                                      to the token axis, as GPTQ packs along K)
     per-token  (values; keys with key_axis='token'), groups of g channels:
     scales  [B, H, T, D // g] fp16
     zeros   [B, H, T, D // g] uint8   (asymmetric only; symmetric zero = 2**(bits-1))
@@ -17,11 +17,15 @@ Layout of one cache side (keys or values) holding ``T`` quantized tokens of
     scales  [B, H, T // g, D] fp16
     zeros   [B, H, T // g, D] uint8
 
-Why pack along D and not along T like GPTQ packs along K: per-token values are
-quantized one token at a time as they leave the residual window, so a word must
-never span tokens; using the same layout for keys lets one kernel code path
-unpack both. A kernel loading a ``[BLOCK_N, D]`` tile gathers word ``d // P`` and
-shifts by ``(d % P) * bits``.
+Why pack along the tokens: the decode kernel then unpacks field ``i`` of a
+``[BLOCK_W, D]`` block of word rows into the ``[BLOCK_W, D]`` tile of tokens
+``w*P + i`` with shifts and masks alone — an elementwise step the compiler places
+in the layout the attention dots read, so the dequantized tile never passes through
+shared memory (packing along D needed a ``[BLOCK_N, D/P, P] → [BLOCK_N, D]``
+interleave per tile, which did; ``docs/kv_cache.md``). Attention does not care in
+which order a block's tokens arrive, so each field is one online-softmax step. The
+price: tokens are quantized in multiples of ``P`` (``KVRecipe.flush_block``), so
+``T`` is always a multiple of ``P`` here.
 
 Scales are rounded up to fp16 by ``choose_qparams`` before the codes are made,
 so storing them as fp16 is lossless and ``(code - zero) * scale`` in fp32 is
@@ -42,26 +46,28 @@ from llmq.quant.primitives import choose_qparams, dequantize, quantize, symmetri
 class QuantizedKVBlock:
     """Codes and parameters of ``T`` tokens of one cache side (layout in the module docstring)."""
 
-    codes: torch.Tensor  # [B, H, T, D // P] int32
+    codes: torch.Tensor  # [B, H, T // P, D] int32
     scales: torch.Tensor  # [B, H, T, D // g] or [B, H, T // g, D] fp16
     zeros: torch.Tensor | None  # same shape as scales, uint8; None when symmetric
 
 
-def pack_last(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes ``[..., D]`` along the last axis into int32 ``[..., D // P]`` (D % P == 0)."""
-    *lead, d = codes.shape
+def pack_tokens(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[B, H, T, D]`` along the token axis into int32 ``[B, H, T // P, D]`` (T % P == 0)."""
+    b, h, t, d = codes.shape
     p = codes_per_word(bits)
-    if d % p:
-        raise ValueError(f"last dimension {d} is not a multiple of {p} ({bits}-bit codes per int32 word)")
-    words = pack(codes.reshape(-1, d).t(), bits)  # [D // P, N]
-    return words.t().reshape(*lead, d // p).contiguous()
+    if t % p:
+        raise ValueError(f"{t} tokens is not a multiple of {p} ({bits}-bit codes per int32 word); "
+                         f"the cache quantizes tokens in blocks of KVRecipe.flush_block")
+    words = pack(codes.permute(2, 0, 1, 3).reshape(t, b * h * d), bits)  # [T // P, B*H*D]
+    return words.reshape(t // p, b, h, d).permute(1, 2, 0, 3).contiguous()
 
 
-def unpack_last(words: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """Inverse of ``pack_last``: int32 ``[..., D // P]`` → uint8 ``[..., D]``."""
-    *lead, w = words.shape
-    codes = unpack(words.reshape(-1, w).t().contiguous(), bits, d)  # [D, N]
-    return codes.t().reshape(*lead, d)
+def unpack_tokens(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_tokens``: int32 ``[B, H, W, D]`` → uint8 ``[B, H, W * P, D]``."""
+    b, h, w, d = words.shape
+    t = w * codes_per_word(bits)
+    codes = unpack(words.permute(2, 0, 1, 3).reshape(w, b * h * d).contiguous(), bits, t)  # [T, B*H*D]
+    return codes.reshape(t, b, h, d).permute(1, 2, 0, 3)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedKVBlock:
@@ -70,7 +76,7 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int, symmetric: b
     groups = x.float().reshape(b, h, t, d // group_size, group_size)
     scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T, D/g]
     codes = quantize(groups, scale[..., None], zero[..., None], bits).reshape(b, h, t, d)
-    return QuantizedKVBlock(pack_last(codes, bits), scale.to(torch.float16),
+    return QuantizedKVBlock(pack_tokens(codes, bits), scale.to(torch.float16),
                             None if symmetric else zero.to(torch.uint8))
 
 
@@ -83,17 +89,19 @@ def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int, symmetric:
     groups = x.float().reshape(b, h, t // group_size, group_size, d).transpose(-1, -2)  # [B, H, T/g, D, g]
     scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T/g, D]
     codes = quantize(groups, scale[..., None], zero[..., None], bits).transpose(-1, -2).reshape(b, h, t, d)
-    return QuantizedKVBlock(pack_last(codes, bits), scale.to(torch.float16),
+    return QuantizedKVBlock(pack_tokens(codes, bits), scale.to(torch.float16),
                             None if symmetric else zero.to(torch.uint8))
 
 
 def dequantize_kv(block: QuantizedKVBlock, bits: int, group_size: int, per_channel: bool,
                   n_tokens: int | None = None) -> torch.Tensor:
     """Float32 ``[B, H, T, D]`` from a block (optionally only its first ``n_tokens`` tokens)."""
-    codes_w = block.codes if n_tokens is None else block.codes[:, :, :n_tokens]
-    d = codes_w.shape[-1] * codes_per_word(bits)
-    codes = unpack_last(codes_w, bits, d)  # [B, H, T, D]
-    t = codes.shape[2]
+    p = codes_per_word(bits)
+    codes_w = block.codes if n_tokens is None else block.codes[:, :, : -(-n_tokens // p)]
+    codes = unpack_tokens(codes_w, bits)  # [B, H, T, D]
+    if n_tokens is not None:
+        codes = codes[:, :, :n_tokens]
+    t, d = codes.shape[2], codes.shape[3]
     if per_channel:
         idx = torch.arange(t, device=codes.device) // group_size
         scale = block.scales[:, :, idx].float()  # [B, H, T, D]
@@ -108,7 +116,7 @@ def dequantize_kv(block: QuantizedKVBlock, bits: int, group_size: int, per_chann
 def kv_block_nbytes(n_tokens: int, batch: int, heads: int, head_dim: int, bits: int, group_size: int,
                     per_channel: bool, symmetric: bool) -> int:
     """Theoretical bytes of ``n_tokens`` quantized tokens of one cache side (codes + scales + zeros)."""
-    code_bytes = n_tokens * head_dim // codes_per_word(bits) * 4
+    code_bytes = -(-n_tokens // codes_per_word(bits)) * head_dim * 4  # whole word rows
     n_params = (n_tokens // group_size) * head_dim if per_channel else n_tokens * (head_dim // group_size)
     param_bytes = n_params * (2 + (0 if symmetric else 1))  # fp16 scale + uint8 zero
     return batch * heads * (code_bytes + param_bytes)

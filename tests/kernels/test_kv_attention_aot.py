@@ -29,7 +29,7 @@ _SCRIPT = r'''
 import inspect, json, sys
 import triton.language as tl
 from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
-from llmq.kernels.kv_attention import _kv_decode_reduce_kernel, _kv_decode_split_kernel, kv_decode_attention
+from llmq.kernels.kv_attention import BLOCK_W, _kv_decode_reduce_kernel, _kv_decode_split_kernel, kv_decode_attention
 
 DEFAULTS = {k: v.default for k, v in inspect.signature(kv_decode_attention).parameters.items()}
 
@@ -44,8 +44,8 @@ def split_signature(act):
                  "stride_kst", "stride_vsb", "stride_vsh", "stride_vst", "stride_rb", "stride_rh", "stride_rt",
                  "stride_mb"):
         sig[name] = "i32"
-    for name in ("BITS", "GROUP", "KEY_PER_CHANNEL", "SYMMETRIC", "HAS_MASK", "HEAD_DIM", "BLOCK_N", "BLOCK_H",
-                 "DOT_DTYPE"):
+    for name in ("BITS", "GROUP", "KEY_PER_CHANNEL", "SYMMETRIC", "HAS_MASK", "HEAD_DIM", "BLOCK_N", "BLOCK_W",
+                 "BLOCK_H", "DOT_DTYPE"):
         sig[name] = "constexpr"
     return sig
 
@@ -55,9 +55,9 @@ for target, cap in TARGETS:
     for name, (act, meta) in configs.items():
         dot = {"fp16": tl.float16, "bf16": tl.bfloat16}[act]
         # the launcher's default launch options; Llama-7B head_dim 128, up to 16 q heads per kv head
-        block_n = min(DEFAULTS["block_n"], meta["GROUP"]) if meta["KEY_PER_CHANNEL"] else DEFAULTS["block_n"]
         c = compile_kernel(_kv_decode_split_kernel, split_signature(act),
-                           dict(meta, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_H=16, DOT_DTYPE=dot), cap,
+                           dict(meta, HEAD_DIM=128, BLOCK_N=DEFAULTS["block_n"], BLOCK_W=BLOCK_W, BLOCK_H=16,
+                                DOT_DTYPE=dot), cap,
                            num_warps=DEFAULTS["num_warps"], num_stages=DEFAULTS["num_stages"])
         out[f"{name}-{target}"] = resource_usage(c).__dict__
     sig = {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "OUT": "*fp16", "n_splits": "i32",

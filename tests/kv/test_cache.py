@@ -93,7 +93,8 @@ def test_incremental_quantization_and_memory(key_axis, symmetric):
     k_all = torch.randn(2, 2, 80, d, dtype=torch.float16)
     v_all = torch.randn(2, 2, 80, d, dtype=torch.float16)
     cache.update(k_all[:, :, :21], v_all[:, :, :21], 0)  # prefill
-    block = group if key_axis == "channel" else 1
+    block = layer.recipe.flush_block  # group (channel keys) or P = 8 codes per word (token keys)
+    assert block == (group if key_axis == "channel" else 8)
     seen_codes = None
     for t in range(21, 80):
         cache.update(k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], 0)
@@ -102,8 +103,8 @@ def test_incremental_quantization_and_memory(key_axis, symmetric):
         assert residual + 1 <= n_res <= residual + block  # window (+ current token) stays full precision
         if seen_codes is not None:  # earlier codes untouched: nothing is re-quantized
             assert torch.equal(layer.k_codes.data[:, :, :seen_codes.shape[2]], seen_codes)
-        if layer.n_quant:
-            seen_codes = layer.k_codes.data[:, :, :layer.n_quant].clone()
+        if layer.n_quant:  # word rows of 8 tokens (codes packed along the tokens)
+            seen_codes = layer.k_codes.data[:, :, :layer.n_quant // 8].clone()
     n = layer.n_quant
     # stored content == quantizing the original tokens block by block
     quant_k = quantize_per_channel if key_axis == "channel" else quantize_per_token
@@ -221,7 +222,7 @@ def test_crop(key_axis, symmetric, where):
     layer = cache.layers[0]
     k_before, v_before = layer.dequantized()
     n_quant, n_res = layer.n_quant, layer.keys.shape[2]
-    assert (n_quant, n_res) == ((64, 16) if key_axis == "channel" else (71, 9))
+    assert (n_quant, n_res) == (64, 16)  # flush blocks: 16 (channel keys' group) or 8 (int4 codes per word)
     remove = {"residual": 3, "mid-block": n_res + 5, "block-boundary": n_res + 16, "everything": 80}[where]
     keep = 80 - remove
     assert cache.is_croppable

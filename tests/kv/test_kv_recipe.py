@@ -16,7 +16,8 @@ def test_defaults_are_kivi_like():
     r = KVRecipe()
     assert (r.bits, r.key_axis, r.value_axis, r.residual_length) == (4, KVAxis.CHANNEL, KVAxis.TOKEN, 128)
     assert r.flush_block == r.group_size
-    assert KVRecipe(key_axis="token").flush_block == 1
+    assert KVRecipe(key_axis="token").flush_block == 8  # whole words of int4 codes packed along the tokens
+    assert KVRecipe(key_axis="token", bits=2).flush_block == 16 and KVRecipe(bits=2, group_size=16).flush_block == 16
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -5,26 +5,43 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmq.quant.kv import (dequantize_kv, kv_block_nbytes, pack_last, quantize_per_channel, quantize_per_token,
-                           unpack_last)
+from llmq.quant.kv import (dequantize_kv, kv_block_nbytes, pack_tokens, quantize_per_channel, quantize_per_token,
+                           unpack_tokens)
 from llmq.quant.packing import codes_per_word
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
-       words=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_pack_last_round_trip(bits, lead, words, seed):
+@given(bits=st.sampled_from([2, 4, 8]), b=st.integers(1, 3), h=st.integers(1, 3), words=st.integers(1, 4),
+       d=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_pack_tokens_round_trip(bits, b, h, words, d, seed):
     g = torch.Generator().manual_seed(seed)
-    d = words * codes_per_word(bits)
-    codes = torch.randint(0, 1 << bits, (*lead, d), generator=g, dtype=torch.uint8)
-    packed = pack_last(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (*lead, words)
-    assert torch.equal(unpack_last(packed, bits, d), codes)
+    t = words * codes_per_word(bits)
+    codes = torch.randint(0, 1 << bits, (b, h, t, d), generator=g, dtype=torch.uint8)
+    packed = pack_tokens(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (b, h, words, d)
+    assert torch.equal(unpack_tokens(packed, bits), codes)
 
 
-def test_pack_last_layout_is_llmq_packing_along_last_axis():
-    codes = torch.arange(8, dtype=torch.uint8).reshape(1, 8)  # 4-bit codes 0..7 in one word
-    assert pack_last(codes, 4).item() == sum(i << (4 * i) for i in range(8))
+def test_pack_tokens_layout_is_llmq_packing_along_tokens():
+    """Field i of word row w holds token w*P + i of the same channel."""
+    codes = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 16, 1) % 16  # 4-bit codes of tokens 0..15
+    words = pack_tokens(codes, 4)
+    assert words.shape == (1, 1, 2, 1)
+    assert words[0, 0, 0, 0].item() == sum(i << (4 * i) for i in range(8))
+    assert words[0, 0, 1, 0].item() == sum(((8 + i) << (4 * i)) for i in range(8)) - (1 << 32)  # int32 wraps
+
+
+def test_pack_tokens_needs_whole_words():
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        pack_tokens(torch.zeros(1, 1, 12, 4, dtype=torch.uint8), 4)
+
+
+def test_dequantize_first_tokens_of_a_word():
+    """``n_tokens`` may end inside a word row (crop): the first tokens come back exactly."""
+    x = torch.randn(1, 2, 32, 16)
+    q = quantize_per_token(x, 4, 16, False)
+    full = dequantize_kv(q, 4, 16, False)
+    assert torch.equal(dequantize_kv(q, 4, 16, False, n_tokens=13), full[:, :, :13])
 
 
 def _per_element_scale(block, per_channel, group, t, d):
