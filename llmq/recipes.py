@@ -338,9 +338,10 @@ class KVRecipe:
         symmetric: symmetric (zero fixed at ``2**(bits-1)``, not stored) or asymmetric
             (a uint8 zero point per group).
         residual_length: the most recent tokens kept in full precision. A token is
-            quantized once, when it leaves this window (per-channel keys: in blocks of
-            ``group_size`` tokens, so between ``residual_length`` and
-            ``residual_length + group_size - 1`` tokens are full precision).
+            quantized once, when it leaves this window, in blocks of ``flush_block`` tokens
+            (per-channel keys: ``group_size``; per-token keys: ``32 // bits``, one word of codes),
+            so between ``residual_length`` and ``residual_length + flush_block - 1`` tokens
+            are full precision.
     """
 
     bits: int = 4
