@@ -38,7 +38,7 @@ from llmq.pipeline.lazy import (
 )
 from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups
 from llmq.quant.primitives import QuantizedWeight
-from llmq.recipes import WeightRecipe
+from llmq.recipes import WeightMethod, WeightRecipe
 from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb, release_freed_memory
 
 
@@ -207,6 +207,16 @@ def _replay_ok(layer: nn.Module, linear: str) -> bool:
     return container in modules and linear in modules and type(layer).__name__ in _REPLAY_LAYERS
 
 
+def _block_loss_mb(recipe: WeightRecipe, calibration_ids: torch.Tensor, hidden: int, batch_size: int) -> float:
+    """AWQ's block-output loss keeps a block's inputs and float outputs for ``block_windows`` windows
+    (rounded up to whole batches)."""
+    if recipe.method is not WeightMethod.AWQ or method_args(recipe)["scale_loss"] != "block":
+        return 0.0
+    n, seqlen = calibration_ids.shape
+    windows = min(n, -(-method_args(recipe)["block_windows"] // batch_size) * batch_size)
+    return 2 * windows * seqlen * hidden * 4 / 1e6
+
+
 def check_memory_plan(max_memory_mb, parts: dict[str, float], device: torch.device) -> bool:
     """``True`` if the activations must live on the host (CUDA only); raises if the plan cannot fit."""
     if max_memory_mb is None:
@@ -287,6 +297,7 @@ def quantize_layerwise(
     acts_mb = 0.0 if calibration_ids is None else calibration_ids.numel() * hidden * 4 / 1e6
     if calibration_ids is not None:  # replay caches: attention outputs + MLP activations
         acts_mb += calibration_ids.numel() * (hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * 4 / 1e6
+        acts_mb += _block_loss_mb(recipe, calibration_ids, hidden, batch_size)
     quant_mb = ckpt.numel(f"{prefix}.") * (recipe.bits + 1) / 8 / 1e6  # codes + scales/zeros, roughly
     base = current_rss_mb() if device.type == "cpu" else 0.0
     acts_on_host = check_memory_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb,

@@ -88,3 +88,15 @@ def test_pipeline_uses_the_chosen_loss(monkeypatch, scale_loss, expect_calls):
     if expect_calls:  # the attention for q/k/v and the MLP for gate/up, in both layers
         assert {n.rsplit(".", 1)[-1] for n in calls} == {"self_attn", "mlp"}
         assert {n.split(".")[2] for n in calls} == {"0", "1"}
+
+
+def test_memory_plan_counts_the_recorded_block_inputs():
+    from llmq.pipeline.layerwise import _block_loss_mb
+
+    ids = torch.zeros(40, 512, dtype=torch.long)
+    block = WeightRecipe(4, 128, False, method="awq")
+    assert _block_loss_mb(block, ids, 1000, batch_size=8) == 2 * 16 * 512 * 1000 * 4 / 1e6  # 16 windows, in + out
+    assert _block_loss_mb(block, ids, 1000, batch_size=6) == 2 * 18 * 512 * 1000 * 4 / 1e6  # whole batches
+    linear = WeightRecipe(4, 128, False, method="awq", method_args={"scale_loss": "linear"})
+    assert _block_loss_mb(linear, ids, 1000, 8) == 0.0 == _block_loss_mb(WeightRecipe(4, 128, False, method="gptq"),
+                                                                      ids, 1000, 8)
