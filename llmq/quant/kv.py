@@ -17,15 +17,14 @@ Layout of one cache side (keys or values) holding ``T`` quantized tokens of
     scales  [B, H, T // g, D] fp16
     zeros   [B, H, T // g, D] uint8
 
-Why pack along the tokens: the decode kernel then unpacks field ``i`` of a
-``[BLOCK_W, D]`` block of word rows into the ``[BLOCK_W, D]`` tile of tokens
-``w*P + i`` with shifts and masks alone — an elementwise step the compiler places
-in the layout the attention dots read, so the dequantized tile never passes through
-shared memory (packing along D needed a ``[BLOCK_N, D/P, P] → [BLOCK_N, D]``
-interleave per tile, which did; ``docs/kv_cache.md``). Attention does not care in
-which order a block's tokens arrive, so each field is one online-softmax step. The
-price: tokens are quantized in multiples of ``P`` (``KVRecipe.flush_block``), so
-``T`` is always a multiple of ``P`` here.
+Why pack along the tokens: the decode kernel then gets field ``i`` of a
+``[BLOCK_W, D]`` block of word rows — the ``[BLOCK_W, D]`` tile of tokens ``w*P + i`` —
+with a shift and a mask, no ``[BLOCK_N, D/P, P] → [BLOCK_N, D]`` interleave (which
+packing along D needed), and the exact codes go into the attention dots with the
+scales folded into q, the scores and p (``kernels/kv_attention.py``, ``docs/kv_cache.md``).
+Attention does not care in which order a block's tokens arrive, so each field is one
+online-softmax step. The price: tokens are quantized in multiples of ``P``
+(``KVRecipe.flush_block``), so ``T`` is always a multiple of ``P`` here.
 
 Scales are rounded up to fp16 by ``choose_qparams`` before the codes are made,
 so storing them as fp16 is lossless and ``(code - zero) * scale`` in fp32 is
