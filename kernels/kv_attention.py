@@ -232,7 +232,7 @@ def _kv_decode_split_kernel(
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, UNROLL_FIELDS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -266,18 +266,26 @@ def _kv_decode_split_kernel(
         w_off = rows[:, None] * stride_ct + offs_d[None, :]
         k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
         v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
-        # A runtime loop over the fields: field f is in the low bits after f shifts. Unrolled (constant
-        # shifts), the compiler unpacked straight into the dots' layouts, but 8 or 16 unrolled fields spilled
-        # registers and int8's 4 spilled on sm_80 with a mask; in this loop the fp16 code tiles pass through
-        # shared memory (docs/kv_cache.md, "Kernel layout").
-        for f in range(P):
-            m_i, l_i, acc = _field_step(
-                q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
-                KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst, stride_vst,
-                m_i, l_i, acc, sm_scale, offs_d,
-                BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-            k_words = k_words >> BITS
-            v_words = v_words >> BITS
+        if UNROLL_FIELDS:
+            # constant shifts: the compiler unpacks straight into the dots' operand layouts (no fp16
+            # code tile through shared memory), but 8 or 16 unrolled fields spill registers
+            for f in tl.static_range(P):
+                m_i, l_i, acc = _field_step(
+                    q_f32, k_words >> (f * BITS), v_words >> (f * BITS), rows * P + f, w0, rows, q_end,
+                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
+                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
+                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+        else:
+            # a runtime loop (the default): field f is in the low bits after f shifts; the fp16 code
+            # tiles pass through shared memory, no spills (docs/kv_cache.md, "Kernel layout")
+            for f in range(P):
+                m_i, l_i, acc = _field_step(
+                    q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
+                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
+                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
+                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+                k_words = k_words >> BITS
+                v_words = v_words >> BITS
 
     # full-precision residual tokens [max(start, n_quant), end)
     kr = KR + b * stride_rb + hk * stride_rh
@@ -339,6 +347,9 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.d
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 3
+# The loop over the P fields of a word: a runtime loop (no spills) or unrolled (no shared-memory staging of
+# the code tiles, but spills); untimed, so the spill-free form is the default.
+UNROLL_FIELDS = False
 # Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
 # dot, so at least 16 (tl.dot); not timed on a GPU yet.
 BLOCK_W = 16
@@ -361,7 +372,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
                                mask: torch.Tensor | None, n_quant: int, bits: int, group_size: int,
                                key_per_channel: bool, symmetric: bool, sm_scale: float,
                                num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                               num_stages: int = NUM_STAGES) -> torch.Tensor:
+                               num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
     """The launcher, on the flattened ``PackedKV`` (shapes above); also ``torch.ops.llmq.kv_decode_attention``.
 
     Call it through ``kv_decode_attention(q, kv, ...)``; the arguments are those of ``PackedKV`` and of
@@ -427,7 +438,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
         mask.stride(0) if mask is not None else 0,
         BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
         HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_W=BLOCK_W, BLOCK_H=max(16, triton.next_power_of_2(rep)),
-        DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
+        DOT_DTYPE=dot_dtype, UNROLL_FIELDS=unroll_fields, num_warps=num_warps, num_stages=num_stages,
     )
     _kv_decode_reduce_kernel[(b * hq,)](
         o_part, m_part, l_part, out, num_splits, hq, out.stride(0), out.stride(1),
@@ -444,13 +455,13 @@ kv_decode_attention_op = torch.library.custom_op("llmq::kv_decode_attention", kv
 @kv_decode_attention_op.register_fake
 def _(q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros, k_res, v_res, mask, n_quant, bits, group_size,
       key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS,
-      num_stages=NUM_STAGES):
+      num_stages=NUM_STAGES, unroll_fields=UNROLL_FIELDS):
     return q.new_empty(q.shape)  # contiguous, like the real output (q itself may be strided)
 
 
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
                         num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                        num_stages: int = NUM_STAGES) -> torch.Tensor:
+                        num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache ``kv`` (shapes above).
 
     Unpacks ``kv`` into the custom op ``torch.ops.llmq.kv_decode_attention`` while ``torch.compile``
@@ -466,6 +477,8 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
             part steps over ``BLOCK_W`` word rows (``BLOCK_W * 32 // bits`` tokens).
         num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
+        unroll_fields: unroll the loop over the fields of a word (``UNROLL_FIELDS``): a launch option for
+            ``scripts/bench_kv_attention.py --sweep`` to time; unrolled, most configs spill registers.
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.
     Raises:
@@ -476,4 +489,4 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
     return launch(
         q, kv.k_codes, kv.k_scales, kv.k_zeros, kv.v_codes, kv.v_scales, kv.v_zeros, kv.k_res, kv.v_res, mask,
         kv.n_quant, kv.bits, kv.group_size, kv.key_per_channel, kv.symmetric, sm_scale, num_splits, block_n,
-        num_warps, num_stages)
+        num_warps, num_stages, unroll_fields)

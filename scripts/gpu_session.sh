@@ -45,9 +45,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/instal
 } | tee "$RESULTS/device.txt"
 
 stage tests 110 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -rfE tests
-TAIL=45 stage bench_kernels_int4 200 python3 scripts/bench_kernels.py --models llama-2-7b llama-2-70b \
+TAIL=45 stage bench_kernels_int4 175 python3 scripts/bench_kernels.py --models llama-2-7b llama-2-70b \
   --out "$RESULTS/bench_kernels_int4.json" --plot "$RESULTS/bench_kernels_int4.png"
-TAIL=40 stage bench_kv_attention 45 python3 scripts/bench_kv_attention.py --contexts 32768 --sweep \
+TAIL=40 stage bench_kv_attention 70 python3 scripts/bench_kv_attention.py --contexts 32768 --sweep \
   --out "$RESULTS/bench_kv_attention"
 TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
 TAIL=20 stage bench_generate 110 python3 scripts/bench_generate.py --contexts 32768 --weights fp int4 \
