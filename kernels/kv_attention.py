@@ -125,7 +125,7 @@ def _channel_folded_q(q_f32, S, Z, row_off, first_token, q_end, offs_d, BITS: tl
     Returns ``q∘s`` ``[BLOCK_H, D]`` fp32 and ``(q∘s) · z`` ``[BLOCK_H]`` for the scale/zero row at ``row_off``
     (zeros for a group starting at or past ``q_end``: its row may not exist).
     """
-    row_ok = (offs_d * 0 + first_token) < q_end  # [D]
+    row_ok = (offs_d * 0 + first_token) < q_end  # a [D] mask: the interpreter rejects a scalar mask here
     sc = tl.load(S + row_off + offs_d, mask=row_ok, other=0.0).to(tl.float32)
     q_g = q_f32 * sc[None, :]
     if SYMMETRIC:

@@ -210,10 +210,11 @@ def _replay_ok(layer: nn.Module, linear: str) -> bool:
 def _block_loss_mb(recipe: WeightRecipe, calibration_ids: torch.Tensor, hidden: int, batch_size: int) -> float:
     """AWQ's block-output loss keeps a block's inputs and float outputs for ``block_windows`` windows
     (rounded up to whole batches)."""
-    if recipe.method is not WeightMethod.AWQ or method_args(recipe)["scale_loss"] != "block":
+    args = method_args(recipe) if recipe.method is WeightMethod.AWQ else {}
+    if args.get("scale_loss") != "block":
         return 0.0
     n, seqlen = calibration_ids.shape
-    windows = min(n, -(-method_args(recipe)["block_windows"] // batch_size) * batch_size)
+    windows = min(n, -(-args["block_windows"] // batch_size) * batch_size)
     return 2 * windows * seqlen * hidden * 4 / 1e6
 
 
