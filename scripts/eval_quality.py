@@ -101,12 +101,16 @@ def _zero(r: dict) -> str | None:
 
 def _label(r: dict) -> str:
     """Method name, with ``(sym)`` for symmetric runs (every other run is asymmetric) and the zero-point
-    kind where it is not the method's default (HQQ: float, the others: int)."""
+    kind where it is not the method's default (HQQ at 2-4 bits: float, otherwise int)."""
     if r.get("symmetric"):
         return f"{r['method']} (sym)"
-    default = "float" if r["method"] == "hqq" else "int"
     zero = _zero(r)
-    return r["method"] if zero in (None, default) else f"{r['method']} ({zero} zeros)"
+    if zero is None:  # fp32
+        return r["method"]
+    from llmq.recipes import WeightMethod, default_zero_point
+
+    default = default_zero_point(WeightMethod(r["method"]), r["bits"]).value
+    return r["method"] if zero == default else f"{r['method']} ({zero} zeros)"
 
 
 def _cpu_s() -> float:

@@ -28,6 +28,9 @@ def test_zero_point_defaults_and_validation():
     from llmq.recipes import ZeroPoint
 
     assert WeightRecipe(4, 64, False, method="hqq").zero_point is ZeroPoint.FLOAT  # HQQ's own form
+    assert WeightRecipe(2, 64, False, method="hqq").zero_point is ZeroPoint.FLOAT
+    assert WeightRecipe(8, None, False, method="hqq").zero_point is ZeroPoint.INT  # chosen on held-out text
+    assert WeightRecipe(8, None, False, method="hqq", zero_point="float").zero_point is ZeroPoint.FLOAT
     assert WeightRecipe(4, 64, False, method="gptq").zero_point is ZeroPoint.INT
     assert WeightRecipe(4, 64, False, method="hqq", zero_point="int").zero_point is ZeroPoint.INT
     assert WeightRecipe(4, 64, True, method="hqq").zero_point is None  # symmetric: no zero stored

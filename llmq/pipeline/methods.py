@@ -43,7 +43,8 @@ METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True},
     WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
                        "scale_loss": "block", "block_windows": 16},
-    WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0},
+    WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0,
+                       "keep": "group"},
 }
 NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
 
@@ -186,7 +187,7 @@ class SubgroupQuantizer:
         elif r.method is WeightMethod.HQQ:
             out = [HQQ(lin.weight.data, r.bits, r.group_size, r.symmetric, iters=a["iters"],
                        lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], select_norm=a["select_norm"],
-                       zero_point=(r.zero_point or ZeroPoint.INT).value, name=name).quantize()
+                       keep=a["keep"], zero_point=(r.zero_point or ZeroPoint.INT).value, name=name).quantize()
                    for lin, name in zip(self.linears, self.full_names)]
         elif a["clip"] is not None:
             out = [RTNClip(lin.weight.data, r.bits, r.group_size, r.symmetric, clip=a["clip"], name=name).quantize()

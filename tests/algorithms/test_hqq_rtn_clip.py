@@ -58,6 +58,30 @@ def test_hqq_float_zeros_keep_rtn_scales_and_beat_rtn(bits, group):
     assert output_error(w, x, qw.dequantize()) < output_error(w, x, rtn.dequantize())
 
 
+@pytest.mark.parametrize("bits,group", SETTINGS + [(8, None)], ids=IDS + ["int8-gch"])
+def test_hqq_float_zeros_keep_each_groups_best_iterate(bits, group):
+    """keep="group" (the default) keeps each group's zero with the lowest Σ|W - Ŵ| seen, RTN's
+    integer zero included, so no group ends worse than RTN in that norm; keep="tensor" (the
+    reference: one stop for the whole tensor) leaves some groups worse."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 200) * 0.05
+    rtn = quantize_weight(w, bits, group, False)
+    group_l1 = lambda q: to_groups((w - q.dequantize()).abs(), group).sum(-1)  # noqa: E731
+    # the kept zero is rounded to fp16 as stored: each weight's error may move by S·2^-8 (zeros < 16)
+    # or S·2^-4 (8 bits, zeros < 256)
+    slack = rtn.scales * to_groups(torch.ones_like(w), group).sum(-1) * (2**-4 if bits == 8 else 2**-8)
+    per_group = group_l1(HQQ(w, bits, group, False, keep="group").quantize())
+    assert (per_group <= group_l1(rtn) + slack).all()
+    assert per_group.sum() < group_l1(rtn).sum()
+    if (bits, group) == (4, 64):
+        assert (group_l1(HQQ(w, bits, group, False, keep="tensor").quantize()) > group_l1(rtn) + slack).any()
+
+
+def test_hqq_rejects_unknown_keep():
+    with pytest.raises(ValueError, match="unknown keep 'layer': choose 'tensor' or 'group'"):
+        HQQ(torch.randn(8, 64), 4, 64, False, keep="layer")
+
+
 def test_shrink_lp_is_a_soft_threshold():
     x = torch.tensor([-2.0, -0.01, 0.0, 0.01, 2.0])
     y = shrink_lp(x, beta=10.0, p=0.7)
