@@ -77,6 +77,62 @@ def test_datasets_source_needs_a_name():
         check_calibration_source("hf:")
 
 
+class _FakeDataset:
+    def __init__(self, columns: dict):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __getitem__(self, name):
+        return self.columns[name]
+
+
+def test_datasets_source_parses_name_config_split(monkeypatch, tokenizer):
+    """``hf:NAME[:CONFIG[:SPLIT]]`` reaches ``datasets.load_dataset`` as such (split ``train`` by default);
+    empty rows are dropped. A stand-in ``datasets`` module, so this runs offline and without the package."""
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return _FakeDataset({"text": [TINY_TEXT, "", TINY_TEXT * 2]})
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_calibration_texts("hf:wikitext:wikitext-2-raw-v1:validation") == [TINY_TEXT, TINY_TEXT * 2]
+    assert load_calibration_texts("hf:some/corpus") == [TINY_TEXT, TINY_TEXT * 2]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation"), ("some/corpus", None, "train")]
+    batch = calibration_batch(tokenizer, CalibrationSpec("hf:some/corpus", nsamples=3, seqlen=16))
+    assert batch.shape == (3, 16)
+
+    def no_text(name, config, split):
+        return _FakeDataset({"content": ["x"]})
+
+    monkeypatch.setattr(__import__("sys").modules["datasets"], "load_dataset", no_text)
+    with pytest.raises(ValueError, match=r"dataset 'other' has no 'text' column \(columns: \['content'\]\)"):
+        load_calibration_texts("hf:other")
+
+
+def test_datasets_source_without_the_package_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError, match="needs the `datasets` package: pip install datasets"):
+        check_calibration_source("hf:wikitext")
+
+
+def test_datasets_source_with_the_real_package(monkeypatch, tmp_path, tokenizer):
+    """The real ``datasets`` (not a declared dependency; skipped where absent) on a local text folder,
+    offline: its ``text`` builder gives one row per line."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    content = "first line of text\n\nsecond line\n" + TINY_TEXT
+    (folder / "part.txt").write_text(content)
+    texts = load_calibration_texts(f"hf:{folder}")
+    assert texts == [line for line in content.splitlines() if line]
+    assert calibration_batch(tokenizer, CalibrationSpec(f"hf:{folder}", nsamples=2, seqlen=16)).shape == (2, 16)
+
+
 def test_bbc_default_is_disjoint_from_eval_text():
     from llmq.data.bbc import eval_text
 
