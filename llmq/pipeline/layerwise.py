@@ -161,6 +161,8 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     qweights: dict[str, QuantizedWeight] = {}
     replays: dict[str, list[torch.Tensor]] = {}
     state = {"batch": 0, "device": device}
+    # replay caches live with the calibration activations (on the host when --max-memory moved them there)
+    store = inputs.hidden[0].device if inputs is not None and inputs.hidden else device
     for sub in plan_subgroups(layer, selected):
         quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)
         first = sub.names[0]
@@ -170,7 +172,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
             def hook(module, args, q=quantizer, cache=cache):
                 q.add_batch(args[0])
                 if cache is not None:
-                    cache.append(args[0])
+                    cache.append(args[0].to(store))
                 raise _StopForward
 
             handles = [layer.get_submodule(first).register_forward_pre_hook(hook)]
