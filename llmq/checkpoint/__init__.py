@@ -13,10 +13,15 @@ Layout of a checkpoint folder::
                              "<name>.bias" (if any) — see llmq.nn.QuantLinear
     generation_config.json   copied from the source model
     tokenizer*.json, ...     copied from the source model
+
+``export_checkpoint`` writes a checkpoint in compressed-tensors' ``pack-quantized`` format
+(vLLM, transformers + compressed-tensors): see ``llmq.checkpoint.export``.
 """
 
 from llmq.checkpoint.config import build_quantization_config, read_quantization_config
+from llmq.checkpoint.export import export_checkpoint
 from llmq.checkpoint.save import save_quantized
 from llmq.checkpoint.verify import verify_checkpoint
 
-__all__ = ["build_quantization_config", "read_quantization_config", "save_quantized", "verify_checkpoint"]
+__all__ = ["build_quantization_config", "export_checkpoint", "read_quantization_config", "save_quantized",
+           "verify_checkpoint"]

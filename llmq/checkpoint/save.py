@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +50,29 @@ def save_quantized(
     with ``force`` an existing output is replaced only after the new one is complete.
     """
     out = check_output_dir(out_dir, force, source_dir)
+    with atomic_output_dir(out, force) as tmp:
+        model.config.quantization_config = quantization_config
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``out``; when the block succeeds it becomes ``out``.
+
+    An existing ``out`` (allowed by ``check_output_dir``) is replaced only after the new folder is
+    complete, and put back if the rename fails; on any error nothing of the new output remains.
+    """
+    check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.llmq-tmp-{tag}"
     old = out.parent / f".{out.name}.llmq-old-{tag}"
     try:
-        model.config.quantization_config = quantization_config
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tmp.mkdir()
+        yield tmp
         if out.exists():
             out.rename(old)
         try:
@@ -68,4 +84,3 @@ def save_quantized(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    return out

@@ -9,7 +9,7 @@ import os
 import sys
 
 # Subcommand modules, in --help order; each defines register(subparsers) setting func=run.
-SUBCOMMANDS = ("quantize", "generate", "eval", "inspect", "bench")
+SUBCOMMANDS = ("quantize", "generate", "eval", "inspect", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,3 +79,43 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     shifts = torch.arange(p, device=packed.device, dtype=torch.int32) * bits
     fields = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)  # [rows, P, N]
     return fields.reshape(rows * p, n)[:k].to(torch.uint8)
+
+
+def pack_bitstream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[R, C]`` unsigned codes of each row as one dense little-endian bit stream.
+
+    ``out[r]`` holds ``ceil(C·b / 32)`` int32 words; code ``c`` of row ``r`` occupies bits
+    ``[c·b, (c+1)·b)`` of the row's stream, so a field may straddle two words (3-bit codes do).
+    This is the layout of GPTQ's ``qweight`` (packed along K, after a transpose) and of
+    compressed-tensors' ``pack-quantized`` format; for 2, 4 and 8 bits it equals ``pack``'s
+    fields word for word. Bits past the last code are 0.
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"pack_bitstream expects a 2-D [rows, codes] tensor, got shape {tuple(codes.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_bitstream packs 1- to 8-bit codes, got {bits}")
+    rows, c = codes.shape
+    v = codes.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > (1 << bits) - 1):
+        raise ValueError(f"codes out of range for {bits} bits: min {int(v.min())}, max {int(v.max())}")
+    words = -(-c * bits // 32)
+    start = torch.arange(c, device=v.device, dtype=torch.int64) * bits
+    word, offset = (start // 32).expand(rows, c), (start % 32).expand(rows, c)
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=v.device)
+    out.scatter_add_(1, word, (v << offset) & 0xFFFFFFFF)  # the field's low part (fields are disjoint)
+    out.scatter_add_(1, word + 1, v >> (32 - offset))  # what spills into the next word (0 if nothing)
+    out = out[:, :words]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bitstream``: ``[R, ceil(count·b/32)]`` int32 → ``[R, count]`` uint8 codes."""
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"unpack_bitstream expects a 2-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
+    if words.shape[1] != -(-count * bits // 32):
+        raise ValueError(f"{words.shape[1]} words per row, but {count} {bits}-bit codes need {-(-count * bits // 32)}")
+    w = torch.cat([words.to(torch.int64) & 0xFFFFFFFF, words.new_zeros(words.shape[0], 1, dtype=torch.int64)], 1)
+    start = torch.arange(count, device=words.device, dtype=torch.int64) * bits
+    word, offset = start // 32, start % 32
+    v = (w[:, word] >> offset) | (w[:, word + 1] << (32 - offset))
+    return (v & ((1 << bits) - 1)).to(torch.uint8)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmq.quant.packing import codes_per_word, pack, packed_rows, unpack
+from llmq.quant.packing import codes_per_word, pack, pack_bitstream, packed_rows, unpack, unpack_bitstream
 
 BITS = [2, 3, 4, 8]
 
@@ -68,3 +68,48 @@ def test_pack_roundtrip_large_matrix():
     codes = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)
     packed = pack(codes, 4)
     assert torch.equal(unpack(packed, 4, 4096), codes)
+
+
+# --- dense bit streams (the export formats' layout) ---------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 6), count=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_bitstream_roundtrip_and_documented_layout(bits, rows, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, count), generator=g, dtype=torch.int64).to(torch.uint8)
+    words = pack_bitstream(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (rows, -(-count * bits // 32))
+    assert torch.equal(unpack_bitstream(words, bits, count), codes)
+    # code c = bits [c·b, (c+1)·b) of the row's little-endian stream, straddling words where it must
+    stream = [sum(((int(w) & 0xFFFFFFFF) >> j & 1) << (32 * i + j) for i, w in enumerate(row) for j in range(32))
+              for row in words[:2]]
+    for r, value in enumerate(stream):
+        assert [(value >> (c * bits)) & ((1 << bits) - 1) for c in range(count)] == codes[r].tolist()
+        assert value >> (count * bits) == 0  # bits past the last code are 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+def test_bitstream_equals_word_packing_where_fields_fit(bits):
+    """For 2, 4 and 8 bits no field straddles a word: the stream is ``pack``'s layout, transposed."""
+    codes = torch.randint(0, 1 << bits, (96, 5), dtype=torch.int64).to(torch.uint8)  # [K, N]
+    assert torch.equal(pack_bitstream(codes.t(), bits), pack(codes, bits).t())
+
+
+def test_bitstream_matches_compressed_tensors():
+    """The reference packer of the format (skipped where the package is not installed; not in CI)."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    for bits in range(1, 9):
+        for count in (1, 31, 33, 576):
+            codes = torch.randint(0, 1 << bits, (3, count), dtype=torch.int64)
+            signed = (codes - (1 << (bits - 1))).to(torch.int8)
+            assert torch.equal(pack_bitstream(codes, bits), helpers.pack_to_int32(signed, bits)), (bits, count)
+
+
+def test_bitstream_rejects_bad_input():
+    with pytest.raises(ValueError, match="codes out of range for 3 bits"):
+        pack_bitstream(torch.tensor([[8]]), 3)
+    with pytest.raises(ValueError, match="packs 1- to 8-bit codes"):
+        pack_bitstream(torch.zeros(1, 4, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="3 words per row, but 40 4-bit codes need 5"):
+        unpack_bitstream(torch.zeros(2, 3, dtype=torch.int32), 4, 40)
