@@ -1,25 +1,33 @@
-"""Export an llmq checkpoint to a format other runtimes load: compressed-tensors ``pack-quantized``.
+"""Export an llmq checkpoint to formats other runtimes load, without llmq installed.
 
-vLLM loads ``pack-quantized`` checkpoints natively, and transformers loads them through the
-``compressed-tensors`` package (which decompresses them on the CPU), so an exported folder runs
-where llmq is not installed. Per quantized Linear ``<name>`` (K = in, N = out features,
-b = bits, G = K / group_size, or 1 per channel)::
+compressed-tensors ``pack-quantized`` (``--format compressed-tensors``, the default): vLLM loads
+it natively, and transformers through the ``compressed-tensors`` package. Per quantized Linear
+``<name>`` (K = in, N = out features, b = bits, G = K / group_size, or 1 per channel)::
 
     <name>.weight_packed      int32 [N, K·b/32]   the codes of each output row as one dense bit
-                                                  stream (``llmq.quant.packing.pack_bitstream``),
-                                                  stored signed: code − 2**(b−1), packed with the
-                                                  same offset, so the words hold the unsigned codes
+                                                  stream (``llmq.quant.packing.pack_bitstream``);
+                                                  the format's signed codes q − 2**(b−1) are
+                                                  packed with that offset added back, so the
+                                                  words hold llmq's unsigned codes
     <name>.weight_scale       fp16  [N, G]        llmq's scales, transposed
-    <name>.weight_zero_point  int32 [N·b/32, G]   asymmetric only: zero − 2**(b−1), packed along N
+    <name>.weight_zero_point  int32 [N·b/32, G]   asymmetric only: zeros packed along N, same offset
     <name>.weight_shape       int64 [2]           (N, K)
-    <name>.bias                                   unchanged
 
-and ``W = (q − z) · s`` gives exactly llmq's dequantized weight. Everything else (embeddings,
-norms, an unquantized head) is copied unchanged, shard by shard, so memory stays at one shard.
+GPTQ v1 (``--format gptq``, ``checkpoint_format: "gptq"``, symmetric only): vLLM (GPTQ-Marlin),
+GPTQModel, transformers + optimum::
 
-What cannot be expressed is refused before anything is written: float zero points (HQQ's default
-at 2-4 bits: re-quantize with ``--zero-point int``), a group that does not divide K (llmq pads the
-last group; compressed-tensors has no partial groups), W8A8 or other non-weight-only modules.
+    <name>.qweight            int32 [K·b/32, N]   the codes of each input column as one dense bit
+                                                  stream along K (for 4 and 8 bits llmq's own layout)
+    <name>.qzeros             int32 [G, N·b/32]   zero − 1 = 2**(b−1) − 1, packed along N
+    <name>.scales             fp16  [G, N]        unchanged
+    <name>.g_idx              int32 [K]           k // group_size (groups in input order)
+
+In both, ``<name>.bias`` is unchanged and the dequantized weight is exactly llmq's. Everything
+else (embeddings, norms, an unquantized head) is copied unchanged, shard by shard, so memory stays
+at one shard. What a format cannot express is refused before anything is written: float zero
+points (HQQ's default at 2-4 bits: re-quantize with ``--zero-point int``), a group that does not
+divide K (llmq pads the last group; these formats have no partial groups), W8A8 or other
+non-weight-only modules, and per format what its ``check`` names.
 """
 
 from __future__ import annotations
@@ -38,8 +46,96 @@ from llmq.checkpoint.save import atomic_output_dir, check_output_dir
 from llmq.checkpoint.verify import verify_checkpoint
 from llmq.quant.packing import pack_bitstream, unpack
 
-EXPORT_FORMATS = ("compressed-tensors",)
 _QUANT_LINEAR = "quant_linear"
+_LLMQ_LEAVES = ("qweight", "scales", "qzeros")  # what each format replaces
+
+
+class CompressedTensorsFormat:
+    """compressed-tensors ``pack-quantized`` (vLLM; transformers + the compressed-tensors package)."""
+
+    name = "compressed-tensors"
+    leaves = {"qweight": ("weight_packed", "weight_shape"), "scales": ("weight_scale",),
+              "qzeros": ("weight_zero_point",)}
+
+    def check(self, modules: dict[str, dict], unquantized: list[str]) -> None:
+        """Every setting llmq writes with integer zeros fits; nothing beyond ``_check_common``."""
+
+    def config(self, modules: dict[str, dict], unquantized: list[str]) -> dict[str, Any]:
+        c = next(iter(modules.values()))
+        weights = {"num_bits": c["bits"], "type": "int", "symmetric": c["symmetric"], "dynamic": False,
+                   "strategy": "channel" if c["group_size"] is None else "group", "group_size": c["group_size"],
+                   "observer": "minmax", "actorder": None}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": unquantized,
+            "kv_cache_scheme": None,
+        }
+
+    def tensors(self, name: str, c: dict, f) -> dict[str, torch.Tensor]:
+        bits, k, n = c["bits"], c["in_features"], c["out_features"]
+        codes = unpack(f.get_tensor(f"{name}.qweight"), bits, k)  # [K, N] uint8
+        out = {f"{name}.weight_packed": pack_bitstream(codes.t(), bits),
+               f"{name}.weight_scale": f.get_tensor(f"{name}.scales").t().contiguous(),
+               f"{name}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        if not c["symmetric"]:
+            zeros = f.get_tensor(f"{name}.qzeros")  # [G, N] uint8
+            out[f"{name}.weight_zero_point"] = pack_bitstream(zeros, bits).t().contiguous()
+        return out
+
+
+class GPTQFormat:
+    """GPTQ ``checkpoint_format: "gptq"`` (v1): vLLM (GPTQ-Marlin), GPTQModel, transformers + optimum.
+
+    Symmetric only: v1 stores ``zero − 1``, so an asymmetric group whose zero is 0 cannot be written
+    in a way every v1 reader decodes (they add 1 without wrapping); compressed-tensors stores
+    asymmetric zeros exactly.
+    """
+
+    name = "gptq"
+    leaves = {"qweight": ("qweight", "g_idx"), "scales": ("scales",), "qzeros": ("qzeros",)}
+
+    def check(self, modules: dict[str, dict], unquantized: list[str]) -> None:
+        c = next(iter(modules.values()))
+        if not c["symmetric"]:
+            raise ValueError("--format gptq exports symmetric checkpoints only (GPTQ v1 stores zero − 1, which "
+                             "an asymmetric zero of 0 cannot survive): re-quantize with --sym, or export "
+                             "asymmetric weights with --format compressed-tensors")
+        inner = [n for n in unquantized if n != "lm_head"]
+        if inner:
+            raise ValueError(f"--format gptq quantizes every Linear of the decoder layers, but {inner[0]!r} "
+                             f"({len(inner)} such modules) was left in float: use --format compressed-tensors, "
+                             f"which lists them in 'ignore'")
+        for name, m in modules.items():
+            for what, size in (("in_features", m["in_features"]), ("out_features", m["out_features"])):
+                if size * m["bits"] % 32:
+                    raise ValueError(f"{name}: {what} {size} × {m['bits']} bits is not a whole number of int32 "
+                                     f"words, which GPTQ's qweight/qzeros need: use --format compressed-tensors")
+
+    def config(self, modules: dict[str, dict], unquantized: list[str]) -> dict[str, Any]:
+        from llmq import __version__
+
+        c = next(iter(modules.values()))
+        return {"quant_method": "gptq", "bits": c["bits"], "group_size": c["group_size"] or -1,
+                "desc_act": False, "sym": True, "static_groups": False, "true_sequential": True,
+                "checkpoint_format": "gptq", "lm_head": False, "meta": {"quantizer": [f"llmq:{__version__}"]}}
+
+    def tensors(self, name: str, c: dict, f) -> dict[str, torch.Tensor]:
+        bits, k = c["bits"], c["in_features"]
+        codes = unpack(f.get_tensor(f"{name}.qweight"), bits, k)  # [K, N] uint8
+        scales = f.get_tensor(f"{name}.scales")  # [G, N]
+        stored_zero = (1 << (bits - 1)) - 1  # v1: zero − 1
+        g = c["group_size"] or k
+        return {f"{name}.qweight": pack_bitstream(codes.t(), bits).t().contiguous(),  # [K·b/32, N]
+                f"{name}.qzeros": pack_bitstream(torch.full_like(scales, stored_zero, dtype=torch.uint8), bits),
+                f"{name}.scales": scales,
+                f"{name}.g_idx": (torch.arange(k, dtype=torch.int32) // g)}
+
+
+EXPORT_FORMATS = {fmt.name: fmt for fmt in (CompressedTensorsFormat(), GPTQFormat())}
 
 
 def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "compressed-tensors",
@@ -51,19 +147,22 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "compressed-t
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {list(EXPORT_FORMATS)}")
+    writer = EXPORT_FORMATS[fmt]
     src = Path(src)
     qcfg = read_quantization_config(src)
     shards = sorted(src.glob("*.safetensors"))
     verify_checkpoint(shards, qcfg)
     modules = qcfg["modules"]
-    _check_exportable(modules)
+    _check_common(modules)
+    unquantized = _unquantized_linears(src, modules)
+    writer.check(modules, unquantized)
     out_path = check_output_dir(out, force, source_dir=src)
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = compressed_tensors_config(modules, _unquantized_linears(src, modules))
+    config["quantization_config"] = writer.config(modules, unquantized)
     with atomic_output_dir(out_path, force) as tmp:
         for shard in shards:
-            save_file(_convert_shard(shard, modules), tmp / shard.name, metadata={"format": "pt"})
-        _copy_index(src, tmp, modules)
+            save_file(_convert_shard(shard, modules, writer), tmp / shard.name, metadata={"format": "pt"})
+        _copy_index(src, tmp, modules, writer)
         for f in src.iterdir():  # tokenizer, generation config, chat template, ...
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
                                                                              "model.safetensors.index.json"):
@@ -72,19 +171,20 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "compressed-t
     return out_path
 
 
-def _check_exportable(modules: dict[str, dict]) -> None:
+def _check_common(modules: dict[str, dict]) -> None:
+    """What neither format can hold: other module kinds, float zeros, partial groups, mixed settings."""
     other = sorted(n for n, c in modules.items() if c.get("kind") != _QUANT_LINEAR)
     if other:
         raise ValueError(f"only weight-only QuantLinear checkpoints export; {other[0]!r} is a "
                          f"{modules[other[0]].get('kind')!r} module ({len(other)} such modules)")
     for name, c in modules.items():
         if not c["symmetric"] and c.get("zero_point", "int") == "float":
-            raise ValueError(f"{name} has float zero points (HQQ's default at 2-4 bits); compressed-tensors "
-                             f"stores integer zeros: re-quantize with --zero-point int (or --sym)")
+            raise ValueError(f"{name} has float zero points (HQQ's default at 2-4 bits); the export formats "
+                             f"store integer zeros: re-quantize with --zero-point int (or --sym)")
         g = c["group_size"]
         if g is not None and c["in_features"] % g:
             raise ValueError(f"{name}: in_features {c['in_features']} is not a multiple of group size {g} "
-                             f"(llmq pads the last group; compressed-tensors has no partial groups): "
+                             f"(llmq pads the last group; the export formats have no partial groups): "
                              f"re-quantize with a group size that divides it, or per channel")
     kinds = {(c["bits"], c["group_size"], c["symmetric"]) for c in modules.values()}
     if len(kinds) > 1:
@@ -92,25 +192,8 @@ def _check_exportable(modules: dict[str, dict]) -> None:
                          f"export handles one setting per checkpoint")
 
 
-def compressed_tensors_config(modules: dict[str, dict], ignore: list[str]) -> dict[str, Any]:
-    """``quantization_config`` of a ``pack-quantized`` checkpoint whose quantized modules are ``modules``."""
-    c = next(iter(modules.values()))
-    weights = {"num_bits": c["bits"], "type": "int", "symmetric": c["symmetric"], "dynamic": False,
-               "strategy": "channel" if c["group_size"] is None else "group", "group_size": c["group_size"],
-               "observer": "minmax", "actorder": None}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-    }
-
-
 def _unquantized_linears(src: Path, modules: dict[str, dict]) -> list[str]:
-    """Names of the model's ``nn.Linear`` modules that llmq left in float (the ``ignore`` list)."""
+    """Names of the model's ``nn.Linear`` modules that llmq left in float."""
     from accelerate import init_empty_weights
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -122,36 +205,23 @@ def _unquantized_linears(src: Path, modules: dict[str, dict]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
 
 
-def _convert_shard(path: Path, modules: dict[str, dict]) -> dict[str, torch.Tensor]:
+def _convert_shard(path: Path, modules: dict[str, dict], writer) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(path, framework="pt") as f:
         names = list(f.keys())
         owners = {n.rpartition(".")[0] for n in names}
         for name in names:
             module, _, leaf = name.rpartition(".")
-            if module in modules and leaf in ("qweight", "scales", "qzeros"):
+            if module in modules and leaf in _LLMQ_LEAVES:
                 continue  # converted below
             tensors[name] = f.get_tensor(name)
         for module in sorted(owners & set(modules)):
-            tensors.update(_pack_quantized(module, modules[module], f))
+            tensors.update(writer.tensors(module, modules[module], f))
     return tensors
 
 
-def _pack_quantized(name: str, c: dict, f) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one QuantLinear read from the open safetensors file ``f``."""
-    bits, k, n = c["bits"], c["in_features"], c["out_features"]
-    codes = unpack(f.get_tensor(f"{name}.qweight"), bits, k)  # [K, N] uint8
-    out = {f"{name}.weight_packed": pack_bitstream(codes.t(), bits),
-           f"{name}.weight_scale": f.get_tensor(f"{name}.scales").t().contiguous(),
-           f"{name}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
-    if not c["symmetric"]:
-        zeros = f.get_tensor(f"{name}.qzeros")  # [G, N] uint8
-        out[f"{name}.weight_zero_point"] = pack_bitstream(zeros, bits).t().contiguous()
-    return out
-
-
-def _copy_index(src: Path, tmp: Path, modules: dict[str, dict]) -> None:
-    """Rewrite ``model.safetensors.index.json`` (sharded checkpoints) for the renamed tensors."""
+def _copy_index(src: Path, tmp: Path, modules: dict[str, dict], writer) -> None:
+    """Rewrite ``model.safetensors.index.json`` (sharded checkpoints) for the converted tensors."""
     index = src / "model.safetensors.index.json"
     if not index.is_file():
         return
@@ -159,10 +229,8 @@ def _copy_index(src: Path, tmp: Path, modules: dict[str, dict]) -> None:
     weight_map = {}
     for name, shard in data["weight_map"].items():
         module, _, leaf = name.rpartition(".")
-        if module in modules and leaf in ("qweight", "scales", "qzeros"):
-            new = {"qweight": ["weight_packed", "weight_shape"], "scales": ["weight_scale"],
-                   "qzeros": ["weight_zero_point"]}[leaf]
-            weight_map.update({f"{module}.{x}": shard for x in new})
+        if module in modules and leaf in _LLMQ_LEAVES:
+            weight_map.update({f"{module}.{x}": shard for x in writer.leaves[leaf]})
         else:
             weight_map[name] = shard
     data["weight_map"] = weight_map

@@ -11,14 +11,15 @@ from llmq.checkpoint.export import EXPORT_FORMATS, export_checkpoint
 def register(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="convert a weight-only llmq checkpoint for vLLM / compressed-tensors",
-        description="Write a weight-only llmq checkpoint as a compressed-tensors 'pack-quantized' checkpoint, "
-        "which vLLM loads natively and transformers loads through the compressed-tensors package. "
-        "Integer zero points only (re-quantize HQQ with --zero-point int) and group sizes that divide every "
-        "in_features. The source is only read; the output is written atomically.",
+        help="convert a weight-only llmq checkpoint for vLLM / compressed-tensors / GPTQ loaders",
+        description="Write a weight-only llmq checkpoint as a compressed-tensors 'pack-quantized' checkpoint "
+        "(vLLM loads it natively, transformers through the compressed-tensors package) or as a GPTQ v1 "
+        "checkpoint (symmetric only). Integer zero points only (re-quantize HQQ with --zero-point int) and "
+        "group sizes that divide every in_features. The source is only read; the output is written atomically.",
     )
     p.add_argument("model", type=Path, help="llmq checkpoint folder (from `llmq quantize`)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="compressed-tensors", help="target format")
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="compressed-tensors",
+                   help="compressed-tensors (pack-quantized; default) or gptq (v1, symmetric checkpoints)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=run)

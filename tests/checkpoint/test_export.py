@@ -21,8 +21,8 @@ RECIPES = [WeightRecipe(4, 32, False), WeightRecipe(4, 32, True), WeightRecipe(8
 IDS = ["int4-g32-asym", "int4-g32-sym", "int8-chan-asym", "int3-g32-asym", "int2-g32-sym"]
 
 
-def _checkpoint(tmp_path, recipe, name="q"):
-    model = make_tiny_llama()
+def _checkpoint(tmp_path, recipe, name="q", **shape):
+    model = make_tiny_llama(**shape)
     quantize_model_rtn(model, recipe, progress=False)
     out = save_quantized(model, make_tiny_tokenizer(), tmp_path / name, build_quantization_config(model, recipe))
     return model, out
@@ -137,3 +137,53 @@ def test_cli_export_and_force(tmp_path, capsys):
     before = (out / "model.safetensors").read_bytes()
     assert main(["export", str(src), "--out", str(out), "--force"]) == 0
     assert (out / "model.safetensors").read_bytes() == before  # deterministic
+    assert main(["export", str(src), "--format", "gptq", "--out", str(tmp_path / "g")]) == 2
+    assert "symmetric checkpoints only" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+GPTQ_RECIPES = [WeightRecipe(4, 32, True), WeightRecipe(8, None, True), WeightRecipe(3, 32, True),
+                WeightRecipe(2, 32, True)]
+
+
+@pytest.mark.parametrize("recipe", GPTQ_RECIPES, ids=["int4-g32", "int8-chan", "int3-g32", "int2-g32"])
+def test_gptq_export_decodes_to_the_llmq_weights(tmp_path, recipe):
+    """GPTQ v1 semantics: ``W[k, n] = scales[g_idx[k], n] · (q[k, n] − (qzeros[g_idx[k], n] + 1))``, with
+    qweight packed along K and qzeros along N."""
+    model, src = _checkpoint(tmp_path, recipe)
+    out = export_checkpoint(src, tmp_path / "gptq", fmt="gptq")
+    tensors = load_file(out / "model.safetensors")
+    b = recipe.bits
+    for name, layer in _quant_linears(model).items():
+        k, n = layer.in_features, layer.out_features
+        qweight, qzeros = tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"]
+        assert qweight.shape == (k * b // 32, n) and qzeros.shape == (layer.scales.shape[0], n * b // 32)
+        q = unpack_bitstream(qweight.t().contiguous(), b, k).t().float()  # [K, N]
+        z = unpack_bitstream(qzeros, b, n).float() + 1  # [G, N]
+        g_idx = tensors[f"{name}.g_idx"].long()
+        assert torch.equal(g_idx, torch.arange(k) // (recipe.group_size or k))
+        w = tensors[f"{name}.scales"].float()[g_idx] * (q - z[g_idx])
+        assert torch.equal(w, dequantize_packed(layer)), name
+        if b == 4:  # the word GPTQ loaders read: nibble i of row r is input feature 8r + i
+            codes = (qweight[:, None, :] >> (4 * torch.arange(8))[None, :, None]) & 0xF
+            assert torch.equal(codes.reshape(k, n).float(), q)
+            assert (qzeros == 0x77777777).all()
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["checkpoint_format"], q["bits"], q["sym"], q["desc_act"]) == (
+        "gptq", "gptq", b, True, False)
+    assert q["group_size"] == (recipe.group_size or -1)
+
+
+def test_gptq_export_refuses_what_v1_cannot_hold(tmp_path):
+    _, src = _checkpoint(tmp_path, WeightRecipe(4, 32, False), "asym")
+    with pytest.raises(ValueError, match="symmetric checkpoints only .* --format compressed-tensors"):
+        export_checkpoint(src, tmp_path / "a", fmt="gptq")
+    _, src = _checkpoint(tmp_path, WeightRecipe(4, 32, True, exclude=("lm_head", "*.down_proj")), "partial")
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj' \(2 such modules\) was left in float"):
+        export_checkpoint(src, tmp_path / "b", fmt="gptq")
+    ct = export_checkpoint(src, tmp_path / "ct")  # compressed-tensors lists them instead
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["ignore"] == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    _, src = _checkpoint(tmp_path, WeightRecipe(3, None, True), "k72", hidden=72)
+    with pytest.raises(ValueError, match="_features 72 × 3 bits is not a whole number of int32 words"):
+        export_checkpoint(src, tmp_path / "c", fmt="gptq")
+    assert not any((tmp_path / x).exists() for x in "abc")
