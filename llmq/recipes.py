@@ -47,6 +47,7 @@ class WeightMethod(str, Enum):
     AWQ = "awq"
     HQQ = "hqq"
     SMOOTHQUANT = "smoothquant"
+    QAT = "qat"  # quantization-aware training (llmq.qat / scripts/qat_finetune.py), not a one-shot quantizer
 
 
 class ZeroPoint(str, Enum):

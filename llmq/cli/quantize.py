@@ -74,7 +74,7 @@ def register(sub) -> None:
     p.add_argument("--zero-point", choices=[z.value for z in ZeroPoint], default=None,
                    help="asymmetric zero points: int (uint8, GPTQ/AWQ-style) or float (a float per group, "
                    "--method hqq only); default float for hqq at 2-4 bits, int otherwise")
-    p.add_argument("--method", choices=[m.value for m in WeightMethod], default="rtn",
+    p.add_argument("--method", choices=[m.value for m in WeightMethod if m is not WeightMethod.QAT], default="rtn",
                    help="quantization algorithm (default rtn = round to nearest)")
     p.add_argument("--calib", default="bbc", metavar="SOURCE",
                    help="calibration text for gptq/awq: 'bbc' (embedded corpus, calibration split; default), "

@@ -52,7 +52,9 @@ NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
 def method_args(recipe: WeightRecipe) -> dict[str, Any]:
     """``recipe.method_args`` merged over the method's defaults; unknown keys raise ``ValueError``."""
     if recipe.method not in METHOD_DEFAULTS:
-        raise ValueError(f"method {recipe.method.value!r} is not a weight-only method of the layer pipeline; "
+        hint = {WeightMethod.QAT: " (QAT trains the model: llmq.qat, scripts/qat_finetune.py)",
+                WeightMethod.SMOOTHQUANT: " (W8A8: llmq quantize --method smoothquant)"}.get(recipe.method, "")
+        raise ValueError(f"method {recipe.method.value!r} does not run in the weight-only layer pipeline{hint}; "
                          f"choose one of {[m.value for m in METHOD_DEFAULTS]}")
     defaults = METHOD_DEFAULTS[recipe.method]
     given = {k: v for k, v in recipe.method_args.items() if k != "calibration"}
