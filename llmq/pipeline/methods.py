@@ -69,6 +69,9 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
         if not isinstance(args["block_windows"], int) or args["block_windows"] < 1:
             raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
                              f"got {args['block_windows']!r}")
+    if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
+        raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
+                         f"choice per tensor), got {args['keep']!r}")
     return args
 
 

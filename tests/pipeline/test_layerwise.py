@@ -127,6 +127,9 @@ def test_method_args_are_recorded_and_checked(tiny_model_dir, calib_ids):
     bad = WeightRecipe(4, 32, False, method="gptq", method_args={"dampening": 0.1})
     with pytest.raises(ValueError, match="unknown gptq arguments"):
         quantize_layerwise(tiny_model_dir, bad, calib_ids, progress=False)
+    bad = WeightRecipe(4, 32, False, method="hqq", method_args={"keep": "layer"})
+    with pytest.raises(ValueError, match="hqq keep must be 'group'.* got 'layer'"):
+        quantize_layerwise(tiny_model_dir, bad, None, progress=False)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
