@@ -1,4 +1,4 @@
-"""``llmq export``: write an llmq checkpoint in a format other runtimes load (compressed-tensors)."""
+"""``llmq export``: write an llmq checkpoint in a format other runtimes load (compressed-tensors, GPTQ)."""
 
 from __future__ import annotations
 

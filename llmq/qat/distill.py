@@ -29,9 +29,10 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
             progress: bool = True) -> DistillResult:
     """Train ``student`` (after ``prepare_qat``) for ``steps`` AdamW steps on ``windows`` ``[n, T]``.
 
-    Batches cycle through the windows in order. The teacher runs without gradients. ``lr`` is for
-    the latent weights and biases, ``scale_lr`` for the group scales (they move on a much larger
-    relative scale per step than the weights need to).
+    Batches cycle through the windows in order. Only the ``FakeQuantLinear`` weights, biases and
+    scales train; every other student parameter (embeddings, norms, head) is frozen, and the teacher
+    runs without gradients. ``lr`` is for the latent weights and biases, ``scale_lr`` for the group
+    scales (they move on a much larger relative scale per step than the weights need to).
     """
     weights, scales = qat_parameters(student)
     if not scales:
