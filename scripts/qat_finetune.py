@@ -5,7 +5,7 @@ and scales through fake quantization (STE) to match the float model's next-token
 windows of the BBC *calibration* split, and is converted to packed ``QuantLinear``s. Perplexity is
 measured on the same text as the quality table (PEERS.md protocol) for fp32, RTN and QAT.
 
-    python scripts/qat_finetune.py --bits 3 --group 64 --steps 60        # table, results/qat.json + .png
+    python scripts/qat_finetune.py --bits 3 --group 64 --steps 180       # table, results/qat.json + .png
     python scripts/qat_finetune.py ... --out out/smollm2-w3g64-qat       # also save the checkpoint
     python scripts/qat_finetune.py ... --text selection --tokens 8192    # choose settings on held-out text
 
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group", type=int, default=64, help="group size (0 = per channel)")
     p.add_argument("--sym", action="store_true", help="symmetric (default asymmetric, integer zeros)")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=180, help="AdamW steps (chosen on held-out text)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-5, help="latent weights (chosen on held-out text)")
