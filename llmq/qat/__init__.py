@@ -3,7 +3,7 @@ the float model, conversion to packed ``QuantLinear``s.
 
     from llmq.qat import prepare_qat, distill, convert_qat
     prepare_qat(student, WeightRecipe(bits=3, group_size=64))
-    distill(student, teacher, calibration_windows, steps=200)
+    distill(student, teacher, calibration_windows, steps=180)
     convert_qat(student)          # now an ordinary llmq-quantized model: save_quantized(...) it
 """
 
