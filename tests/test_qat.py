@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import llmq
 from llmq.checkpoint import build_quantization_config, save_quantized
+from llmq.model.rtn import quantize_model_rtn
 from llmq.nn.backends import dequantize_packed
 from llmq.qat import FakeQuantLinear, convert_qat, distill, fp16_ste, prepare_qat, qat_parameters, round_ste
 from llmq.quant.primitives import quantize_weight
@@ -68,21 +69,18 @@ def test_gradients_reach_weights_and_scales_and_stop_at_saturation():
 
 def test_prepare_and_convert_a_model():
     model = make_tiny_llama()
-    reference = copy.deepcopy(model)
+    rtn = copy.deepcopy(model)
     recipe = WeightRecipe(4, 32, False)
     names = prepare_qat(model, recipe)
     assert len(names) == 14 and all(isinstance(model.get_submodule(n), FakeQuantLinear) for n in names)
     assert type(model.lm_head) is nn.Linear  # excluded by the default recipe
     weights, scales = qat_parameters(model)
     assert len(scales) == 14 and len(weights) == 14  # no biases in Llama
-    quantize_rtn = copy.deepcopy(reference)
-    from llmq.model.rtn import quantize_model_rtn
-
-    quantize_model_rtn(quantize_rtn, recipe, progress=False)
+    quantize_model_rtn(rtn, recipe, progress=False)
     x = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         fake = model(x).logits
-        torch.testing.assert_close(fake, quantize_rtn(x).logits, rtol=1e-4, atol=1e-4)  # untrained = RTN
+        torch.testing.assert_close(fake, rtn(x).logits, rtol=1e-4, atol=1e-4)  # untrained = RTN
     assert convert_qat(model) == 14
     assert all(isinstance(model.get_submodule(n), llmq.QuantLinear) for n in names)
     with torch.no_grad():

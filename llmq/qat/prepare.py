@@ -7,7 +7,7 @@ from torch import nn
 
 from llmq.model.swap import find_linears, set_submodule
 from llmq.qat.fake_quant import FakeQuantLinear
-from llmq.recipes import WeightRecipe
+from llmq.recipes import WeightRecipe, ZeroPoint
 
 
 def prepare_qat(model: nn.Module, recipe: WeightRecipe) -> list[str]:
@@ -16,7 +16,7 @@ def prepare_qat(model: nn.Module, recipe: WeightRecipe) -> list[str]:
     Only ``recipe.bits``, ``group_size`` and ``symmetric`` matter here; asymmetric recipes keep
     integer zeros (the learned parameters are the weights and the scales).
     """
-    if not recipe.symmetric and recipe.zero_point is not None and recipe.zero_point.value == "float":
+    if recipe.zero_point is ZeroPoint.FLOAT:
         raise ValueError("QAT keeps integer zero points (it learns the scales): use zero_point='int' or None")
     linears = find_linears(model, recipe)
     if not linears:
