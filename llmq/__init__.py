@@ -7,6 +7,41 @@ modules. Import it before loading a checkpoint.
 
 __version__ = "0.1.0"
 
+import importlib.machinery as _machinery  # noqa: E402
+import importlib.util as _util  # noqa: E402
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+
+def _register_kernels_subpackage() -> None:
+    """Make ``llmq.kernels`` importable when llmq runs from its source tree.
+
+    The Triton kernels live in the repository's top-level ``kernels/`` folder, which has
+    no ``__init__.py`` on purpose: a regular package there would be importable as the
+    top-level ``kernels`` whenever the repository root is on ``sys.path`` (``python -m
+    pytest``, a script run from the root), and would shadow Hugging Face's ``kernels``
+    package, which transformers >= 5.25 imports. A wheel copies the folder into
+    ``llmq/kernels/`` (``package_dir`` in setup.py), where the ordinary import finds it.
+    A source checkout or an editable install has no ``llmq/kernels/``; there this
+    registers ``llmq.kernels`` as a package whose modules are searched in ``<root>/kernels``.
+    """
+    if _os.path.isdir(_os.path.join(__path__[0], "kernels")):  # a wheel install
+        return
+    source = _os.path.join(_os.path.dirname(__path__[0]), "kernels")
+    # check a kernel file, not just the folder: beside an installed llmq, "../kernels" would be
+    # Hugging Face's package in site-packages
+    if not _os.path.isfile(_os.path.join(source, "dequant_matmul.py")):
+        raise ImportError(f"llmq's Triton kernels are missing: neither {__path__[0]}/kernels nor the source folder "
+                          f"{source} holds them; reinstall llmq (pip install llmq, or pip install -e . in a checkout)")
+    spec = _machinery.ModuleSpec("llmq.kernels", None, is_package=True)
+    spec.submodule_search_locations = [source]
+    module = _util.module_from_spec(spec)
+    _sys.modules["llmq.kernels"] = module
+    globals()["kernels"] = module
+
+
+_register_kernels_subpackage()
+
 from llmq.integration.transformers import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
