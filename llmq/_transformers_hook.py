@@ -7,7 +7,9 @@ should not pay. So ``llmq/__init__`` calls ``register_when_transformers_loads()`
 * transformers already imported → register now;
 * otherwise → a ``sys.meta_path`` finder waits for the top-level ``transformers`` import,
   lets it run, and registers right after it, before the importing statement returns.
-  The finder removes itself the first time it fires.
+  The finder removes itself when transformers actually executes (a bare
+  ``importlib.util.find_spec("transformers")`` availability check, as other libraries do,
+  leaves it in place).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class _AfterTransformersImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)  # fire once; also keeps the lookup below from finding us again
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find else None
             if spec is not None:
@@ -40,6 +43,8 @@ class _AfterTransformersImport(importlib.abc.MetaPathFinder):
         exec_module = loader.exec_module
 
         def exec_then_register(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)  # transformers runs once per process
             exec_module(module)
             _register()
 

@@ -39,8 +39,9 @@ def test_help_imports_neither_torch_nor_transformers(command):
 
 
 def test_import_llmq_is_light_and_still_registers_with_transformers():
-    code = ("import sys, llmq\n"
+    code = ("import importlib.util, sys, llmq\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+            "assert importlib.util.find_spec('transformers')  # an availability check, as other libraries do\n"
             "from transformers import AutoModelForCausalLM\n"
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
             "assert 'llmq' in AUTO_QUANTIZER_MAPPING and 'llmq' in AUTO_QUANTIZATION_CONFIG_MAPPING\n"
