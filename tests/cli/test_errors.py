@@ -330,3 +330,16 @@ def test_inspect_runs_the_loaders_checks(damage, phrase, quantized_dir, tmp_path
     (ckpt / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "inspect", ckpt)
     assert_one_line_error(code, err, phrase)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--contexts", "0"], "argument --contexts: must be at least 1, got '0'"),
+    (["--max-batch", "0"], "argument --max-batch: must be at least 1"),
+    (["--new-tokens", "-2"], "argument --new-tokens: must be at least 1"),
+    (["--residual", "-1"], "argument --residual: must be at least 0"),
+    (["--memory-budget-gb", "0"], "argument --memory-budget-gb: must be at least"),
+], ids=["contexts", "max-batch", "new-tokens", "residual", "budget"])
+def test_bench_numbers_are_checked_before_any_work(args, phrase, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    assert e.value.code == 2 and phrase in capsys.readouterr().err
