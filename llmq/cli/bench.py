@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV caches to compare: fp (full precision), 8, 4, 2 bits (default: all)")
     p.add_argument("--weights", nargs="+", default=None, choices=WEIGHT_CHOICES,
                    help="model weights: fp and/or int4 (RTN, group 128) (default CUDA: both; CPU: fp)")
-    p.add_argument("--new-tokens", type=_number(int, 1), default=None, help="decode steps timed (default CUDA 64, CPU 8)")
+    p.add_argument("--new-tokens", type=_number(int, 1), default=None,
+                   help="decode steps timed (default CUDA 64, CPU 8)")
     p.add_argument("--residual", type=_number(int, 0), default=128,
                    help="most recent tokens a quantized KV cache keeps in full precision (default 128); a context "
                         "inside this window is not quantized at all")

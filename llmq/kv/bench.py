@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     weights_list = args.weights or (["fp", "int4"] if cuda else ["fp"])
     new_tokens = args.new_tokens or (64 if cuda else 8)
     dtype = torch.float16 if cuda else torch.float32
-    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(device) if cuda
+                   else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)")
     if not cuda:
         print("No CUDA GPU: running the small model at short contexts on CPU with the pure-torch attention path. "
               "These numbers check the plumbing; they say nothing about the Triton kernel's speed.")
