@@ -42,34 +42,43 @@ def _register_kernels_subpackage() -> None:
 
 _register_kernels_subpackage()
 
-from llmq.integration.transformers import register as _register_with_transformers  # noqa: E402
+# ``import llmq`` stays light (no torch, no transformers): the CLI's ``--help`` and the parsers of
+# ``python -m llmq.cli.main`` import this package first, and torch + transformers cost seconds of CPU.
+# The public names below are imported on first use; the transformers registration happens as soon as
+# transformers itself is imported (immediately, if it already is), so ``import llmq`` before
+# ``from_pretrained`` keeps working exactly as documented.
+from llmq._transformers_hook import register_when_transformers_loads as _register_when_transformers_loads  # noqa: E402
 
-_register_with_transformers()
+_register_when_transformers_loads()
 
-from llmq.api import QuantizeResult, is_quantized_checkpoint, load, quantize  # noqa: E402
-from llmq.nn import QuantLinear, set_backend  # noqa: E402
-from llmq.recipes import FORMAT_VERSION, KVRecipe, WeightMethod, WeightRecipe, ZeroPoint  # noqa: E402
+# public name -> module that defines it
+_LAZY = {
+    "FORMAT_VERSION": "llmq.recipes",
+    "KVRecipe": "llmq.recipes",
+    "WeightMethod": "llmq.recipes",
+    "WeightRecipe": "llmq.recipes",
+    "ZeroPoint": "llmq.recipes",
+    "QuantLinear": "llmq.nn",
+    "set_backend": "llmq.nn",
+    "QuantizeResult": "llmq.api",
+    "is_quantized_checkpoint": "llmq.api",
+    "load": "llmq.api",
+    "quantize": "llmq.api",
+    "QuantizedKVCache": "llmq.kv.cache",  # pulls in Triton kernels
+}
 
-__all__ = [
-    "FORMAT_VERSION",
-    "QuantLinear",
-    "QuantizeResult",
-    "WeightMethod",
-    "WeightRecipe",
-    "ZeroPoint",
-    "is_quantized_checkpoint",
-    "load",
-    "quantize",
-    "set_backend",
-    "QuantizedKVCache",
-    "KVRecipe",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    # the KV cache pulls in Triton kernels: import it on first use, not with `import llmq`
-    if name == "QuantizedKVCache":
-        from llmq.kv.cache import QuantizedKVCache
+    if name in _LAZY:
+        import importlib
 
-        return QuantizedKVCache
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'llmq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -23,6 +23,7 @@ class QuantizeResult:
     tokenizer: object
     summary: QuantizationSummary
     out_dir: Path | None
+    recipe: WeightRecipe | None = None  # as run: method_args resolved to the method's full arguments
 
 
 def quantize(
@@ -48,11 +49,19 @@ def quantize(
     use ``calibration`` (default: 128 x 512 tokens of the BBC calibration split);
     calibration problems are reported before any work starts. The method's full
     arguments and the calibration used are recorded in ``recipe.method_args``.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; checked first) also sends RTN through the
+    pipeline, so that it runs where asked.
     """
+    if device is not None:
+        from llmq.devices import resolve_device
+
+        device = resolve_device(device)
     source = resolve_model_path(model)
+    check_float_source(source)
     if out_dir is not None:
         check_output_dir(out_dir, force, source_dir=source)
-    if recipe.method is not WeightMethod.RTN or recipe.method_args or max_memory_mb is not None:
+    if (recipe.method is not WeightMethod.RTN or recipe.method_args or max_memory_mb is not None
+            or device is not None):
         return _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration,
                                    max_memory_mb, device)
     fp_model, tokenizer, _ = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -61,7 +70,7 @@ def quantize(
     if out_dir is not None:
         qcfg = build_quantization_config(fp_model, recipe)
         saved = save_quantized(fp_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(fp_model, tokenizer, summary, saved)
+    return QuantizeResult(fp_model, tokenizer, summary, saved, recipe)
 
 
 def _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration, max_memory_mb,
@@ -86,7 +95,23 @@ def _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_c
     if out_dir is not None:
         qcfg = build_quantization_config(model, recipe)
         saved = save_quantized(model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(model, tokenizer, summary, saved)
+    return QuantizeResult(model, tokenizer, summary, saved, recipe)
+
+
+def check_float_source(folder: Path) -> None:
+    """Refuse a source that is already quantized (llmq or another method) before any work."""
+    from llmq.model.source import read_model_config
+
+    qcfg = read_model_config(folder).get("quantization_config")
+    if not qcfg:
+        return
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+    if method == "llmq":
+        weight = qcfg.get("weight") or {}
+        raise ValueError(f"{folder} is already an llmq checkpoint ({weight.get('bits')}-bit, method "
+                         f"{weight.get('method')}); quantize the float model it was made from instead")
+    raise ValueError(f"{folder} is already quantized (quant_method {method!r}); llmq quantizes float models: "
+                     f"pass the original float model folder")
 
 
 def load(
@@ -117,7 +142,7 @@ def load(
 
 def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
     """True if ``folder/config.json`` declares an llmq ``quantization_config``."""
-    import json
+    from llmq.model.source import read_model_config
 
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = read_model_config(folder)  # a damaged config.json: ValueError naming the file
     return (cfg.get("quantization_config") or {}).get("quant_method") == "llmq"

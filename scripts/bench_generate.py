@@ -1,6 +1,6 @@
 """Long-sequence generation throughput benchmark; see ``llmq.kv.bench`` (same as ``llmq bench``).
 
-    python scripts/bench_generate.py                         # CPU: SmolLM2-135M, contexts 256 and 1024
+    python scripts/bench_generate.py                         # CPU: SmolLM2-135M, context 256 (about a minute)
     python scripts/bench_generate.py --contexts 1024 32768   # CUDA: Llama-7B-shaped random model
 """
 

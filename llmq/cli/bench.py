@@ -1,19 +1,64 @@
-"""``llmq bench``: long-sequence generation throughput, fp16 KV vs quantized KV (see ``llmq.kv.bench``)."""
+"""``llmq bench``: long-sequence generation throughput, fp16 KV vs quantized KV (see ``llmq.kv.bench``).
+
+The options are defined here, not in ``llmq.kv.bench``, so that building the parser imports neither
+torch nor the KV kernels (``llmq --help`` stays fast); ``scripts/bench_generate.py`` uses the same
+``add_arguments``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+KV_CHOICES = ("fp", "8", "4", "2")  # fp: DynamicCache in the model dtype (fp16 on CUDA)
+WEIGHT_CHOICES = ("fp", "int4")
+
+
+def _number(kind, minimum):
+    """argparse type: a ``kind`` (int or float) of at least ``minimum``."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value!r}")
+        return number
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="'llama-7b-random' (default on CUDA), 'smollm2-135m' (default on "
+                                                 "CPU) or a model folder")
+    p.add_argument("--contexts", type=_number(int, 1), nargs="+", default=None,
+                   help="prompt lengths (default CUDA: 1024 … 32768; CPU: 256, a quick check of about a minute)")
+    p.add_argument("--batches", type=_number(int, 1), nargs="+", default=[1], help="batch sizes to time (default 1)")
+    p.add_argument("--kv", nargs="+", default=list(KV_CHOICES), choices=KV_CHOICES,
+                   help="KV caches to compare: fp (full precision), 8, 4, 2 bits (default: all)")
+    p.add_argument("--weights", nargs="+", default=None, choices=WEIGHT_CHOICES,
+                   help="model weights: fp and/or int4 (RTN, group 128) (default CUDA: both; CPU: fp)")
+    p.add_argument("--new-tokens", type=_number(int, 1), default=None,
+                   help="decode steps timed (default CUDA 64, CPU 8)")
+    p.add_argument("--residual", type=_number(int, 0), default=128,
+                   help="most recent tokens a quantized KV cache keeps in full precision (default 128); a context "
+                        "inside this window is not quantized at all")
+    p.add_argument("--group", type=int, default=64,
+                   help="tokens (keys, per channel) / channels (values, per token) sharing a KV scale (default 64)")
+    p.add_argument("--memory-budget-gb", type=_number(float, 1e-3), default=None,
+                   help="memory budget for the largest-batch search (CUDA default: the whole GPU; CPU default 16)")
+    p.add_argument("--max-batch", type=_number(int, 1), default=256,
+                   help="upper bound of the largest-batch search (default 256)")
+    p.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--out", default="results/bench", help="output folder for JSON and plot (default results/bench)")
+
 
 def register(sub) -> None:
-    from llmq.kv.bench import add_arguments
-
     p = sub.add_parser(
         "bench",
         help="generation throughput at long context: fp16 vs int8/int4/int2 KV cache, fp vs int4 weights",
         description="Time prefill and decode (tokens/s), KV memory and the largest batch that fits, for each KV "
                     "cache and context length; writes JSON and a plot. On CUDA a Llama-7B-shaped random model, on "
-                    "CPU the small default model at short contexts (a plumbing check, not a speed number).",
+                    "CPU the small default model at one short context (a plumbing check of about a minute, not a "
+                    "speed number).",
     )
     add_arguments(p)
     p.set_defaults(func=run)

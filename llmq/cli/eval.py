@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from llmq.cli.common import add_runtime_arguments, load_for_inference
@@ -33,12 +34,20 @@ def run(args: argparse.Namespace) -> int:
     if args.text is not None:
         if not args.text.is_file():
             raise FileNotFoundError(f"--text {args.text} does not exist")
-        text = args.text.read_text(encoding="utf-8")
+        try:
+            text = args.text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text {args.text} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             f"pass a plain-text file") from None
     if args.tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {args.tokens}")
     model, tokenizer, _ = load_for_inference(args)
-    result = perplexity(model, tokenizer, text=text, max_tokens=args.tokens, window=args.window,
-                        progress=not args.json)
+    # progress goes to stderr: on with --json too (stdout stays one JSON object)
+    result = perplexity(model, tokenizer, text=text, max_tokens=args.tokens, window=args.window, progress=True)
+    if not math.isfinite(result.perplexity):
+        raise ValueError(f"perplexity is {result.perplexity} over {result.tokens} tokens: the model produced "
+                         f"non-finite logits (NaN/inf), so its weights or its dtype overflow; try --dtype float32, "
+                         f"or re-create the checkpoint")
     if args.json:
         print(json.dumps({"model": str(args.model), **result.to_dict()}))
     else:

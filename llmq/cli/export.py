@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llmq.checkpoint.export import EXPORT_FORMATS, export_checkpoint
+# the keys of llmq.checkpoint.export.EXPORT_FORMATS (a test keeps them equal); spelled out here so
+# that building the parser does not import torch
+FORMATS = ("compressed-tensors", "gptq")
 
 
 def register(sub) -> None:
@@ -18,14 +20,17 @@ def register(sub) -> None:
         "group sizes that divide every in_features. The source is only read; the output is written atomically.",
     )
     p.add_argument("model", type=Path, help="llmq checkpoint folder (from `llmq quantize`)")
-    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="compressed-tensors",
+    p.add_argument("--format", choices=FORMATS, default="compressed-tensors",
                    help="compressed-tensors (pack-quantized; default) or gptq (v1, symmetric checkpoints)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out model folder (a folder without config.json is never replaced)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmq.checkpoint.export import export_checkpoint
+
     out = export_checkpoint(args.model, args.out, args.format, force=args.force)
     print(f"wrote {out} ({args.format})")
     return 0

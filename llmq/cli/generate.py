@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from llmq.cli.common import add_runtime_arguments, load_for_inference
 from llmq.recipes import SUPPORTED_KV_BITS, SUPPORTED_KV_GROUP_SIZES, KVAxis, KVRecipe
 
@@ -48,6 +46,8 @@ def _kv_recipe(args: argparse.Namespace) -> KVRecipe | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     kv_recipe = _kv_recipe(args)

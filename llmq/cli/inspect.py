@@ -1,85 +1,66 @@
-"""``llmq inspect``: what a checkpoint holds — recipe, per-layer bits, sizes."""
+"""``llmq inspect``: what a checkpoint holds — recipe, per-layer bits, sizes (``llmq.checkpoint.describe``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from llmq.checkpoint.verify import read_safetensors_header
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="show the recipe, per-layer bits and sizes of a checkpoint",
-        description="Print the quantization recipe of an llmq checkpoint and, per quantized module, its shape, "
-        "bits, group size and stored bytes (effective bits per weight include scales and zeros). "
-        "Float model folders are listed too.",
+        description="Check a checkpoint as loading would (complete shards, tensors matching config.json), then "
+        "print its quantization recipe, each quantized module in model order with its shape, bits, group "
+        "size and stored bytes (effective bits per weight include scales and zeros), the parts kept in float "
+        "(embeddings, lm_head) with their bytes, and the checkpoint's total size. Float model folders are "
+        "listed too.",
     )
-    p.add_argument("model", type=Path, help="checkpoint or model folder")
+    p.add_argument("model", help="checkpoint or model folder, or 'smollm2-135m'")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
-def _tensor_bytes(files: list[Path]) -> dict[str, int]:
-    sizes = {}
-    for f in files:
-        for name, t in read_safetensors_header(f).items():
-            sizes[name] = t["data_offsets"][1] - t["data_offsets"][0]
-    return sizes
-
-
-def describe(folder: Path) -> dict:
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
-    config = json.loads((folder / "config.json").read_text())
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no *.safetensors files")
-    sizes = _tensor_bytes(files)
-    qcfg = config.get("quantization_config") or {}
-    modules = []
-    for name, cfg in (qcfg.get("modules") or {}).items():
-        stored = sum(v for k, v in sizes.items() if k.startswith(name + "."))
-        weights = cfg.get("in_features", 0) * cfg.get("out_features", 0)
-        modules.append({"name": name, **cfg, "bytes": stored,
-                        "bits_per_weight": 8 * stored / weights if weights else None})
-    return {
-        "folder": str(folder),
-        "model_type": config.get("model_type"),
-        "quant_method": qcfg.get("quant_method"),
-        "format_version": qcfg.get("format_version"),
-        "recipe": qcfg.get("weight"),
-        "extra": {k: v for k, v in qcfg.items() if k not in ("modules", "weight", "quant_method", "format_version")},
-        "modules": modules,
-        "total_bytes": sum(sizes.values()),
-        "quantized_bytes": sum(m["bytes"] for m in modules),
-        "shards": [f.name for f in files],
-    }
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.model)
+    from llmq.checkpoint.describe import describe
+    from llmq.model.source import resolve_model_path
+
+    info = describe(resolve_model_path(args.model))
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"{info['folder']}  ({info['model_type']}, {len(info['shards'])} shard(s), "
-          f"{info['total_bytes'] / 1e6:.1f} MB of tensors)")
+          f"{_mb(info['total_bytes'])} of tensors, {_mb(info['file_bytes'])} on disk in all)")
     if info["quant_method"] is None:
         print("not quantized (no quantization_config)")
-        return 0
-    print(f"quant_method {info['quant_method']}, format version {info['format_version']}")
-    print(f"recipe: {json.dumps(info['recipe'])}")
-    for key, value in info["extra"].items():
-        print(f"{key}: {json.dumps(value)}")
-    print(f"{'module':48s} {'kind':14s} {'shape':>11s} {'bits':>4s} {'group':>7s} {'sym':>5s} {'KB':>9s} {'bits/w':>6s}")
-    for m in info["modules"]:
-        shape = f"{m.get('out_features')}x{m.get('in_features')}"
-        group = "chan" if m.get("group_size") is None else m.get("group_size")
-        bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
-        print(f"{m['name']:48s} {m['kind']:14s} {shape:>11s} {m.get('bits', '-'):>4} {group:>7} "
-              f"{str(m.get('symmetric', '-')):>5s} {m['bytes'] / 1e3:9.1f} {bpw:>6s}")
-    print(f"quantized modules: {len(info['modules'])}, {info['quantized_bytes'] / 1e6:.2f} MB of "
-          f"{info['total_bytes'] / 1e6:.2f} MB")
+    else:
+        print(f"quant_method {info['quant_method']}, format version {info['format_version']}")
+        print(f"recipe: {json.dumps(info['recipe'])}")
+        for key, value in info["extra"].items():
+            print(f"{key}: {json.dumps(value)}")
+        print(f"quantized modules ({info['order']}):")
+        print(f"{'module':48s} {'kind':14s} {'shape':>11s} {'bits':>4s} {'group':>7s} {'sym':>5s} {'KB':>9s} "
+              f"{'bits/w':>6s}")
+        for m in info["modules"]:
+            shape = f"{m.get('out_features')}x{m.get('in_features')}"
+            group = "chan" if m.get("group_size") is None else m.get("group_size")
+            bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
+            print(f"{m['name']:48s} {m['kind']:14s} {shape:>11s} {m.get('bits', '-'):>4} {group:>7} "
+                  f"{str(m.get('symmetric', '-')):>5s} {m['bytes'] / 1e3:9.1f} {bpw:>6s}")
+    print("kept in float:" if info["quant_method"] else "embeddings and linears:")
+    for t in info["unquantized"]:
+        shape = "x".join(map(str, t["shape"]))
+        print(f"  {t['name']:46s} {t['kind'] or '-':14s} {shape:>11s} {t['dtype']:>5s} {t['bytes'] / 1e3:12.1f} KB")
+    for name in info["tied"]:
+        print(f"  {name:46s} tied to another tensor (not stored again)")
+    other = info["other_float_tensors"]
+    if other["count"]:
+        print(f"  other float tensors (norms, biases, ...): {other['count']}, {other['bytes'] / 1e3:.1f} KB")
+    if info["quant_method"]:
+        print(f"quantized modules: {len(info['modules'])}, {_mb(info['quantized_bytes'])} of "
+              f"{_mb(info['total_bytes'])} of tensors; checkpoint {_mb(info['file_bytes'])} on disk")
     return 0

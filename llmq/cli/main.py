@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 # Subcommand modules, in --help order; each defines register(subparsers) setting func=run.
@@ -26,20 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that write an output folder (atomically: an interrupted run leaves it as it was)
+WRITERS = ("quantize", "export")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs (``finally``
+    blocks remove temporary output folders)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> int:
+    name, code = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("SIGINT", 128 + signal.SIGINT)
+    what = f"llmq {args.command}: interrupted by {name}"
+    if args.command in WRITERS:
+        what += f"; nothing was written ({args.out} is as it was)"
+    # a progress bar may have left the cursor mid-line
+    print(f"\n{what}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, UnicodeDecodeError) as e:
         # expected user errors: one clear line, no traceback
         print(f"llmq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        return _interrupted(args, e)
     except BrokenPipeError:
         # the reader went away (`llmq inspect DIR | head`): stop quietly, as Unix tools do; point stdout
         # at /dev/null so the interpreter's final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,32 @@ from llmq.recipes import (
 )
 
 
-def _group(value: str) -> int | None:
-    if value in ("channel", "-1", "0"):
-        return None
+CHANNEL = "channel"  # --group channel: one group per output channel (WeightRecipe.group_size None)
+_GROUP_CHOICES = ", ".join(map(str, SUPPORTED_GROUP_SIZES)) + f" or '{CHANNEL}'"
+_NOT_GIVEN = object()  # default of options whose None is a meaningful value (--alpha none)
+
+# Options read by only some methods, by argparse dest: giving one to a method that does not read it
+# is refused (it would be silently ignored), see refuse_unread_options.
+CALIBRATION_OPTIONS = {"calib": "--calib", "nsamples": "--nsamples", "seqlen": "--seqlen", "seed": "--seed"}
+WEIGHT_OPTIONS = {"bits": "--bits", "group": "--group", "symmetric": "--sym/--asym", "zero_point": "--zero-point",
+                  "include": "--include", "method_arg": "--method-arg"}
+W8A8_OPTIONS = {"act_bits": "--act-bits", "act_scheme": "--act-scheme", "observer": "--observer", "alpha": "--alpha",
+                "percentile": "--percentile", "momentum": "--momentum", "calib_samples": "--calib-samples"}
+
+
+def _group(value: str) -> int | str:
+    if value == CHANNEL:
+        return CHANNEL
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"group must be one of {SUPPORTED_GROUP_SIZES} or 'channel', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"group must be one of {_GROUP_CHOICES}, got {value!r}") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{size} is not a group size: write --group {CHANNEL} for one group per "
+                                         f"output channel, or one of {_GROUP_CHOICES}")
+    if size not in SUPPORTED_GROUP_SIZES:
+        raise argparse.ArgumentTypeError(f"unsupported group size {size}: choose one of {_GROUP_CHOICES}")
+    return size
 
 
 def _memory(value: str) -> float:
@@ -63,32 +81,33 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="model folder, the embedded default 'smollm2-135m', or a hub id (online only)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --force)")
-    p.add_argument("--bits", type=int, choices=SUPPORTED_WEIGHT_BITS, default=4, help="weight bits (default 4)")
-    p.add_argument("--group", type=_group, default=128, metavar="{32,64,128,256,channel}",
+    p.add_argument("--bits", type=int, choices=SUPPORTED_WEIGHT_BITS, default=None, help="weight bits (default 4)")
+    p.add_argument("--group", type=_group, default=None, metavar="{32,64,128,256,channel}",
                    help="input features per scale/zero group, or 'channel' for one group per output channel "
                    "(default 128; a last partial group is padded)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric: fixed zero point, no zeros stored")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric: a zero point per group (default)")
-    p.set_defaults(symmetric=False)
+    p.set_defaults(symmetric=None)
     p.add_argument("--zero-point", choices=[z.value for z in ZeroPoint], default=None,
                    help="asymmetric zero points: int (uint8, GPTQ/AWQ-style) or float (a float per group, "
                    "--method hqq only); default float for hqq at 2-4 bits, int otherwise")
     p.add_argument("--method", choices=[m.value for m in WeightMethod if m is not WeightMethod.QAT], default="rtn",
                    help="quantization algorithm (default rtn = round to nearest)")
-    p.add_argument("--calib", default="bbc", metavar="SOURCE",
+    p.add_argument("--calib", default=None, metavar="SOURCE",
                    help="calibration text for gptq/awq: 'bbc' (embedded corpus, calibration split; default), "
                    "a .txt or .jsonl file, or hf:NAME[:CONFIG[:SPLIT]] (needs `datasets`, online)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default 0)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="seed for drawing the calibration windows (default 0)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm parameter, repeatable; VALUE is JSON (e.g. act_order=false, percdamp=0.05); "
                    "see docs/quality.md for each method's parameters")
     p.add_argument("--max-memory", type=_memory, default=None, metavar="SIZE",
                    help="memory budget, e.g. 4GB or 800MB: quantize one decoder layer at a time from disk and "
                    "refuse up front if the plan does not fit")
-    p.add_argument("--device", default=None, help="where layers run: cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="where layers run: 'cpu', 'cuda' or 'cuda:N' (default: CUDA when available, else CPU)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help=f"fnmatch pattern of module names to keep in float, repeatable; added to the defaults "
                    f"{list(DEFAULT_EXCLUDE)}")
@@ -97,30 +116,52 @@ def register(sub) -> None:
     w8a8 = p.add_argument_group(
         "W8A8 (--method smoothquant)",
         "int8 weights per output channel and int8 activations; --bits/--group/--sym do not apply")
-    w8a8.add_argument("--act-bits", type=int, choices=SUPPORTED_ACT_BITS, default=8, help="activation bits (8)")
-    w8a8.add_argument("--act-scheme", choices=[s.value for s in ActScheme], default="dynamic",
+    w8a8.add_argument("--act-bits", type=int, choices=SUPPORTED_ACT_BITS, default=None, help="activation bits (8)")
+    w8a8.add_argument("--act-scheme", choices=[s.value for s in ActScheme], default=None,
                       help="dynamic: a scale per token at run time (default); static: one calibrated scale per tensor")
     w8a8.add_argument("--observer", choices=[o.value for o in ObserverKind], default=None,
                       help="calibration method for static scales (default percentile, at 99.9999: the best on held-out "
                       "text with the static default alpha 0.9, docs/w8a8.md; dynamic uses the row absmax)")
-    w8a8.add_argument("--alpha", type=_alpha, default=SCHEME_DEFAULT,
+    w8a8.add_argument("--alpha", type=_alpha, default=_NOT_GIVEN,
                       help="SmoothQuant migration strength in [0, 1], or 'none' for no smoothing (default 0.5 with "
                       "dynamic, 0.9 with static scales: chosen on held-out text, docs/w8a8.md)")
-    w8a8.add_argument("--percentile", type=float, default=99.9999, help="percentile observer: %% of |x| kept")
-    w8a8.add_argument("--momentum", type=float, default=0.9, help="EMA observer momentum")
-    w8a8.add_argument("--calib-samples", type=int, default=128,
+    w8a8.add_argument("--percentile", type=float, default=None,
+                      help="percentile observer: %% of |x| kept (default 99.9999)")
+    w8a8.add_argument("--momentum", type=float, default=None, help="EMA observer momentum (default 0.9)")
+    w8a8.add_argument("--calib-samples", type=int, default=None,
                       help="calibration windows of 512 tokens from the BBC calibration split (default 128)")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out model folder (a folder without config.json is never replaced)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder to run")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run)
 
 
+def refuse_unread_options(args: argparse.Namespace) -> None:
+    """Refuse options that ``args.method`` does not read, instead of silently ignoring them."""
+    from llmq.pipeline import NEEDS_CALIBRATION
+
+    method = WeightMethod(args.method)
+    if method is WeightMethod.SMOOTHQUANT:
+        unread = [(WEIGHT_OPTIONS, "W8A8 weights are int8, per output channel, symmetric"),
+                  (CALIBRATION_OPTIONS, "it calibrates on --calib-samples windows of the BBC calibration split")]
+    else:
+        unread = [(W8A8_OPTIONS, "they configure --method smoothquant")]
+        if method not in NEEDS_CALIBRATION:
+            unread.append((CALIBRATION_OPTIONS, f"{method.value} uses no calibration data"))
+    for options, why in unread:
+        given = [flag for dest, flag in options.items() if getattr(args, dest) not in (None, [], _NOT_GIVEN)]
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise ValueError(f"{', '.join(given)} {verb} not apply to --method {method.value} ({why}); "
+                             f"drop {'it' if len(given) == 1 else 'them'}")
+
+
 def build_recipe(args: argparse.Namespace) -> WeightRecipe:
     return WeightRecipe(
-        bits=args.bits,
-        group_size=args.group,
-        symmetric=args.symmetric,
+        bits=4 if args.bits is None else args.bits,
+        group_size=None if args.group == CHANNEL else (128 if args.group is None else args.group),
+        symmetric=bool(args.symmetric),
         method=args.method,
         include=tuple(args.include) if args.include else ("*",),
         exclude=DEFAULT_EXCLUDE + tuple(args.exclude),
@@ -132,8 +173,6 @@ def build_recipe(args: argparse.Namespace) -> WeightRecipe:
 def _alpha(value: str) -> float | str | None:
     if value.lower() == "none":
         return None
-    if value == SCHEME_DEFAULT:  # argparse passes string defaults through type= too
-        return value
     try:
         return float(value)
     except ValueError:
@@ -141,23 +180,25 @@ def _alpha(value: str) -> float | str | None:
 
 
 def build_activation_recipe(args: argparse.Namespace) -> ActivationRecipe:
-    observer = args.observer or ("percentile" if args.act_scheme == "static" else "minmax")
-    return ActivationRecipe(bits=args.act_bits, scheme=args.act_scheme, observer=observer, momentum=args.momentum,
-                            percentile=args.percentile, smoothquant_alpha=args.alpha)
+    scheme = args.act_scheme or ActScheme.DYNAMIC.value
+    observer = args.observer or ("percentile" if scheme == "static" else "minmax")
+    defaults = ActivationRecipe()
+    return ActivationRecipe(
+        bits=args.act_bits or defaults.bits, scheme=scheme, observer=observer,
+        momentum=defaults.momentum if args.momentum is None else args.momentum,
+        percentile=defaults.percentile if args.percentile is None else args.percentile,
+        smoothquant_alpha=SCHEME_DEFAULT if args.alpha is _NOT_GIVEN else args.alpha)
 
 
 def run_w8a8(args: argparse.Namespace) -> int:
     from llmq.w8a8.quantize import quantize_w8a8, w8a8_weight_recipe
 
-    if (args.bits not in (4, 8) or args.group not in (128, None) or args.symmetric or args.include
-            or args.zero_point):
-        raise ValueError("--bits/--group/--sym/--include/--zero-point do not apply to --method smoothquant "
-                         "(W8A8 weights are int8, per output channel, symmetric); drop them")
-    if args.calib_samples < 1:
-        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    calib_samples = 128 if args.calib_samples is None else args.calib_samples
+    if calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {calib_samples}")
     recipe = build_activation_recipe(args)
     result = quantize_w8a8(args.model, recipe, args.out, force=args.force, exclude=tuple(args.exclude),
-                           n_samples=args.calib_samples, progress=not args.json,
+                           n_samples=calib_samples, progress=True,
                            trust_remote_code=args.trust_remote_code, device=args.device,
                            max_memory_mb=args.max_memory)
     if args.json:
@@ -171,18 +212,21 @@ def run_w8a8(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from llmq.api import quantize
-
     from llmq.calibration import CalibrationSpec
 
+    refuse_unread_options(args)
     if args.method == WeightMethod.SMOOTHQUANT.value:
         return run_w8a8(args)
     recipe = build_recipe(args)
-    calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    result = quantize(args.model, recipe, args.out, force=args.force, progress=not args.json,
+    spec = {k: getattr(args, k) for k in CALIBRATION_OPTIONS if getattr(args, k) is not None}
+    calibration = CalibrationSpec(**{"source" if k == "calib" else k: v for k, v in spec.items()})
+    # progress goes to stderr, so it stays on with --json (stdout is the one JSON object)
+    result = quantize(args.model, recipe, args.out, force=args.force, progress=True,
                       trust_remote_code=args.trust_remote_code, calibration=calibration,
                       max_memory_mb=args.max_memory, device=args.device)
-    if args.json:
-        print(json.dumps({"out": str(result.out_dir), "recipe": recipe.to_dict(), **result.summary.to_dict()}))
+    if args.json:  # the recipe as run: method_args resolved to the method's full arguments
+        print(json.dumps({"out": str(result.out_dir), "recipe": result.recipe.to_dict(),
+                          **result.summary.to_dict()}))
     else:
         print(result.summary)
         print(f"saved to {result.out_dir}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-KV_CHOICES = ("fp", "8", "4", "2")  # fp: DynamicCache in the model dtype (fp16 on CUDA)
+from llmq.cli.bench import KV_CHOICES, add_arguments  # noqa: F401  (the options live with the CLI)
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +74,18 @@ def make_cache(model, kv: str, residual: int, group: int):
     if kv == "fp":
         return DynamicCache(config=model.config)
     return QuantizedKVCache(model.config, bits=int(kv), residual_length=residual, group_size=group)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere), e.g. 'AMD EPYC 9654'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def kv_bytes(cache) -> int:
@@ -122,6 +134,8 @@ def run_one(model, kv: str, context: int, batch: int, new_tokens: int, residual:
     out = dict(kv=kv, context=context, batch=batch, new_tokens=new_tokens, replicated_prefill=replicate and batch > 1,
                prefill_tokens_per_s=rows * context / prefill_s, decode_tokens_per_s=batch * new_tokens / decode_s,
                prefill_s=prefill_s, decode_s=decode_s, kv_bytes=kv_bytes(cache))
+    if hasattr(cache, "memory"):  # tokens outside the full-precision residual window
+        out["kv_quantized_tokens"] = cache.memory().quantized_tokens
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     del cache
@@ -179,24 +193,6 @@ def plot(results: list[dict], path: Path, device_name: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="'llama-7b-random' (default on CUDA), 'smollm2-135m' (default on "
-                                                 "CPU) or a model folder")
-    p.add_argument("--contexts", type=int, nargs="+", default=None,
-                   help="prompt lengths (default CUDA: 1024 … 32768; CPU: 256 1024)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes to time (default 1)")
-    p.add_argument("--kv", nargs="+", default=list(KV_CHOICES), choices=KV_CHOICES, help="KV caches to compare")
-    p.add_argument("--weights", nargs="+", default=["fp", "int4"], choices=["fp", "int4"])
-    p.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default CUDA 64, CPU 8)")
-    p.add_argument("--residual", type=int, default=128)
-    p.add_argument("--group", type=int, default=64)
-    p.add_argument("--memory-budget-gb", type=float, default=None,
-                   help="memory budget for the largest-batch search (CUDA default: the whole GPU; CPU default 16)")
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
-    p.add_argument("--out", default="results/bench", help="output folder for JSON and plot")
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -205,10 +201,13 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model_name = args.model or ("llama-7b-random" if cuda else "smollm2-135m")
-    contexts = args.contexts or ([1024, 2048, 4096, 8192, 16384, 32768] if cuda else [256, 1024])
+    # CPU: one short context, fp weights: a plumbing check that ends in about a minute
+    contexts = args.contexts or ([1024, 2048, 4096, 8192, 16384, 32768] if cuda else [256])
+    weights_list = args.weights or (["fp", "int4"] if cuda else ["fp"])
     new_tokens = args.new_tokens or (64 if cuda else 8)
     dtype = torch.float16 if cuda else torch.float32
-    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'unknown'})"
+    device_name = (torch.cuda.get_device_name(device) if cuda
+                   else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)")
     if not cuda:
         print("No CUDA GPU: running the small model at short contexts on CPU with the pure-torch attention path. "
               "These numbers check the plumbing; they say nothing about the Triton kernel's speed.")
@@ -225,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(report(), indent=1))
         tmp.replace(out_dir / "bench_generate.json")
 
-    for weights in args.weights:
+    for weights in weights_list:
         model, weight_bytes = build_model(model_name, weights, device, dtype)
         enable_fused_attention(model)  # quantized decode steps read the packed cache; others use sdpa
         jobs = [(kv, c, b) for kv in args.kv for c in contexts for b in args.batches]
@@ -252,8 +251,10 @@ def run(args: argparse.Namespace) -> int:
                                f" GB budget, then run (prefill replicated), stepped down on OOM / over budget")
                     else:
                         budget = (args.memory_budget_gb or 16) * 2**30
-                        best, run_at_best = int(max(0, budget - one["weight_bytes"]) // one["kv_bytes"]), None
-                        how = f"computed: (budget - weights) / KV bytes per sequence, budget {budget / 2**30:g} GiB"
+                        fits = int(max(0, budget - one["weight_bytes"]) // one["kv_bytes"])
+                        best, run_at_best = min(fits, args.max_batch), None
+                        how = (f"computed: (budget - weights) / KV bytes per sequence, budget {budget / 2**30:g} GiB"
+                               + (f" ({fits} fit; capped at --max-batch {args.max_batch})" if fits > best else ""))
                     row = dict(weights=weights, kv=kv, context=context, largest_batch=best, how=how)
                     if run_at_best is not None:
                         row.update(decode_tokens_per_s=run_at_best["decode_tokens_per_s"],
@@ -272,6 +273,11 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['model']} on {report['device']}, {report['new_tokens']} decode steps")
+    unquantized = sorted({r["context"] for r in report["runs"] if r.get("kv_quantized_tokens") == 0})
+    if unquantized:
+        print(f"Note: at context {', '.join(map(str, unquantized))} every token is still inside the quantized "
+              f"caches' full-precision window (--residual {report['residual']}): nothing is quantized yet, so "
+              f"their KV memory equals the fp cache's. Use contexts well above {report['residual']}.")
     print("| weights | KV | context | batch | prefill tok/s | decode tok/s | KV MiB | peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:

