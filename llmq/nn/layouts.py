@@ -5,6 +5,8 @@
 * ``"tiled"`` — ``llmq.kernels.dequant_tile``: K permuted inside tiles so that one field of one tile
   is a contiguous run of input features, ``[tiled_rows(K, bits), N]`` int32. What the Triton kernels
   read.
+* ``"cpu"`` — ``llmq.nn.cpu_layout``: what torch's int4 / int8 CPU kernels read (torch's own int4
+  pack of ``[N, K]`` codes, or ``[N, K]`` signed int8). What the cpu backend reads.
 
 A layer holds its packed weight in exactly one layout at a time (never both: a second copy would cost
 the packed size again, +3.4 GB for a 4-bit 7B model). Each backend names the layout it reads; the
@@ -20,7 +22,8 @@ import torch
 
 CANONICAL = "canonical"
 TILED = "tiled"
-LAYOUTS = (CANONICAL, TILED)
+CPU = "cpu"
+LAYOUTS = (CANONICAL, TILED, CPU)
 
 Convert = Callable[[torch.Tensor, int, int], torch.Tensor]  # (qweight, bits, K) -> qweight
 
@@ -32,6 +35,9 @@ def _converters(layout: str) -> tuple[Convert, Convert]:
     if layout == TILED:
         from llmq.kernels.dequant_tile import repack_tiled, unrepack_tiled
         return repack_tiled, unrepack_tiled
+    if layout == CPU:
+        from llmq.nn.cpu_layout import from_cpu, to_cpu
+        return to_cpu, from_cpu
     raise ValueError(f"unknown qweight layout {layout!r}: choose one of {LAYOUTS}")
 
 
