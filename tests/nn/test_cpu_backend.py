@@ -10,7 +10,7 @@ import torch
 from llmq.nn import QuantLinear, available_backends, choose_backend
 from llmq.nn.backends import LinearSpec, dequantize_packed
 from llmq.nn.cpu_backend import kernel_group
-from llmq.nn.cpu_layout import from_cpu, int4_order, padded_k, to_cpu
+from llmq.nn.cpu_layout import from_cpu, from_cpu_split, int4_order, padded_k, to_cpu, to_cpu_split
 from llmq.quant.packing import pack
 from llmq.quant.primitives import quantize_weight
 
@@ -19,7 +19,8 @@ U_BF16 = 2.0 ** -8  # bf16 unit roundoff
 SHAPES = [(1, 576), (127, 129), (128, 128), (129, 127), (3, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (bits, group): every width; groups the kernel has, longer than it (256 at K = 576 -> 64) and per channel
-SCHEMES = [(4, 32), (4, 64), (4, 128), (4, 256), (4, None), (3, 64), (3, None), (2, 32), (2, 128), (8, None)]
+SCHEMES = [(4, 32), (4, 64), (4, 128), (4, 256), (4, None), (3, 64), (3, None), (2, 32), (2, 128), (8, None),
+           (8, 32), (8, 128)]
 
 
 def _layer(k, n, bits, group, sym, float_zeros=False, bias=True):
@@ -43,6 +44,8 @@ def error_bound(layer, x: torch.Tensor) -> torch.Tensor:
     zero = layer.zero_points.double().repeat_interleave(g, 0)[:k] if layer.zero_points is not None else mid
     code = w / s + zero
     e = s * (code - mid).abs() + (s * (mid - zero)).abs()  # scale / zero rounding to bf16, per weight
+    if bits == 8 and layer.group_size is not None:  # split 8-bit: two partial outputs rounded separately
+        e = e + 16 * s
     ax = x.double().abs().reshape(-1, k)
     x_rounding = 0.0 if x.dtype == torch.bfloat16 else 1.0
     y = x.double().reshape(-1, k) @ w
@@ -70,7 +73,7 @@ def _check(layer, qw, b, m, k, dtype):
 @pytest.mark.parametrize("bits,group", SCHEMES, ids=[f"int{b}-g{g or 'chan'}" for b, g in SCHEMES])
 def test_matches_reference_within_documented_bound(bits, group, sym, m, k, dtype):
     layer, qw, b = _layer(k, 48, bits, group, sym)
-    assert layer.qweight_layout == "cpu"  # converted once, when built
+    assert layer.qweight_layout == ("cpu-split" if bits == 8 and group else "cpu")  # converted once, when built
     _check(layer, qw, b, m, k, dtype)
 
 
@@ -108,8 +111,12 @@ def test_layout_round_trip_is_bit_exact(bits, k, n):
     codes = torch.randint(0, 1 << bits, (k, n), dtype=torch.uint8)
     canonical = pack(codes, bits)
     held = to_cpu(canonical, bits, k)
-    assert held.shape == ((n, padded_k(k, bits)) if bits == 8 else (n, padded_k(k, bits) // 2))
+    assert held.shape == ((n, padded_k(k, True)) if bits == 8 else (n, padded_k(k, False) // 2))
     assert torch.equal(from_cpu(held, bits, k), canonical)
+    if bits == 8:
+        split = to_cpu_split(canonical, bits, k)
+        assert split.shape == (2 * n, padded_k(k, False) // 2) and split.dtype == torch.uint8
+        assert torch.equal(from_cpu_split(split, bits, k), canonical)
 
 
 def test_int4_order_is_a_permutation():
@@ -140,6 +147,12 @@ def test_in_place_scale_edit_rebuilds_kernel_params():
     torch.testing.assert_close(layer(x), 2 * y, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("bits,group,layout", [(4, 128, "cpu"), (2, 64, "cpu"), (8, None, "cpu"), (8, 64, "cpu-split")])
+def test_layout_read_per_scheme(bits, group, layout):
+    layer, _, _ = _layer(64, 32, bits, group, True)
+    assert layer.qweight_layout == layout
+
+
 def test_chosen_automatically_on_cpu_and_ordered_between_triton_and_torch():
     names = available_backends()
     assert names.index("triton") < names.index("cpu") < names.index("torch")
@@ -148,11 +161,10 @@ def test_chosen_automatically_on_cpu_and_ordered_between_triton_and_torch():
 
 
 @pytest.mark.parametrize("spec,reason", [
-    (LinearSpec(128, 64, 8, 32, True, "cpu", torch.float32), "8-bit weights with group size 32"),
     (LinearSpec(128, 40, 4, 32, True, "cpu", torch.float32), "out_features 40 is not a multiple of 16"),
     (LinearSpec(128, 64, 4, 32, True, "cpu", torch.float64), "activations must be"),
     (LinearSpec(128, 64, 4, 32, True, "cuda", torch.float16), "runs on CPU tensors only"),
-], ids=["int8-grouped", "N40", "fp64", "cuda"])
+], ids=["N40", "fp64", "cuda"])
 def test_declined_cases_give_the_reason(spec, reason):
     with pytest.raises(ValueError, match=f"forced backend 'cpu' cannot run .*{reason}"):
         choose_backend(spec, forced="cpu")
