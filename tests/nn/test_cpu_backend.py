@@ -191,3 +191,12 @@ def test_leading_dims_and_no_bias():
     y = layer(x)
     assert y.shape == (2, 3, 32)
     torch.testing.assert_close(y, layer(x.reshape(6, 64)).reshape(2, 3, 32), atol=0, rtol=0)
+
+
+def test_first_call_inside_torch_compile():
+    """Built layers hold the cpu layout already; a full-graph compile's first call matches eager."""
+    layer, _, _ = _layer(128, 64, 4, 32, False)
+    model = torch.nn.Sequential(layer, torch.nn.SiLU())
+    x = torch.randn(3, 128)
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, model(x), atol=0, rtol=0)
