@@ -77,12 +77,14 @@ def test_prepare_and_convert_a_model():
     weights, scales = qat_parameters(model)
     assert len(scales) == 14 and len(weights) == 14  # no biases in Llama
     quantize_model_rtn(rtn, recipe, progress=False)
+    llmq.nn.set_backend(rtn, "torch")  # the fp32 reference (the automatic cpu backend computes in bf16)
     x = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         fake = model(x).logits
         torch.testing.assert_close(fake, rtn(x).logits, rtol=1e-4, atol=1e-4)  # untrained = RTN
     assert convert_qat(model) == 14
     assert all(isinstance(model.get_submodule(n), llmq.QuantLinear) for n in names)
+    llmq.nn.set_backend(model, "torch")
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, fake, rtol=1e-4, atol=1e-4)
 

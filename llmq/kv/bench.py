@@ -40,8 +40,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --weights (llmq.cli.bench.WEIGHT_CHOICES): the model's float dtype, or RTN via llmq as (bits, group):
+# int4 = group 128, int8 per channel
+WEIGHT_RECIPES = {"fp": None, "bf16": None, "int4": (4, 128), "int4-g64": (4, 64), "int8": (8, None)}
+
+
 def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtype):
-    """``(model, weight_bytes)``; ``weights`` is ``fp`` or ``int4`` (RTN, group 128, via llmq)."""
+    """``(model, weight_bytes)``; ``weights`` is one of ``WEIGHT_RECIPES`` (``bf16``: the model cast to bf16)."""
+    if weights not in WEIGHT_RECIPES:
+        raise ValueError(f"--weights must be one of {list(WEIGHT_RECIPES)}, got {weights!r}")
+    if weights == "bf16":
+        dtype = torch.bfloat16
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name == "llama-7b-random":
@@ -54,14 +63,13 @@ def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtyp
 
         model, _, _ = load_model(name, dtype=dtype, device=str(device))
     model.eval()
-    if weights == "int4":
+    if WEIGHT_RECIPES[weights] is not None:
         from llmq.model.rtn import quantize_model_rtn
         from llmq.recipes import WeightRecipe
 
-        quantize_model_rtn(model, WeightRecipe(bits=4, group_size=128), progress=False)
+        bits, group = WEIGHT_RECIPES[weights]
+        quantize_model_rtn(model, WeightRecipe(bits=bits, group_size=group), progress=False)
         model.to(device)
-    elif weights != "fp":
-        raise ValueError(f"--weights must be 'fp' or 'int4', got {weights!r}")
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return model, nbytes
 
@@ -214,9 +222,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, largest = [], []
+    backends_used: set[str] = set()
 
     def report() -> dict:
-        return dict(device=device_name, model=model_name, dtype=str(dtype), new_tokens=new_tokens,
+        return dict(device=device_name, model=model_name, dtype=str(dtype), threads=torch.get_num_threads(),
+                    quant_linear_backends=sorted(backends_used), new_tokens=new_tokens,
                     residual=args.residual, group=args.group, runs=results, largest_batch=largest)
 
     def save() -> None:  # after every measurement: a run cut short keeps what it measured
@@ -226,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
     for weights in weights_list:
         model, weight_bytes = build_model(model_name, weights, device, dtype)
+        backends_used.update(_quant_linear_backends(model, weights))
         enable_fused_attention(model)  # quantized decode steps read the packed cache; others use sdpa
         jobs = [(kv, c, b) for kv in args.kv for c in contexts for b in args.batches]
         for kv, context, batch in tqdm(jobs, desc=f"weights {weights}"):
@@ -269,6 +280,14 @@ def run(args: argparse.Namespace) -> int:
     print_table(report())
     print(f"wrote {out_dir / 'bench_generate.json'} and {out_dir / 'bench_generate.png'}")
     return 0
+
+
+def _quant_linear_backends(model, weights: str) -> set[str]:
+    """``"<weights>: <backend>"`` for the backends the model's ``QuantLinear`` layers chose (reported)."""
+    from llmq.nn import QuantLinear
+
+    return {f"{weights}: {backend.name}" for m in model.modules() if isinstance(m, QuantLinear)
+            for backend in m._backend.values()}
 
 
 def print_table(report: dict) -> None:

@@ -2,6 +2,7 @@
 
 from llmq.nn.backends import LinearSpec, available_backends, choose_backend, register_backend
 from llmq.nn.quant_linear import QuantLinear
+import llmq.nn.cpu_backend  # noqa: E402,F401  registers the cpu backend (ahead of torch on CPU)
 import llmq.nn.triton_backend  # noqa: E402,F401  registers the Triton backends (ahead of torch on CUDA)
 from llmq.nn.w8a8_linear import W8A8Linear  # noqa: E402  registers module kind "w8a8_linear"
 

@@ -4,6 +4,7 @@ A backend is an object with::
 
     name: str
     layout: str                     # the qweight layout it reads (llmq.nn.layouts); the layer converts
+    layout_for(bits, group_size) -> str   # optional: when the layout depends on the layer (cpu)
     can_implement(spec: LinearSpec) -> tuple[bool, str]   # (ok, reason when not ok)
     forward(layer, x) -> Tensor     # y = x @ dequant(W).T + bias, qweight already in ``layout``
 

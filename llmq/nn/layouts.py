@@ -5,6 +5,10 @@
 * ``"tiled"`` — ``llmq.kernels.dequant_tile``: K permuted inside tiles so that one field of one tile
   is a contiguous run of input features, ``[tiled_rows(K, bits), N]`` int32. What the Triton kernels
   read.
+* ``"cpu"`` — ``llmq.nn.cpu_layout``: what torch's int4 / int8 CPU kernels read (torch's own int4
+  pack of ``[N, K]`` codes, or ``[N, K]`` signed int8). What the cpu backend reads.
+* ``"cpu-split"`` — ``llmq.nn.cpu_layout``: 8-bit codes with groups as two int4 packs (high and low
+  nibbles). What the cpu backend reads for grouped 8-bit weights.
 
 A layer holds its packed weight in exactly one layout at a time (never both: a second copy would cost
 the packed size again, +3.4 GB for a 4-bit 7B model). Each backend names the layout it reads; the
@@ -20,7 +24,9 @@ import torch
 
 CANONICAL = "canonical"
 TILED = "tiled"
-LAYOUTS = (CANONICAL, TILED)
+CPU = "cpu"
+CPU_SPLIT = "cpu-split"
+LAYOUTS = (CANONICAL, TILED, CPU, CPU_SPLIT)
 
 Convert = Callable[[torch.Tensor, int, int], torch.Tensor]  # (qweight, bits, K) -> qweight
 
@@ -32,6 +38,12 @@ def _converters(layout: str) -> tuple[Convert, Convert]:
     if layout == TILED:
         from llmq.kernels.dequant_tile import repack_tiled, unrepack_tiled
         return repack_tiled, unrepack_tiled
+    if layout == CPU:
+        from llmq.nn.cpu_layout import from_cpu, to_cpu
+        return to_cpu, from_cpu
+    if layout == CPU_SPLIT:
+        from llmq.nn.cpu_layout import from_cpu_split, to_cpu_split
+        return to_cpu_split, from_cpu_split
     raise ValueError(f"unknown qweight layout {layout!r}: choose one of {LAYOUTS}")
 
 

@@ -173,7 +173,13 @@ class QuantLinear(BackendChoice, nn.Module):
         return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
 
     def _hold_inputs_of(self, backend: LinearBackend) -> None:
-        self.use_qweight_layout(backend.layout)
+        self.use_qweight_layout(self.layout_read_by(backend))
+
+    def layout_read_by(self, backend: LinearBackend) -> str:
+        """The qweight layout ``backend`` reads for this layer: ``backend.layout``, or
+        ``backend.layout_for(bits, group_size)`` for a backend whose layout depends on them (cpu)."""
+        layout_for = getattr(backend, "layout_for", None)
+        return backend.layout if layout_for is None else layout_for(self.bits, self.group_size)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() land here: hold the layout the new device's backend reads now, not
@@ -205,14 +211,15 @@ class QuantLinear(BackendChoice, nn.Module):
         backend = self.backend_for(x)
         # checked per call, not once per backend choice: the layer may have run another backend since
         # (e.g. moved to CPU and back); a Python attribute compare, guarded by torch.compile
-        if self.qweight_layout != backend.layout:
+        layout = self.layout_read_by(backend)
+        if self.qweight_layout != layout:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
                     f"QuantLinear holds its packed weight in the {self.qweight_layout!r} layout but backend "
-                    f"{backend.name!r} reads {backend.layout!r}, and the conversion cannot run inside "
+                    f"{backend.name!r} reads {layout!r}, and the conversion cannot run inside "
                     "torch.compile: call llmq.nn.prepare(model, dtype) before compiling (from_pretrained and "
                     ".to() do it for the model's dtype), or run one forward eagerly")
-            self.use_qweight_layout(backend.layout)
+            self.use_qweight_layout(layout)
         return backend.forward(self, x)
 
     def extra_repr(self) -> str:

@@ -44,8 +44,8 @@ def test_act_order_codes_are_canonical(problem, symmetric):
     assert torch.equal(qw.scales, qw.scales.half().float())  # storable as fp16 exactly
     # re-quantizing the dequantized weight with the canonical group parameters gives the same codes
     assert torch.equal(quantize_with_params(qw.dequantize(), qw.scales, qw.zeros, 4, 64), qw.codes)
-    # and QuantLinear runs it as is
-    layer = QuantLinear.from_quantized(qw)
+    # and QuantLinear runs it as is (the fp32 reference backend: exact to fp32 rounding)
+    layer = QuantLinear.from_quantized(qw, backend="torch")
     xs = x[:5]
     torch.testing.assert_close(layer(xs), xs @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
 

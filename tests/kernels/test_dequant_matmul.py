@@ -34,7 +34,9 @@ def make_layer(k, n, bits, group, symmetric, bias=True):
     """A QuantLinear from RTN-quantized random weights (scaled so outputs stay O(1..10))."""
     w = torch.randn(n, k) / k**0.5
     qw = quantize_weight(w, bits, group, symmetric)
-    return QuantLinear.from_quantized(qw, bias=torch.randn(n) if bias else None)
+    # the torch backend holds the canonical layout these tests read (the cpu backend, automatic on CPU,
+    # would convert qweight to torch's int4 pack)
+    return QuantLinear.from_quantized(qw, bias=torch.randn(n) if bias else None, backend="torch")
 
 
 def run_both(layer, x, **kw):
@@ -68,7 +70,8 @@ def test_float_zero_points(m, bits, group, dtype, kernel_tol):
     from llmq.algorithms import HQQ
 
     w = torch.randn(70, 300) / 300**0.5
-    layer = QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(70))
+    layer = QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(70),
+                                       backend="torch")  # canonical layout held (see make_layer)
     assert layer.zeros is not None and layer.qzeros is None and layer.zeros.dtype == torch.float16
     assert (layer.zeros.float() != layer.zeros.float().round()).any()
     x = torch.randn(m, 300).to(dtype)

@@ -43,7 +43,9 @@ def test_documented_tiled_layout(bits):
 
 
 def _layer(k=64, n=24, symmetric=False):
-    return QuantLinear.from_quantized(quantize_weight(torch.randn(n, k), 4, 32, symmetric), bias=torch.randn(n))
+    # canonical layout held, which _args reads (the cpu backend, automatic on CPU, holds torch's int4 pack)
+    return QuantLinear.from_quantized(quantize_weight(torch.randn(n, k), 4, 32, symmetric), bias=torch.randn(n),
+                                      backend="torch")
 
 
 def _args(layer):

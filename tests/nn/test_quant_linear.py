@@ -6,11 +6,11 @@ from llmq.nn.backends import LinearSpec, choose_backend, dequantize_packed
 from llmq.quant.primitives import quantize_weight
 
 
-def _layer(k, n, bits, group, sym, bias=True):
+def _layer(k, n, bits, group, sym, bias=True, backend=None):
     w = torch.randn(n, k)
     qw = quantize_weight(w, bits, group, sym)
     b = torch.randn(n) if bias else None
-    return QuantLinear.from_quantized(qw, b), qw, b
+    return QuantLinear.from_quantized(qw, b, backend=backend), qw, b
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
@@ -18,7 +18,7 @@ def _layer(k, n, bits, group, sym, bias=True):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 @pytest.mark.parametrize("k", [64, 129, 576], ids=lambda k: f"K{k}")
 def test_torch_backend_matches_dequantized_reference(k, bits, group, sym):
-    layer, qw, b = _layer(k, 48, bits, group, sym)
+    layer, qw, b = _layer(k, 48, bits, group, sym, backend="torch")  # (automatic on CPU is "cpu": bf16 compute)
     # buffers unpack to exactly the codes/scales/zeros that were packed
     assert torch.equal(dequantize_packed(layer), qw.dequantize().t().contiguous())
     x = torch.randn(3, 5, k)
@@ -36,11 +36,12 @@ def test_half_precision_activations(dtype):
 
 
 def test_buffer_shapes_as_documented():
-    layer, _, _ = _layer(576, 1536, 4, 128, False)
+    # the canonical layout as stored (the cpu backend, automatic on CPU, holds its own layout: test_cpu_backend)
+    layer, _, _ = _layer(576, 1536, 4, 128, False, backend="torch")
     assert layer.qweight.shape == (72, 1536) and layer.qweight.dtype == torch.int32
     assert layer.scales.shape == (5, 1536) and layer.scales.dtype == torch.float16
     assert layer.qzeros.shape == (5, 1536) and layer.qzeros.dtype == torch.uint8
-    sym, _, _ = _layer(576, 64, 3, None, True, bias=False)
+    sym, _, _ = _layer(576, 64, 3, None, True, bias=False, backend="torch")
     assert sym.qweight.shape == (58, 64) and sym.scales.shape == (1, 64)
     assert sym.qzeros is None and sym.bias is None
     assert set(dict(sym.named_buffers())) == {"qweight", "scales"}
@@ -54,7 +55,7 @@ def test_float_zero_points_layer(k):
 
     qw = HQQ(torch.randn(48, k), 4, 64, symmetric=False).quantize()
     b = torch.randn(48)
-    layer = QuantLinear.from_quantized(qw, b)
+    layer = QuantLinear.from_quantized(qw, b, backend="torch")
     assert layer.qzeros is None and layer.zeros.dtype == torch.float16 and layer.zeros.shape == (qw.zeros.shape[1], 48)
     assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
     assert layer.to_config()["zero_point"] == "float" and "zero_point=float" in repr(layer)
@@ -62,6 +63,7 @@ def test_float_zero_points_layer(k):
     x = torch.randn(3, k)
     torch.testing.assert_close(layer(x), x @ qw.dequantize().t() + b, atol=1e-4, rtol=1e-4)
     rebuilt = QuantLinear.from_config(layer.to_config(), k, 48, bias=True)
+    rebuilt.set_backend("torch")
     rebuilt.load_state_dict(layer.state_dict())
     assert torch.equal(rebuilt(x), layer(x))
     int_cfg = _layer(k, 48, 4, 64, False)[0].to_config()
