@@ -27,6 +27,8 @@ per (N, K, BITS), separately for the FMA and dot paths.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -154,12 +156,49 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def auto_split_k(n: int, k: int, bits: int, device: torch.device, block_n: int) -> int:
+def auto_split_k(n: int, k: int, bits: int, num_sms: int, block_n: int) -> int:
     """Splits of K so ~PROGRAMS_PER_SM programs per SM run, keeping >= 2 tiles per split."""
     n_tiles = -(-k // (TILE_WORDS * codes_per_word(bits)))
     n_blocks = -(-n // block_n)
-    want = -(-PROGRAMS_PER_SM * _num_sms(device) // n_blocks)
+    want = -(-PROGRAMS_PER_SM * num_sms // n_blocks)
     return max(1, min(want, n_tiles // 2))
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """How ``dequant_gemv_launch`` launches for one problem: the autotuned variant, the grid, the output
+    mode and every integer / constexpr kernel argument by name (the cost report compiles from this)."""
+
+    path: str
+    grid: tuple[int, int, int]
+    mode: int  # OUT_STORE / OUT_ATOMIC_ADD / OUT_PARTIALS
+    split: int
+    tiles_per_split: int
+    ints: dict
+    constexprs: dict
+
+
+def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, act_dtype: torch.dtype,
+         has_zeros: bool, has_bias: bool, num_sms: int, split_k: int = 0, deterministic: bool = False,
+         stride_xm: int | None = None) -> GemvPlan:
+    """The launch of ``dequant_gemv_launch`` for ``x [m, k]`` (row stride ``stride_xm``, default k) and an
+    ``n``-column weight on a GPU with ``num_sms`` SMs. Pure: no tensors, no device."""
+    p = codes_per_word(bits)
+    n_tiles = -(-k // (TILE_WORDS * p))
+    block_m = 1 if m == 1 else 16
+    block_n = DECODE_BLOCK_N
+    split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
+    tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
+    split = -(-n_tiles // tiles_per_split)  # no empty splits
+    mode = OUT_STORE if split == 1 else OUT_PARTIALS if deterministic else OUT_ATOMIC_ADD
+    fp32 = fp32_dot(act_dtype)
+    ints = dict(M=m, N=n, K=k, group_size=group_size, num_groups=num_groups, tiles_per_split=tiles_per_split,
+                stride_xm=k if stride_xm is None else stride_xm, stride_om=n,
+                stride_os=m * n if mode == OUT_PARTIALS else 0)
+    constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, OUT_MODE=mode,
+                      FP32_DOT=fp32, F=fields_per_dot(bits, fp32), BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (-(-n // block_n), split, -(-m // block_m))
+    return GemvPlan(decode_path(block_m, bits, act_dtype), grid, mode, split, tiles_per_split, ints, constexprs)
 
 
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
@@ -192,28 +231,18 @@ def dequant_gemv_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"split_k must be >= 0 (0 = automatic), got {split_k}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    p = codes_per_word(bits)
-    n_tiles = -(-k // (TILE_WORDS * p))
-    block_m = 1 if m == 1 else 16
-    path = decode_path(block_m, bits, x.dtype)
-    block_n = DECODE_BLOCK_N
-    split = split_k or auto_split_k(n, k, bits, x.device, block_n)
-    tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
-    split = -(-n_tiles // tiles_per_split)  # no empty splits
-    if split == 1:
-        mode, out = OUT_STORE, x.new_empty(1, m, n)
-    elif torch.are_deterministic_algorithms_enabled():
-        mode, out = OUT_PARTIALS, torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    pl = plan(m, n, k, bits, group_size, scales.shape[0], x.dtype, qzeros is not None, bias is not None,
+              _num_sms(x.device), split_k, torch.are_deterministic_algorithms_enabled(), x.stride(0))
+    mode = pl.mode
+    if mode == OUT_STORE:
+        out = x.new_empty(1, m, n)
+    elif mode == OUT_PARTIALS:
+        out = torch.empty(pl.split, m, n, device=x.device, dtype=torch.float32)
     else:
-        mode, out = OUT_ATOMIC_ADD, torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
-    grid = (-(-n // block_n), split, -(-m // block_m))
-    _tuned[path][grid](
+        out = torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
+    _tuned[pl.path][pl.grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, group_size, scales.shape[0], tiles_per_split,
-        x.stride(0), out.stride(1), out.stride(0) if mode == OUT_PARTIALS else 0,
-        BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
-        OUT_MODE=mode, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
-    )
+        **pl.ints, **pl.constexprs)
     if mode == OUT_PARTIALS:
         return out.sum(dim=0).to(x.dtype)  # fixed-order reduction over the splits
     return out[0].to(x.dtype)
