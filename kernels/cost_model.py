@@ -7,8 +7,9 @@ with, for the busiest SM (``ctas`` = CTAs it runs, ``W`` warps each, ``T`` loop 
 * ``dram    = bytes / dram_bytes_per_s`` — every byte the call must move (packed weight, scales, x, out);
 * ``issue   = ctas·W·(T·instr_per_iter + instr_outside) / (min(4, resident warps) · clock)`` — one
   instruction per scheduler per clock, 4 schedulers per SM;
-* ``pipe``  — the same with each class weighted by the cycles it holds its pipe (``PIPE_CYCLES``: the
-  integer/logic pipe runs at half the issue rate on sm_90, conversions and MUFU at 1/8);
+* ``pipe``  — the same for the busiest pipe: the integer/logic pipe (integer, PRMT, compares, fp32 ↔ fp16
+  ``F2FP`` / ``HADD2.F32``) runs at half the issue rate on sm_90, conversions and MUFU at 1/8, shuffles at 1/4,
+  fp32 and fp16x2 arithmetic share the FMA pipe at full rate;
 * ``tensor  = flops / tensor_flops_per_s`` (wgmma rate; mma.sync at half of it);
 * ``shared  = ctas·W·T·max(shared instr, shared bytes per warp / 128 B) / clock``;
 * ``latency = bytes / (bytes in flight / dram_latency)``: the bytes a resident CTA has in flight per
@@ -58,7 +59,21 @@ DEVICES = {
 # cycles one warp instruction holds its pipe on one scheduler (sm_90 results per clock per SM: fp32 and
 # fp16x2 128, integer/logic/shift/compare 64, conversions and MUFU 16, shuffles 32); classes not named
 # here take one issue slot and no other pipe
-PIPE_CYCLES = {"int": 2, "predicate": 2, "convert": 8, "mufu": 8, "shuffle": 4}
+ALU_CYCLES, XU_CYCLES, SHUFFLE_CYCLES = 2, 8, 4
+
+
+def pipe_cycles(counts: LoopCounts) -> dict[str, int]:
+    """Cycles per iteration one scheduler's pipes are busy for one warp: ``issue`` (1 per instruction),
+    ``alu`` (integer / logic / compare / F2FP pack), ``xu`` (conversions, MUFU), ``fma`` (fp32, fp16x2),
+    ``shuffle``."""
+    c = counts.by_class
+    # fp32 <-> fp16 conversions (F2FP pack, HADD2.F32) are half-rate ALU work, not the 1/8-rate XU's
+    f2fp = sum(v for k, v in counts.by_opcode.items() if k.startswith(("F2FP", "HADD2.F32")))
+    return {"issue": counts.total,
+            "alu": ALU_CYCLES * (c.get("int", 0) + c.get("predicate", 0) + f2fp),
+            "xu": XU_CYCLES * (c.get("convert", 0) - f2fp + c.get("mufu", 0)),
+            "fma": c.get("fp32", 0) + c.get("fp16x2", 0),
+            "shuffle": SHUFFLE_CYCLES * c.get("shuffle", 0)}
 
 
 def occupancy(registers: int, shared_bytes: int, warps: int, device: Device) -> int:
@@ -109,8 +124,7 @@ def predict(counts: LoopCounts, outside: int, launch: Launch, device: Device) ->
     sched = min(device.schedulers, resident * launch.warps)
     warp_instr = ctas * launch.warps * (launch.trips * counts.total + outside)
     issue = warp_instr / (sched * device.clock_hz)
-    pipe_per_iter = max([counts.total] + [counts.by_class.get(c, 0) * k for c, k in PIPE_CYCLES.items()]
-                        + [counts.by_class.get("fp32", 0) + counts.by_class.get("fp16x2", 0)])
+    pipe_per_iter = max(pipe_cycles(counts).values())
     pipe = ctas * launch.warps * (launch.trips * pipe_per_iter + outside) / (sched * device.clock_hz)
     mma = counts.by_opcode
     wgmma = sum(v for k, v in mma.items() if k.startswith(("HGMMA", "WGMMA")))

@@ -17,7 +17,7 @@ from llmq.quant.packing import codes_per_word
 SMS = 132  # H100 / H200: the split-K rule and the grid depend on it
 
 
-def _pointers(w: Workload, out_dtype: torch.dtype) -> dict:
+def mock_pointers(w: Workload, out_dtype: torch.dtype) -> dict:
     zeros = {"none": torch.float16, "int": torch.uint8, "float": torch.float16}[w.zeros]
     return dict(x_ptr=MockPointer(w.act_dtype), qw_ptr=MockPointer(torch.int32), s_ptr=MockPointer(torch.float16),
                 z_ptr=MockPointer(zeros), b_ptr=MockPointer(torch.float16), out_ptr=MockPointer(out_dtype))
@@ -33,9 +33,9 @@ def gemv_cases(w: Workload):
     if w.m > 16:
         return
     pl = dequant_gemv.plan(w.m, w.n, w.k, w.bits, w.group_size, _groups(w), w.act_dtype, w.zeros != "none", w.bias,
-                           SMS)
+                           SMS, float_zeros=w.zeros == "float")
     out_dtype = w.act_dtype if pl.mode == dequant_gemv.OUT_STORE else torch.float32
-    args = {**_pointers(w, out_dtype), **pl.ints, **pl.constexprs}
+    args = {**mock_pointers(w, out_dtype), **pl.ints, **pl.constexprs}
     block_n = pl.constexprs["BLOCK_N"]
     dram = w.weight_bytes() + w.io_bytes()
     launches = 1
@@ -58,7 +58,7 @@ def gemm_cases(w: Workload):
     n_tiles = -(-w.k // (TILE_WORDS * p))
     rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS
     for bm, bn, warps, stages in rows:
-        args = {**_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
+        args = {**mock_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
         grid = -(-w.m // bm) * -(-w.n // bn)
         yield Case("dequant-gemm", "gemm", f"{bm}x{bn} w{warps}s{stages}", w, dequant_gemm.dequant_gemm_kernel,
                    args, warps, stages, grid, n_tiles * (p // f), TILE_WORDS * f * bn,
