@@ -186,14 +186,15 @@ class Loop:
 
 
 def find_loops(instrs: list[Instr]) -> list[Loop]:
-    """Loops = ranges closed by a backward branch (several back edges to one target: the widest)."""
+    """Loops = ranges closed by a backward branch (several back edges to one target: the widest). A branch
+    to itself is the trap after ``EXIT`` that ends every kernel, not a loop."""
     index = {ins.addr: i for i, ins in enumerate(instrs)}
     widest: dict[int, int] = {}
     for i, ins in enumerate(instrs):
         if ins.opcode.split(".")[0] != "BRA":
             continue
         m = re.search(r"0x([0-9a-f]+)", ins.operands)
-        if m and int(m.group(1), 16) <= ins.addr and int(m.group(1), 16) in index:
+        if m and int(m.group(1), 16) < ins.addr and int(m.group(1), 16) in index:
             s = index[int(m.group(1), 16)]
             widest[s] = max(widest.get(s, i), i)
     return [Loop(s, e) for s, e in sorted(widest.items())]
