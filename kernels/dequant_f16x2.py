@@ -48,14 +48,16 @@ def _asm(bits: int, i: int, float_zeros: bool) -> str:
     return head + ("fma.rn.f16x2 $0, c, $3, $5; }" if float_zeros else "mul.rn.f16x2 $0, c, $3; }")
 
 
-def _asm_dot_byte(bits: int, byte: int, float_zeros: bool) -> str:
+def _asm_dot_byte(bits: int, byte: int, float_zeros: bool, first: bool = False) -> str:
     """PTX accumulating the fields of byte ``byte`` times their activations: one PRMT for the byte, then per
     field LOP3, HFMA2 (code - zero), HMUL2 (scale; float zeros: HFMA2) and HFMA2 (· x + acc). Operands:
     $0 = acc out; $1, $2 = words of columns n, n+1; $3 = scale pair; $4 = acc in; then per field its off
-    pair and its x pair; last, -zero·scale (float zeros)."""
+    pair and its x pair; last, -zero·scale (float zeros). ``first``: ignore acc in (start from 0), so the
+    caller needs no zeroed accumulator registers."""
     f = 8 // bits
     nzs = f"${5 + 2 * f}"
-    lines = ["{ .reg .b32 t, a, c, w, k, s; ", f"prmt.b32 t, $1, $2, {((4 + byte) << 8) | byte}; ", "mov.b32 s, $4; "]
+    lines = ["{ .reg .b32 t, a, c, w, k, s; ", f"prmt.b32 t, $1, $2, {((4 + byte) << 8) | byte}; ",
+             "mov.b32 s, 0; " if first else "mov.b32 s, $4; "]
     for j in range(f):
         sh = j * bits
         mask = ((1 << bits) - 1) << sh
@@ -67,9 +69,11 @@ def _asm_dot_byte(bits: int, byte: int, float_zeros: bool) -> str:
     return "".join(lines) + "mov.b32 $0, s; }"
 
 
-# indexed by (BITS // 4) * 4 + byte
-_ASM_DOT_INT: tl.constexpr = tl.constexpr(tuple(_asm_dot_byte(b, y, False) for b in (2, 4, 8) for y in range(4)))
-_ASM_DOT_FLOAT: tl.constexpr = tl.constexpr(tuple(_asm_dot_byte(b, y, True) for b in (2, 4, 8) for y in range(4)))
+# indexed by FIRST * 12 + (BITS // 4) * 4 + byte
+_ASM_DOT_INT: tl.constexpr = tl.constexpr(tuple(_asm_dot_byte(b, y, False, f) for f in (False, True) for b in (2, 4, 8)
+                                                for y in range(4)))
+_ASM_DOT_FLOAT: tl.constexpr = tl.constexpr(tuple(_asm_dot_byte(b, y, True, f) for f in (False, True) for b in (2, 4, 8)
+                                                  for y in range(4)))
 _CONSTRAINTS: tl.constexpr = tl.constexpr(tuple("=r,r,r,r,r" + ",r,r" * (8 // b) + ",r" * fz
                                                 for fz in (0, 1) for b in (2, 4, 8)))
 
@@ -142,10 +146,11 @@ def dequant_field_f16(words, i, scale, off, nzs, BITS: tl.constexpr, ZERO_KIND: 
 
 @triton.jit
 def dot_byte_f16x2(words, byte, scale, o0, o1, o2, o3, x0, x1, x2, x3, nzs, acc, BITS: tl.constexpr,
-                   ZERO_KIND: tl.constexpr, ASM: tl.constexpr):
+                   ZERO_KIND: tl.constexpr, ASM: tl.constexpr, FIRST: tl.constexpr = False):
     """``acc + Σ_j x_j · w_j`` over the ``8 // BITS`` fields ``j`` of byte ``byte`` (constexpr) of ``words``,
     in fp16 (each product-sum rounded once: HFMA2); ``x_j`` ``[TILE, 1]`` fp16 activations of field j,
-    ``o_j`` its ``off`` row. Fields past ``8 // BITS`` ignore their arguments."""
+    ``o_j`` its ``off`` row. Fields past ``8 // BITS`` ignore their arguments. ``FIRST``: ``acc`` is
+    taken as 0 (its registers need not be zeroed)."""
     F: tl.constexpr = 8 // BITS
     if ASM:
         if ZERO_KIND == _FLOAT:
@@ -155,7 +160,7 @@ def dot_byte_f16x2(words, byte, scale, o0, o1, o2, o3, x0, x1, x2, x3, nzs, acc,
                 args = [words, scale, acc, o0, x0, o1, x1, nzs]
             else:
                 args = [words, scale, acc, o0, x0, o1, x1, o2, x2, o3, x3, nzs]
-            acc = tl.inline_asm_elementwise(_ASM_DOT_FLOAT[(BITS // 4) * 4 + byte], _CONSTRAINTS[3 + BITS // 4], args, dtype=tl.float16, is_pure=True, pack=2)
+            acc = tl.inline_asm_elementwise(_ASM_DOT_FLOAT[FIRST * 12 + (BITS // 4) * 4 + byte], _CONSTRAINTS[3 + BITS // 4], args, dtype=tl.float16, is_pure=True, pack=2)
         else:
             if F == 1:
                 args = [words, scale, acc, o0, x0]
@@ -163,8 +168,10 @@ def dot_byte_f16x2(words, byte, scale, o0, o1, o2, o3, x0, x1, x2, x3, nzs, acc,
                 args = [words, scale, acc, o0, x0, o1, x1]
             else:
                 args = [words, scale, acc, o0, x0, o1, x1, o2, x2, o3, x3]
-            acc = tl.inline_asm_elementwise(_ASM_DOT_INT[(BITS // 4) * 4 + byte], _CONSTRAINTS[BITS // 4], args, dtype=tl.float16, is_pure=True, pack=2)
+            acc = tl.inline_asm_elementwise(_ASM_DOT_INT[FIRST * 12 + (BITS // 4) * 4 + byte], _CONSTRAINTS[BITS // 4], args, dtype=tl.float16, is_pure=True, pack=2)
     else:
+        if FIRST:
+            acc = tl.zeros_like(acc)
         acc = fma_f16x2(dequant_field_f16(words, byte * F, scale, o0, nzs, BITS, ZERO_KIND, False), x0, acc, False)
         if F > 1:
             acc = fma_f16x2(dequant_field_f16(words, byte * F + 1, scale, o1, nzs, BITS, ZERO_KIND, False), x1, acc, False)
@@ -214,7 +221,8 @@ def _x_field(x_ptr, t, i, offs_r, K, P: tl.constexpr, TILE: tl.constexpr, EVEN_K
 def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_start, t_end, N, K,
                        num_groups, stride_xm, BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr,
                        GROUP_FIELDS: tl.constexpr, ZERO_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                       BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TILES_PER_STEP: tl.constexpr,
+                       ASM: tl.constexpr):
     """``x[:BLOCK_M] @ W[tiles t_start..t_end)`` for fp16 activations, fp32 ``[BLOCK_M, BLOCK_N]``; ``x_ptr``
     points at the block's first row, ``m_mask`` masks its rows.
 
@@ -222,7 +230,8 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
     ``(t·P + i) // GROUP_FIELDS`` (``GROUP_FIELDS = group_size / 16``, a constexpr: no integer division at
     run time; scale / zero rows are loaded when a field starts a new group). ``BLOCK_M = 1``: per byte of
     the words, one asm block dequantizes its fields and accumulates ``x · w`` in fp16x2 (``dot_byte_f16x2``);
-    the tile's fp16 partial sums are added to the fp32 sum once per tile. ``BLOCK_M = 16``: one
+    the fp16 partial sums of ``TILES_PER_STEP`` tiles (which divides every split's tile count) are added to
+    the fp32 sum at once. ``BLOCK_M = 16``: one
     tensor-core dot per field (K = TILE).
     """
     offs_r = tl.arange(0, TILE)
@@ -231,27 +240,37 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
         acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(t_start, t_end):
-        words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        if BLOCK_M == 1:
-            part = tl.zeros([TILE, BLOCK_N], dtype=tl.float16)
-            for y in tl.static_range(P // F):  # bytes of the words
-                if y * F == 0 or (y * F) % GROUP_FIELDS == 0:
-                    grp = tl.minimum((t * P + y * F) // GROUP_FIELDS, num_groups - 1)
-                    s, o0, o1, o2, o3, nzs = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
-                tl.static_assert(GROUP_FIELDS >= F, "a group boundary inside a byte: not on the fp16x2 path")
-                x0 = _x_field(x_ptr, t, y * F, offs_r, K, P, TILE, EVEN_K)
-                x1 = x0
-                x2 = x0
-                x3 = x0
-                if F > 1:
-                    x1 = _x_field(x_ptr, t, y * F + 1, offs_r, K, P, TILE, EVEN_K)
-                if F > 2:
-                    x2 = _x_field(x_ptr, t, y * F + 2, offs_r, K, P, TILE, EVEN_K)
-                    x3 = _x_field(x_ptr, t, y * F + 3, offs_r, K, P, TILE, EVEN_K)
-                part = dot_byte_f16x2(words, y, s, o0, o1, o2, o3, x0, x1, x2, x3, nzs, part, BITS, ZERO_KIND, ASM)
+    if BLOCK_M == 1:  # fp16 partial sums over TILES_PER_STEP tiles, then one fp32 add
+        for t0 in range(t_start, t_end, TILES_PER_STEP):
+            part = tl.zeros([TILE, BLOCK_N], dtype=tl.float16)  # ignored by the first byte (FIRST)
+            for u in tl.static_range(TILES_PER_STEP):
+                t = t0 + u
+                w_ptrs = qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :]
+                if EVEN_N:  # no masked-off lanes to zero (N a multiple of BLOCK_N, as in LLM layers)
+                    words = tl.load(w_ptrs)
+                else:
+                    words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+                for y in tl.static_range(P // F):  # bytes of the words
+                    if y * F == 0 or (y * F) % GROUP_FIELDS == 0:
+                        grp = tl.minimum((t * P + y * F) // GROUP_FIELDS, num_groups - 1)
+                        s, o0, o1, o2, o3, nzs = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
+                    tl.static_assert(GROUP_FIELDS >= F, "a group boundary inside a byte: not on the fp16x2 path")
+                    x0 = _x_field(x_ptr, t, y * F, offs_r, K, P, TILE, EVEN_K)
+                    x1 = x0
+                    x2 = x0
+                    x3 = x0
+                    if F > 1:
+                        x1 = _x_field(x_ptr, t, y * F + 1, offs_r, K, P, TILE, EVEN_K)
+                    if F > 2:
+                        x2 = _x_field(x_ptr, t, y * F + 2, offs_r, K, P, TILE, EVEN_K)
+                        x3 = _x_field(x_ptr, t, y * F + 3, offs_r, K, P, TILE, EVEN_K)
+                    part = dot_byte_f16x2(words, y, s, o0, o1, o2, o3, x0, x1, x2, x3, nzs, part, BITS, ZERO_KIND,
+                                          ASM, u == 0 and y == 0)
             acc2 += part.to(tl.float32)
-        else:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    else:
+        for t in range(t_start, t_end):
+            words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
             for i in tl.static_range(P):
                 if i == 0 or i % GROUP_FIELDS == 0:
                     grp = tl.minimum((t * P + i) // GROUP_FIELDS, num_groups - 1)
@@ -269,6 +288,4 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
                 xt = tl.load(x_ptr + tl.arange(0, BLOCK_M)[:, None] * stride_xm + offs_k[None, :],
                              mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
                 acc = tl.dot(xt, w, acc, out_dtype=tl.float32)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]
     return acc

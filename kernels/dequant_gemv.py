@@ -82,7 +82,7 @@ def dequant_gemv_kernel(
     HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr, FP32_DOT: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr = False, GROUP_FIELDS: tl.constexpr = 1, EVEN_K: tl.constexpr = False,
-    ASM: tl.constexpr = True,
+    EVEN_N: tl.constexpr = False, TILES_PER_STEP: tl.constexpr = 1, ASM: tl.constexpr = True,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,7 +104,7 @@ def dequant_gemv_kernel(
             ZERO_KIND: tl.constexpr = ZERO_FLOAT
         acc = decode_tiles_f16x2(x_ptr + pid_m * BLOCK_M * stride_xm, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_start, t_end, N, K,
                                  num_groups, stride_xm, BITS, P, TILE, GROUP_FIELDS, ZERO_KIND, BLOCK_M, BLOCK_N, EVEN_K,
-                                 ASM)
+                                 EVEN_N, TILES_PER_STEP, ASM)
     else:
         if BLOCK_M == 1:
             acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
@@ -225,7 +225,8 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
     constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, OUT_MODE=mode,
                       FP32_DOT=fp32, F=fields_per_dot(bits, fp32), BLOCK_M=block_m, BLOCK_N=block_n,
                       PACKED=is_packed, GROUP_FIELDS=-(-group_size // TILE_WORDS),
-                      EVEN_K=k % (TILE_WORDS * p) == 0, ASM=not interpreting())
+                      EVEN_K=k % (TILE_WORDS * p) == 0, EVEN_N=n % block_n == 0,
+                      TILES_PER_STEP=2 if tiles_per_split % 2 == 0 and n_tiles % 2 == 0 else 1, ASM=not interpreting())
     grid = (-(-n // block_n), split, -(-m // block_m))
     return GemvPlan(decode_path(block_m, bits, act_dtype, constexprs["PACKED"]), grid, mode, split, tiles_per_split, ints, constexprs)
 

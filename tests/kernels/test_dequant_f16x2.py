@@ -101,7 +101,8 @@ def _layer(k, n, bits, group, kind):
     return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n))
 
 
-@pytest.mark.parametrize("k,n", [(300, 70), (256, 129), (520, 200)], ids=["K300-N70", "K256-N129", "K520-N200"])
+@pytest.mark.parametrize("k,n", [(300, 70), (256, 129), (520, 200), (512, 256)],
+                         ids=["K300-N70", "K256-N129", "K520-N200", "K512-N256"])
 @pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("group", [64, 128, None], ids=lambda g: "perchannel" if g is None else f"g{g}")
 @pytest.mark.parametrize("kind", list(KINDS))
