@@ -44,13 +44,14 @@ from llmq.quant.packing import codes_per_word
 # With 32 columns and 8 warps (the first version) each thread loaded 2 words per tile; an H200 then
 # streamed the weight at ~13% of its bandwidth. 128 columns spill registers at 4 warps for int2.
 DECODE_BLOCK_N = 64
-PACKED_BLOCK_N = 256
+PACKED_BLOCK_N = 256  # M = 1 on the fp16x2 path: 8 rows x 4 columns of words per thread at 4 warps
+PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps (3.35 instr/code; 64 columns: 6.2)
 # (num_warps, num_stages) tried on CUDA, per path. Chosen so that no config spills registers on sm_80 or
 # sm_90a, under triton 3.6 and 3.9, for any bit width (tests/kernels/test_aot_weight_kernels.py); deep
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
 # triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes).
-GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(4, 3), (8, 3)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(4, 3), (8, 3)], "packed-dot": [(4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -163,6 +164,8 @@ def decode_path(block_m: int, bits: int, dtype: torch.dtype, is_packed: bool = F
     bits); tensor-core dots for 2-16 rows."""
     if block_m == 1:
         return "packed" if is_packed else "fma-int8" if bits == 8 else "fma"
+    if is_packed:
+        return "packed-dot"
     return "dot-fp32" if fp32_dot(dtype) else "dot"
 
 
@@ -213,7 +216,7 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
     n_tiles = -(-k // (TILE_WORDS * p))
     block_m = 1 if m == 1 else 16
     is_packed = packed(bits, act_dtype, scale_dtype, group_size, m, float_zeros)
-    block_n = PACKED_BLOCK_N if m == 1 and is_packed else DECODE_BLOCK_N
+    block_n = (PACKED_BLOCK_N if m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
     split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
     split = -(-n_tiles // tiles_per_split)  # no empty splits
