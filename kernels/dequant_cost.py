@@ -1,4 +1,4 @@
-"""Cost-report cases of the weight kernels (``dequant_gemv``, ``dequant_gemm``), built from the
+"""Cost-report cases of the weight kernels (``dequant_gemv``, ``dequant_gemm``, ``dequant_scratch``), built from the
 launchers' own ``plan`` functions so the compiled constexprs and integer arguments are the launch's.
 
 One case per autotune candidate; ``cost_cases.mark_picks`` marks the one the model ranks fastest.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from llmq.kernels import dequant_gemm, dequant_gemv
+from llmq.kernels import dequant_gemm, dequant_gemv, dequant_scratch
 from llmq.kernels.cost_cases import Case, Workload, register
+from llmq.kernels.cost_model import matmul_fp16_us
 from llmq.kernels.dequant_tile import TILE_WORDS
 from llmq.kernels.sass import MockPointer
 from llmq.quant.packing import codes_per_word
@@ -64,3 +65,19 @@ def gemm_cases(w: Workload):
         yield Case("dequant-gemm", "gemm", f"{bm}x{bn} w{warps}s{stages}", w, dequant_gemm.dequant_gemm_kernel,
                    args, warps, stages, grid, n_tiles * (p // f), TILE_WORDS * f * bn,
                    w.weight_bytes() + w.io_bytes(), 2 * w.m * w.n * w.k)
+
+
+@register("dequant-scratch")
+def scratch_cases(w: Workload):
+    """Prefill by dequantize-to-scratch + cuBLAS: the Triton dequantization compiled, the fp16 matmul
+    after it modelled (``cost_model.matmul_fp16_us``, in ``extra_us``). Every M (meant for large M)."""
+    grid, ints, constexprs = dequant_scratch.plan(w.n, w.k, w.bits, w.group_size, _groups(w), w.act_dtype,
+                                                  w.zeros != "none")
+    args = {"qw_ptr": MockPointer(torch.int32), "s_ptr": MockPointer(torch.float16),
+            "z_ptr": mock_pointers(w, w.act_dtype)["z_ptr"], "w_ptr": MockPointer(w.act_dtype), **ints, **constexprs}
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}[w.act]
+    yield Case("dequant-scratch", "scratch+cublas", f"w{dequant_scratch.NUM_WARPS}", w,
+               dequant_scratch.dequant_scratch_kernel, args, dequant_scratch.NUM_WARPS, 1, grid[0] * grid[1], 1,
+               TILE_WORDS * constexprs["P"] * constexprs["BLOCK_N"], w.weight_bytes() + w.k * w.n * size,
+               2 * w.m * w.n * w.k, 1, extra_us=lambda device: matmul_fp16_us(w.m, w.n, w.k, device),
+               extra_note="cuBLAS fp16 matmul on the dequantized weight (modelled)")

@@ -53,6 +53,36 @@ def run(workloads, device, families=None, capability=90, log=print):
     return records
 
 
+CROSSOVER_MS = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+CLASS_SHAPES = {"small": (4096, 4096), "large": (8192, 28672)}  # representative (K, N) per shape class
+
+
+def crossover_table(devices, bits_list, capability=90, log=print):
+    """Per (device, bits, shape class): the smallest M from which dequantize+cuBLAS is predicted faster than
+    the fused GEMM at every larger M (the model's pick of each); ``gemv_max_m`` stays 16."""
+    from llmq.kernels.crossover import FORMAT_VERSION
+    table = {"version": FORMAT_VERSION, "devices": {}}
+    rows = []
+    for dev in devices:
+        per_dev = table["devices"].setdefault(dev.name, {})
+        for bits in bits_list:
+            for cls, (k, n) in CLASS_SHAPES.items():
+                wins = {}
+                for m in CROSSOVER_MS:
+                    recs = run([cost_cases.Workload(k, n, m, bits, 128)], dev, ["dequant-gemm", "dequant-scratch"],
+                               capability, log=None)
+                    best = {r.kernel: r.predicted_us for r in recs if r.picked}
+                    wins[m] = best["scratch+cublas"] <= best["gemm"]
+                    rows.append(dict(device=dev.name, bits=bits, shape_class=cls, shape=f"{k}x{n}", M=m, **best))
+                scratch_min = next((m for m in CROSSOVER_MS if all(wins[x] for x in CROSSOVER_MS if x >= m)), 1 << 62)
+                per_dev.setdefault(str(bits), {})[cls] = {"gemv_max_m": 16, "scratch_min_m": scratch_min,
+                                                          "source": "predicted"}
+                if log:
+                    log(f"  {dev.name} int{bits} {cls}: dequantize+cuBLAS from M = {scratch_min}")
+    table["devices"]["default"] = table["devices"][devices[0].name]
+    return table, rows
+
+
 def table(records, every=False) -> str:
     rows = [r for r in records if every or r.picked or r.error]
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -88,9 +118,16 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="table: every autotune candidate, not just the model's pick")
     ap.add_argument("--out", default=None, help="JSON output (one record per kernel, config, shape, M)")
     ap.add_argument("--fit", action="store_true", help="compare the model with the H200 run 1 measurements")
+    ap.add_argument("--crossover", metavar="JSON", help="write the predicted crossover table (kernels/crossover.json "
+                    "format) for --bits on h200 and h100 (default device: --device)")
     a = ap.parse_args(argv)
     device = DEVICES[a.device]
-    if a.fit:
+    if a.crossover:
+        devs = [device] + [d for name, d in sorted(DEVICES.items()) if name != a.device]
+        tab, rows = crossover_table(devs, a.bits, a.capability)
+        write_json(a.crossover, tab)
+        records = rows
+    elif a.fit:
         from kernel_cost_fit import fit_report  # scripts/ is on sys.path when run as a script
         records, text = fit_report(device)
         print(text)
