@@ -101,6 +101,7 @@ def write_json(path, payload) -> None:
     os.makedirs(d, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
         json.dump(payload, f, indent=1)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
