@@ -34,10 +34,9 @@ from llmq.kernels.sass import compile_as_launched, resource_usage
 
 ZEROS = ("none", "int", "float")
 # (bits, activations, zero points): every bit width with fp16 activations and each kind of zero point
-# (each is another dequantization sequence, dequant_tile.scale_codes and dequant_f16x2); bf16 / fp32
-# activations at 4 bits with each kind of zero point
-COMBOS = ([(b, "fp16", z) for b in (2, 3, 4, 8) for z in ("none", "int")] + [(b, "fp16", "float") for b in (2, 3, 4, 8)]
-          + [(4, act, z) for act in ("bf16", "fp32") for z in ZEROS])
+# (each is another dequantization sequence: dequant_f16x2 for 2/4/8 bits, dequant_tile.scale_codes for
+# int3, which also covers bf16 / fp32); bf16 / fp32 activations at 4 bits with integer zeros
+COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
 SHAPE = (4096, 4096)  # (K, N): every int a multiple of 16, as in LLM layers
 
 
