@@ -88,6 +88,8 @@ def crossover(bits: int, k: int, n: int, device: torch.device) -> Crossover:
     return c
 
 
+# a constant while torch.compile traces (the table is read from a file and the choice logged: not traceable)
+@torch.compiler.assume_constant_result
 def regime_for(m: int, bits: int = 4, k: int = 4096, n: int = 4096, device: torch.device | None = None) -> str:
     """``"gemv"``, ``"gemm"`` or ``"scratch"`` for M rows of a ``bits``-bit K x N layer on ``device``."""
     c = crossover(bits, k, n, device or torch.device("cpu"))

@@ -51,7 +51,7 @@ PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps 
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
 # triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes).
-GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(4, 3), (8, 3)], "packed-dot": [(4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -219,6 +219,8 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
     block_n = (PACKED_BLOCK_N if m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
     split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
+    if is_packed and m == 1 and n_tiles % 2 == 0 and tiles_per_split % 2:
+        tiles_per_split += 1  # even tile counts in every split: two tiles per fp16 partial sum (TILES_PER_STEP)
     split = -(-n_tiles // tiles_per_split)  # no empty splits
     mode = OUT_STORE if split == 1 else OUT_PARTIALS if deterministic else OUT_ATOMIC_ADD
     fp32 = fp32_dot(act_dtype)
