@@ -1,4 +1,5 @@
-"""Which weight-matmul regime runs for a given M: the crossover table ``kernels/crossover.json``.
+"""Which weight-matmul regime runs for a given M: the crossover table ``llmq/data/kernel_crossover.json``
+(package data of ``llmq.data``: ``llmq.kernels`` ships only kernel modules).
 
 Three regimes, by rows M of the activations:
 
@@ -30,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-TABLE_PATH = Path(__file__).with_name("crossover.json")
+# package data of llmq.data (not beside the kernels: llmq.kernels ships only the kernel modules)
+TABLE_PATH = Path(__file__).resolve().parents[1] / "llmq" / "data" / "kernel_crossover.json"
+if not TABLE_PATH.exists():  # installed wheel: kernels/ is llmq/kernels, the table is llmq/data
+    TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "kernel_crossover.json"
 FORMAT_VERSION = 1
 SMALL_WEIGHTS = 1 << 25  # K·N up to 32 Mi weights (e.g. 4096 x 8192) is "small"
 REGIMES = ("gemv", "gemm", "scratch")

@@ -172,7 +172,7 @@ def bench_cuda(args) -> list[dict]:
 
 
 def measured_crossover(rows: list[dict], device_key: str) -> dict:
-    """A crossover table (``kernels/crossover.json`` format) with this run's measured entries for
+    """A crossover table (``llmq/data/kernel_crossover.json`` format) with this run's measured entries for
     ``device_key`` merged over the shipped table: per (bits, shape class), ``scratch_min_m`` = the smallest
     M from which dequantize+cuBLAS beat the fused GEMM at every larger M measured (eager calls)."""
     import copy
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_kernels.json")
     p.add_argument("--plot", default="bench_kernels.png")
     p.add_argument("--crossover", default=None, metavar="JSON",
-                   help="write the crossover table with this GPU's measured entries (copy it to kernels/crossover.json)")
+                   help="write the crossover table with this GPU's measured entries (copy it to llmq/data/kernel_crossover.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         check_cpu()

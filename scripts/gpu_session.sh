@@ -46,7 +46,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/instal
 
 stage tests 110 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -rfE tests
 # every regime (gemv / fused gemm / dequantize+cuBLAS, forced and as the table picks) vs cuBLAS fp16 and tinygemm;
-# writes the measured crossover table (copy crossover.json to kernels/crossover.json to ship it)
+# writes the measured crossover table (copy crossover.json to llmq/data/kernel_crossover.json to ship it)
 TAIL=45 stage bench_kernels_int4 230 python3 scripts/bench_kernels.py --models llama-2-7b llama-3-8b llama-2-70b \
   --out "$RESULTS/bench_kernels_int4.json" --plot "$RESULTS/bench_kernels_int4.png" \
   --crossover "$RESULTS/crossover.json"

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="table: every autotune candidate, not just the model's pick")
     ap.add_argument("--out", default=None, help="JSON output (one record per kernel, config, shape, M)")
     ap.add_argument("--fit", action="store_true", help="compare the model with the H200 run 1 measurements")
-    ap.add_argument("--crossover", metavar="JSON", help="write the predicted crossover table (kernels/crossover.json "
+    ap.add_argument("--crossover", metavar="JSON", help="write the predicted crossover table (llmq/data/kernel_crossover.json "
                     "format) for --bits on h200 and h100 (default device: --device)")
     a = ap.parse_args(argv)
     device = DEVICES[a.device]
