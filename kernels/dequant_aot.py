@@ -1,9 +1,16 @@
-"""Every shipped GPU configuration of the dequantize-matmul kernels, compiled ahead of time.
+"""Every shipped GPU configuration of the dequantize-matmul kernels, compiled ahead of time as launched.
 
 ``python -m llmq.kernels.dequant_aot`` compiles each autotune config of ``dequant_gemv`` (both
-paths) and ``dequant_gemm`` for every bit width (fp16 activations) and for bf16 / fp32 activations
-at 4 bits, and with float zero points at 4 and 3 bits, for each target in ``llmq.kernels.aot.TARGETS``, and prints one JSON object per config
-(registers, shared memory, local/stack bytes, or the compile error). No GPU is needed.
+paths, and the three split-K epilogues at int4) and ``dequant_gemm`` for every bit width, for
+symmetric weights (no zero points: what the benchmarks run), integer (uint8) and float (fp16) zero
+points, fp16 activations, and bf16 / fp32 activations at 4 bits, for each target in
+``llmq.kernels.aot.TARGETS``. It prints one JSON object per config (registers, shared memory,
+local/stack bytes, or the compile error). No GPU is needed.
+
+Each config is compiled from the launcher's own ``plan`` for a 4096 x 4096 layer (M = 1, 16, 512)
+with the runtime's specialization (``llmq.kernels.sass.compile_as_launched``: divisibility-16 hints
+on pointers and ints, ints equal to 1 folded). Without those hints the M = 1 kernel is another
+kernel: 96 registers and a stack frame where the launched one has 64 and none (issue 15).
 
 Run it with ``TRITON_INTERPRET`` unset: under the interpreter, the ``@triton.jit`` functions of
 ``triton.language.standard`` that the kernels call (``tl.cdiv``, ``tl.sum``) are interpreter
@@ -17,59 +24,52 @@ import json
 import os
 import sys
 
+import torch
+
 from llmq.kernels import dequant_gemm, dequant_gemv
-from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
-from llmq.kernels.dequant_tile import fields_per_dot
-from llmq.quant.packing import codes_per_word
+from llmq.kernels.aot import TARGETS
+from llmq.kernels.cost_cases import Workload
+from llmq.kernels.dequant_cost import SMS, mock_pointers
+from llmq.kernels.sass import compile_as_launched, resource_usage
 
-ACT = {"fp16": ("*fp16", False), "bf16": ("*bf16", False), "fp32": ("*fp32", True)}
-# (bits, activations, zero points): every bit width with fp16 activations and integer (uint8) zeros;
-# the other activation dtypes at 4 bits; float (fp16) zeros, dequantized by another instruction sequence
-# (dequant_tile.scale_codes), at 4 bits and at 3 bits (field-by-field dots)
-COMBOS = ([(b, "fp16", "*u8") for b in (2, 3, 4, 8)] + [(4, "bf16", "*u8"), (4, "fp32", "*u8")]
-          + [(4, "fp16", "*fp16"), (3, "fp16", "*fp16")])
-
-
-def _signature(kernel: str, act: str, fp32_out: bool, zeros: str) -> dict[str, str]:
-    x_type = ACT[act][0]
-    sig = {"x_ptr": x_type, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": zeros, "b_ptr": "*fp16",
-           "out_ptr": "*fp32" if fp32_out else x_type, "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
-           "num_groups": "i32", ("tiles_per_split" if kernel == "gemv" else "m_bucket"): "i32",
-           "stride_xm": "i32", "stride_om": "i32"}
-    if kernel == "gemv":
-        sig["stride_os"] = "i32"
-    return sig
+ZEROS = ("none", "int", "float")
+# (bits, activations, zero points): every bit width with fp16 activations and each kind of zero point
+# (each is another dequantization sequence: dequant_f16x2 for 2/4/8 bits, dequant_tile.scale_codes for
+# int3, which also covers bf16 / fp32); bf16 / fp32 activations at 4 bits with integer zeros
+COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
+SHAPE = (4096, 4096)  # (K, N): every int a multiple of 16, as in LLM layers
 
 
-def _gemv_out_modes(bits: int, act: str, zeros: str):
-    """The default split-K epilogue (atomics) everywhere; the other two (one split, deterministic
-    partials) differ only in the final store, checked at int4 fp16."""
-    yield "atomic", dequant_gemv.ATOMIC_ADD
-    if (bits, act, zeros) == (4, "fp16", "*u8"):
-        yield "store", dequant_gemv.STORE
-        yield "partials", dequant_gemv.PARTIALS
+def _gemv_epilogues(bits: int, act: str, zeros: str):
+    """(name, split_k, deterministic): the default split-K epilogue (atomics) everywhere; one split
+    (plain store) and deterministic partials differ only in the final store, checked at int4 fp16."""
+    yield "atomic", 0, False
+    if (bits, act) == (4, "fp16"):
+        yield "store", 1, False
+        yield "partials", 0, True
 
 
 def cases():
-    """(name, kernel, signature, constexprs, num_warps, num_stages) for every shipped config."""
+    """(name, kernel, args, num_warps, num_stages) for every shipped config."""
+    k, n = SHAPE
     for bits, act, zeros in COMBOS:
-        p = codes_per_word(bits)
-        tag = act if zeros == "*u8" else f"{act} float-zeros"
-        for block_m, path in ((1, "fma-int8" if bits == 8 else "fma"), (16, "dot-fp32" if ACT[act][1] else "dot")):
-            block_n = dequant_gemv.DECODE_BLOCK_N
-            for warps, stages in dequant_gemv.GPU_CONFIGS[path]:
-                for out_name, mode in _gemv_out_modes(bits, act, zeros):
-                    meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, OUT_MODE=mode,
-                                FP32_DOT=ACT[act][1], F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=block_m,
-                                BLOCK_N=block_n)
-                    yield (f"gemv int{bits} {tag} BLOCK_M={block_m} BLOCK_N={block_n} {out_name} "
-                           f"warps={warps} stages={stages}", dequant_gemv.dequant_gemv_kernel,
-                           _signature("gemv", act, mode != dequant_gemv.STORE, zeros), meta, warps, stages)
-        for bm, bn, warps, stages in (dequant_gemm.GPU_CONFIGS_FP32 if ACT[act][1] else dequant_gemm.GPU_CONFIGS):
-            meta = dict(BITS=bits, P=p, TILE=16, HAS_ZEROS=True, HAS_BIAS=True, FP32_DOT=ACT[act][1],
-                        GROUP_M=dequant_gemm.GROUP_M, F=fields_per_dot(bits, ACT[act][1]), BLOCK_M=bm, BLOCK_N=bn)
-            yield (f"gemm int{bits} {tag} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel,
-                   _signature("gemm", act, False, zeros), meta, warps, stages)
+        tag = f"int{bits} {act} zeros={zeros}"
+        for m in (1, 16):
+            for epi, split_k, det in _gemv_epilogues(bits, act, zeros):
+                w = Workload(k, n, m, bits, 128, zeros, act, bias=True)
+                pl = dequant_gemv.plan(m, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True, SMS,
+                                       split_k, det, float_zeros=zeros == "float")
+                out = w.act_dtype if pl.mode == dequant_gemv.OUT_STORE else torch.float32
+                args = {**mock_pointers(w, out), **pl.ints, **pl.constexprs}
+                for warps, stages in dequant_gemv.GPU_CONFIGS[pl.path]:
+                    yield (f"gemv {tag} M={m} {pl.path} {epi} warps={warps} stages={stages}",
+                           dequant_gemv.dequant_gemv_kernel, args, warps, stages)
+        w = Workload(k, n, 512, bits, 128, zeros, act, bias=True)
+        ints, constexprs = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
+        rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS
+        for bm, bn, warps, stages in rows:
+            args = {**mock_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
+            yield f"gemm {tag} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel, args, warps, stages
 
 
 def main() -> int:
@@ -77,14 +77,10 @@ def main() -> int:
         print("run with TRITON_INTERPRET unset (see module docstring)", file=sys.stderr)
         return 2
     for target, capability in TARGETS:
-        for name, kernel, sig, meta, warps, stages in cases():
+        for name, kernel, args, warps, stages in cases():
             row = {"target": target, "config": name}
             try:
-                compiled = compile_kernel(kernel, {**sig, **{k: "constexpr" for k in meta}}, meta, capability,
-                                          warps, stages)
-                u = resource_usage(compiled)
-                row.update(registers=u.registers, shared_bytes=u.shared_bytes, local_bytes=u.local_bytes,
-                           stack_bytes=u.stack_bytes)
+                row.update(resource_usage(compile_as_launched(kernel, args, capability, warps, stages)))
             except Exception as e:  # noqa: BLE001 — every failing config is reported, not just the first
                 row["error"] = f"{type(e).__name__}: {e}"
             print(json.dumps(row), flush=True)

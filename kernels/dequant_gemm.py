@@ -117,6 +117,19 @@ _KEY = ["m_bucket", "N", "K", "BITS", "HAS_ZEROS"]
 _tuned = {fp32: triton.autotune(configs(fp32), key=_KEY, do_bench=autotune_bench)(dequant_gemm_kernel) for fp32 in (False, True)}
 
 
+def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, act_dtype: torch.dtype,
+         has_zeros: bool, has_bias: bool, stride_xm: int | None = None) -> tuple[dict, dict]:
+    """``(ints, constexprs)``: every integer and constexpr argument ``dequant_gemm_launch`` passes for
+    ``x [m, k]`` and an ``n``-column weight, by name (BLOCK_M / BLOCK_N come from the autotune config).
+    Pure: the cost report compiles from it."""
+    ints = dict(M=m, N=n, K=k, group_size=group_size, num_groups=num_groups, m_bucket=triton.next_power_of_2(m),
+                stride_xm=k if stride_xm is None else stride_xm, stride_om=n)
+    fp32 = fp32_dot(act_dtype)
+    constexprs = dict(BITS=bits, P=codes_per_word(bits), TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
+                      FP32_DOT=fp32, GROUP_M=GROUP_M, F=fields_per_dot(bits, fp32))
+    return ints, constexprs
+
+
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
 # qweight  [R, N]        int32, tiled layout (kernels.dequant_tile), R = tiled_rows(K, bits)
 # scales   [G, N]        float (any float dtype), G = ceil(K / group_size)
@@ -141,14 +154,11 @@ def dequant_gemm_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    ints, constexprs = plan(m, n, k, bits, group_size, scales.shape[0], x.dtype, qzeros is not None,
+                            bias is not None, x.stride(0))
     _tuned[fp32_dot(x.dtype)][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, group_size, scales.shape[0], triton.next_power_of_2(m),
-        x.stride(0), out.stride(0),
-        BITS=bits, P=codes_per_word(bits), TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None,
-        HAS_BIAS=bias is not None, FP32_DOT=fp32_dot(x.dtype), GROUP_M=GROUP_M,
-        F=fields_per_dot(bits, fp32_dot(x.dtype)),
-    )
+        **ints, **constexprs)
     return out
 
 

@@ -27,12 +27,15 @@ per (N, K, BITS), separately for the FMA and dot paths.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
+from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE, decode_tiles_f16x2, supports  # noqa: F401
 from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
                                        dequant_fields, dequant_matmul_reference, fields_per_dot)
 from llmq.quant.packing import codes_per_word
@@ -41,12 +44,14 @@ from llmq.quant.packing import codes_per_word
 # With 32 columns and 8 warps (the first version) each thread loaded 2 words per tile; an H200 then
 # streamed the weight at ~13% of its bandwidth. 128 columns spill registers at 4 warps for int2.
 DECODE_BLOCK_N = 64
+PACKED_BLOCK_N = 256  # M = 1 on the fp16x2 path: 8 rows x 4 columns of words per thread at 4 warps
+PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps (3.35 instr/code; 64 columns: 6.2)
 # (num_warps, num_stages) tried on CUDA, per path. Chosen so that no config spills registers on sm_80 or
 # sm_90a, under triton 3.6 and 3.9, for any bit width (tests/kernels/test_aot_weight_kernels.py); deep
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
 # triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes).
-GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -77,6 +82,8 @@ def dequant_gemv_kernel(
     BITS: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr, FP32_DOT: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr = False, GROUP_FIELDS: tl.constexpr = 1, EVEN_K: tl.constexpr = False,
+    EVEN_N: tl.constexpr = False, TILES_PER_STEP: tl.constexpr = 1, ASM: tl.constexpr = True,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,36 +96,47 @@ def dequant_gemv_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, TILE * P))
 
-    if BLOCK_M == 1:
-        acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
+    if PACKED:  # fp16 activations and scales, 2/4/8-bit codes: fp16x2 dequantization (dequant_f16x2)
+        if not HAS_ZEROS:
+            ZERO_KIND: tl.constexpr = ZERO_NONE
+        elif z_ptr.dtype.element_ty == tl.uint8:
+            ZERO_KIND: tl.constexpr = ZERO_INT
+        else:
+            ZERO_KIND: tl.constexpr = ZERO_FLOAT
+        acc = decode_tiles_f16x2(x_ptr + pid_m * BLOCK_M * stride_xm, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_start, t_end, N, K,
+                                 num_groups, stride_xm, BITS, P, TILE, GROUP_FIELDS, ZERO_KIND, BLOCK_M, BLOCK_N, EVEN_K,
+                                 EVEN_N, TILES_PER_STEP, ASM)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(t_start, t_end):
-        words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                        other=0)  # [TILE, BLOCK_N] int32
         if BLOCK_M == 1:
-            for i in tl.static_range(P):
-                k0 = t * (TILE * P) + i * TILE
-                w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
-                                  BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
-                offs_k = k0 + offs_r
-                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                acc2 += xv[:, None] * w
-        elif F > 1:  # P / F dots with K = F * TILE
-            for c in tl.static_range(P // F):
-                w = dequant_fields(words, t, c * F, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
-                                   BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
-                offs_k = t * (TILE * P) + c * (F * TILE) + tl.arange(0, F * TILE)
-                acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
-        else:  # int3: field by field, K = 16 per dot
-            for i in tl.static_range(P):
-                k0 = t * (TILE * P) + i * TILE
-                w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
-                                  BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
-                offs_k = k0 + offs_r
-                acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
+            acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                            other=0)  # [TILE, BLOCK_N] int32
+            if BLOCK_M == 1:
+                for i in tl.static_range(P):
+                    k0 = t * (TILE * P) + i * TILE
+                    w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                                      BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+                    offs_k = k0 + offs_r
+                    xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                    acc2 += xv[:, None] * w
+            elif F > 1:  # P / F dots with K = F * TILE
+                for c in tl.static_range(P // F):
+                    w = dequant_fields(words, t, c * F, s_ptr, z_ptr, offs_n, n_mask, N, group_size, num_groups,
+                                       BITS, P, F, TILE, HAS_ZEROS)  # [F * TILE, BLOCK_N] fp32
+                    offs_k = t * (TILE * P) + c * (F * TILE) + tl.arange(0, F * TILE)
+                    acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
+            else:  # int3: field by field, K = 16 per dot
+                for i in tl.static_range(P):
+                    k0 = t * (TILE * P) + i * TILE
+                    w = dequant_field(words, i, s_ptr, z_ptr, offs_n, n_mask, k0, N, group_size, num_groups,
+                                      BITS, HAS_ZEROS)  # [TILE, BLOCK_N] fp32
+                    offs_k = k0 + offs_r
+                    acc = accumulate_dot(acc, x_ptr, offs_m, m_mask, stride_xm, offs_k, K, w, FP32_DOT)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
 
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -141,10 +159,13 @@ _tuned = {path: triton.autotune(configs(path), key=_KEY, reset_to_zero=["out_ptr
           for path in GPU_CONFIGS}
 
 
-def decode_path(block_m: int, bits: int, dtype: torch.dtype) -> str:
-    """Which autotuned variant runs: FMA for one row (its own configs at 8 bits), tensor-core dots for 2-16."""
+def decode_path(block_m: int, bits: int, dtype: torch.dtype, is_packed: bool = False) -> str:
+    """Which autotuned variant runs: for one row the fp16x2 path (``packed``) or FMA (its own configs at 8
+    bits); tensor-core dots for 2-16 rows."""
     if block_m == 1:
-        return "fma-int8" if bits == 8 else "fma"
+        return "packed" if is_packed else "fma-int8" if bits == 8 else "fma"
+    if is_packed:
+        return "packed-dot"
     return "dot-fp32" if fp32_dot(dtype) else "dot"
 
 
@@ -154,12 +175,65 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def auto_split_k(n: int, k: int, bits: int, device: torch.device, block_n: int) -> int:
+def auto_split_k(n: int, k: int, bits: int, num_sms: int, block_n: int) -> int:
     """Splits of K so ~PROGRAMS_PER_SM programs per SM run, keeping >= 2 tiles per split."""
     n_tiles = -(-k // (TILE_WORDS * codes_per_word(bits)))
     n_blocks = -(-n // block_n)
-    want = -(-PROGRAMS_PER_SM * _num_sms(device) // n_blocks)
+    want = -(-PROGRAMS_PER_SM * num_sms // n_blocks)
     return max(1, min(want, n_tiles // 2))
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """How ``dequant_gemv_launch`` launches for one problem: the autotuned variant, the grid, the output
+    mode and every integer / constexpr kernel argument by name (the cost report compiles from this)."""
+
+    path: str
+    grid: tuple[int, int, int]
+    mode: int  # OUT_STORE / OUT_ATOMIC_ADD / OUT_PARTIALS
+    split: int
+    tiles_per_split: int
+    ints: dict
+    constexprs: dict
+
+
+def packed(bits: int, act_dtype: torch.dtype, scale_dtype: torch.dtype, group_size: int, m: int = 1,
+           float_zeros: bool = False) -> bool:
+    """Whether the fp16x2 dequantization runs (``dequant_f16x2``): fp16 activations and scales, fields that
+    never straddle a byte (2/4/8 bits), and no group boundary inside a byte (int2 with 32-feature groups
+    has one). Otherwise (bf16 / fp32 activations, other scale dtypes, int3) the fp32 dequantization runs.
+    int2 with float zeros at M > 1 stays on the fp32 path too: its dot configs spill 8 bytes on sm_90a."""
+    return (act_dtype == torch.float16 and scale_dtype == torch.float16 and supports(bits)
+            and not (bits == 2 and group_size < 64) and not (bits == 2 and float_zeros and m > 1))
+
+
+def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, act_dtype: torch.dtype,
+         has_zeros: bool, has_bias: bool, num_sms: int, split_k: int = 0, deterministic: bool = False,
+         stride_xm: int | None = None, scale_dtype: torch.dtype = torch.float16, float_zeros: bool = False) -> GemvPlan:
+    """The launch of ``dequant_gemv_launch`` for ``x [m, k]`` (row stride ``stride_xm``, default k) and an
+    ``n``-column weight on a GPU with ``num_sms`` SMs. Pure: no tensors, no device."""
+    p = codes_per_word(bits)
+    n_tiles = -(-k // (TILE_WORDS * p))
+    block_m = 1 if m == 1 else 16
+    is_packed = packed(bits, act_dtype, scale_dtype, group_size, m, float_zeros)
+    block_n = (PACKED_BLOCK_N if m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
+    split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
+    tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
+    if is_packed and m == 1 and n_tiles % 2 == 0 and tiles_per_split % 2:
+        tiles_per_split += 1  # even tile counts in every split: two tiles per fp16 partial sum (TILES_PER_STEP)
+    split = -(-n_tiles // tiles_per_split)  # no empty splits
+    mode = OUT_STORE if split == 1 else OUT_PARTIALS if deterministic else OUT_ATOMIC_ADD
+    fp32 = fp32_dot(act_dtype)
+    ints = dict(M=m, N=n, K=k, group_size=group_size, num_groups=num_groups, tiles_per_split=tiles_per_split,
+                stride_xm=k if stride_xm is None else stride_xm, stride_om=n,
+                stride_os=m * n if mode == OUT_PARTIALS else 0)
+    constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, OUT_MODE=mode,
+                      FP32_DOT=fp32, F=fields_per_dot(bits, fp32), BLOCK_M=block_m, BLOCK_N=block_n,
+                      PACKED=is_packed, GROUP_FIELDS=-(-group_size // TILE_WORDS),
+                      EVEN_K=k % (TILE_WORDS * p) == 0, EVEN_N=n % block_n == 0,
+                      TILES_PER_STEP=2 if tiles_per_split % 2 == 0 and n_tiles % 2 == 0 else 1, ASM=not interpreting())
+    grid = (-(-n // block_n), split, -(-m // block_m))
+    return GemvPlan(decode_path(block_m, bits, act_dtype, constexprs["PACKED"]), grid, mode, split, tiles_per_split, ints, constexprs)
 
 
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
@@ -192,28 +266,19 @@ def dequant_gemv_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"split_k must be >= 0 (0 = automatic), got {split_k}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    p = codes_per_word(bits)
-    n_tiles = -(-k // (TILE_WORDS * p))
-    block_m = 1 if m == 1 else 16
-    path = decode_path(block_m, bits, x.dtype)
-    block_n = DECODE_BLOCK_N
-    split = split_k or auto_split_k(n, k, bits, x.device, block_n)
-    tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
-    split = -(-n_tiles // tiles_per_split)  # no empty splits
-    if split == 1:
-        mode, out = OUT_STORE, x.new_empty(1, m, n)
-    elif torch.are_deterministic_algorithms_enabled():
-        mode, out = OUT_PARTIALS, torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    pl = plan(m, n, k, bits, group_size, scales.shape[0], x.dtype, qzeros is not None, bias is not None,
+              _num_sms(x.device), split_k, torch.are_deterministic_algorithms_enabled(), x.stride(0), scales.dtype,
+              qzeros is not None and qzeros.is_floating_point())
+    mode = pl.mode
+    if mode == OUT_STORE:
+        out = x.new_empty(1, m, n)
+    elif mode == OUT_PARTIALS:
+        out = torch.empty(pl.split, m, n, device=x.device, dtype=torch.float32)
     else:
-        mode, out = OUT_ATOMIC_ADD, torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
-    grid = (-(-n // block_n), split, -(-m // block_m))
-    _tuned[path][grid](
+        out = torch.zeros(1, m, n, device=x.device, dtype=torch.float32)
+    _tuned[pl.path][pl.grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, group_size, scales.shape[0], tiles_per_split,
-        x.stride(0), out.stride(1), out.stride(0) if mode == OUT_PARTIALS else 0,
-        BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
-        OUT_MODE=mode, FP32_DOT=fp32_dot(x.dtype), F=fields_per_dot(bits, fp32_dot(x.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
-    )
+        **pl.ints, **pl.constexprs)
     if mode == OUT_PARTIALS:
         return out.sum(dim=0).to(x.dtype)  # fixed-order reduction over the splits
     return out[0].to(x.dtype)

@@ -112,13 +112,18 @@ def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timei
             if m <= 16:  # the other regime, to measure the crossover
                 fns["llmq-gemm"] = (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group,
                                                            k, force="gemm"), wbytes)
+            else:  # both prefill regimes whatever the table picks: the measured crossover (--crossover)
+                fns["llmq-gemm"] = (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group,
+                                                           k, force="gemm"), wbytes)
+                fns["llmq-scratch"] = (lambda: dequant_matmul(x, tiled, scales, zeros, None, bits, args.group,
+                                                              k, force="scratch"), wbytes)
             if tg_w is not None:
                 xb = x.to(torch.bfloat16)
                 fns["torch-int4"] = (lambda: torch.ops.aten._weight_int4pack_mm(xb, tg_w, args.group, tg_sz),
                                      k * n // 2 + (k // args.group) * n * 4)
             if m <= 2048:  # every llmq output is checked against the reference before it is timed
                 ref = (x.float() @ w16.float()).to(dtype)
-                for method in ("llmq", "llmq-gemm"):
+                for method in ("llmq", "llmq-gemm", "llmq-scratch"):
                     if method in fns:
                         torch.testing.assert_close(fns[method][0](), ref, atol=5e-2, rtol=2e-2)
                 del ref
@@ -131,7 +136,8 @@ def bench_shape(args, bits, model, name, k, n, dev, peak, copy_gbs, dtype, timei
                 moved = nbytes + (m * k + m * n) * x.element_size()
                 kind = method.removesuffix(" (graph)")
                 rows.append(dict(base, method=method,
-                                 regime=regime_for(m) if kind == "llmq" else kind.removeprefix("llmq-"),
+                                 regime=(regime_for(m, bits, k, n, x.device) if kind == "llmq"
+                                         else kind.removeprefix("llmq-")),
                                  ms=ms_, tflops=2 * m * n * k / ms_ / 1e9, gbs=moved / ms_ / 1e6,
                                  pct_bw=100 * moved / ms_ / 1e6 / peak))
         except Exception as e:  # noqa: BLE001 — one failing case is reported, the rest still run
@@ -163,6 +169,30 @@ def bench_cuda(args) -> list[dict]:
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def measured_crossover(rows: list[dict], device_key: str) -> dict:
+    """A crossover table (``llmq/data/kernel_crossover.json`` format) with this run's measured entries for
+    ``device_key`` merged over the shipped table: per (bits, shape class), ``scratch_min_m`` = the smallest
+    M from which dequantize+cuBLAS beat the fused GEMM at every larger M measured (eager calls)."""
+    import copy
+
+    from llmq.kernels.crossover import load_table, shape_class
+
+    table = copy.deepcopy(load_table())
+    t = {(r["bits"], r["K"], r["N"], r["M"], r["method"]): r["ms"] for r in rows if "error" not in r}
+    wins: dict[tuple, dict[int, bool]] = {}
+    for (bits, k, n, m, method), ms_ in t.items():
+        if method == "llmq-scratch" and (bits, k, n, m, "llmq-gemm") in t:
+            key = (bits, shape_class(k, n))
+            won = ms_ <= t[(bits, k, n, m, "llmq-gemm")]
+            wins.setdefault(key, {})[m] = wins.get(key, {}).get(m, True) and won  # every shape of the class
+    for (bits, cls), by_m in wins.items():
+        ms_sorted = sorted(by_m)
+        first = next((m for m in ms_sorted if all(by_m[x] for x in ms_sorted if x >= m)), 1 << 62)
+        table["devices"].setdefault(device_key, {}).setdefault(str(bits), {})[cls] = {
+            "gemv_max_m": 16, "scratch_min_m": first, "source": "measured"}
+    return table
 
 
 def write_json(rows: list[dict], path: str) -> None:
@@ -280,11 +310,16 @@ def main(argv=None) -> int:
     p.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth (GB/s) override")
     p.add_argument("--out", default="bench_kernels.json")
     p.add_argument("--plot", default="bench_kernels.png")
+    p.add_argument("--crossover", default=None, metavar="JSON",
+                   help="write the crossover table with this GPU's measured entries (copy it to llmq/data/kernel_crossover.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         check_cpu()
         return 0
     rows = bench_cuda(args)
+    if args.crossover:
+        from llmq.kernels.crossover import device_key
+        write_json(measured_crossover(rows, device_key(torch.device("cuda"))), args.crossover)
     print_table(rows)
     plot(rows, args.plot)
     summarize_targets(rows)

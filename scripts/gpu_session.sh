@@ -45,14 +45,17 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/instal
 } | tee "$RESULTS/device.txt"
 
 stage tests 110 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -rfE tests
-TAIL=45 stage bench_kernels_int4 175 python3 scripts/bench_kernels.py --models llama-2-7b llama-2-70b \
-  --out "$RESULTS/bench_kernels_int4.json" --plot "$RESULTS/bench_kernels_int4.png"
+# every regime (gemv / fused gemm / dequantize+cuBLAS, forced and as the table picks) vs cuBLAS fp16 and tinygemm;
+# writes the measured crossover table (copy crossover.json to llmq/data/kernel_crossover.json to ship it)
+TAIL=45 stage bench_kernels_int4 230 python3 scripts/bench_kernels.py --models llama-2-7b llama-3-8b llama-2-70b \
+  --out "$RESULTS/bench_kernels_int4.json" --plot "$RESULTS/bench_kernels_int4.png" \
+  --crossover "$RESULTS/crossover.json"
 TAIL=40 stage bench_kv_attention 70 python3 scripts/bench_kv_attention.py --contexts 32768 --sweep \
   --out "$RESULTS/bench_kv_attention"
 TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
 TAIL=20 stage bench_generate 110 python3 scripts/bench_generate.py --contexts 32768 --weights fp int4 \
   --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate"
-TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 --ms 1 16 4096 --models llama-2-70b \
+TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 2 --ms 1 16 4096 --models llama-2-70b \
   --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
 TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
   --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"

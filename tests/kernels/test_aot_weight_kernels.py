@@ -1,6 +1,8 @@
 """Compile every shipped configuration of the dequantize-matmul kernels for sm_80 and sm_90a (no GPU
-needed) and fail on a compile error, a register spill (local/stack memory) or shared memory over the
-target's limit. Prints registers / shared memory per configuration (``pytest -s`` to see them).
+needed), as the launchers launch them (the runtime's divisibility-16 / ==1 specialization, the launchers'
+own ``plan``), symmetric and with integer and float zero points, and fail on a compile error, a
+register spill (local/stack memory) or shared memory over the target's limit. Prints registers /
+shared memory per configuration (``pytest -s`` to see them).
 
 The compiles run in a subprocess with ``TRITON_INTERPRET`` unset (``llmq.kernels.dequant_aot``
 explains why); conftest sets it for this process.
@@ -33,13 +35,17 @@ def compiled_rows():
 def test_every_config_compiles_without_spills(compiled_rows, target):
     rows = [r for r in compiled_rows if r["target"] == target]
     assert len(rows) >= 60, f"expected every config of both kernels, got {len(rows)}"
+    for zeros in ("zeros=none", "zeros=int", "zeros=float"):  # each dequantization sequence is compiled
+        for kernel in ("gemv", "gemm"):
+            assert any(r["config"].startswith(kernel) and zeros in r["config"] for r in rows), (kernel, zeros)
+    assert any("M=1 " in r["config"] for r in rows) and any("M=16 " in r["config"] for r in rows)
     bad = []
     print(f"\n{target}: {len(rows)} configs")
     for r in rows:
         if "error" in r:
             bad.append(f"{r['config']}: compile error {r['error'][:500]}")
             continue
-        print(f"  {r['config']:<58} regs={r['registers']:<4} shared={r['shared_bytes']:<7} "
+        print(f"  {r['config']:<64} regs={r['registers']:<4} shared={r['shared_bytes']:<7} "
               f"local={r['local_bytes']} stack={r['stack_bytes']}")
         if r["local_bytes"] or r["stack_bytes"]:
             bad.append(f"{r['config']}: spills (local={r['local_bytes']} stack={r['stack_bytes']})")
