@@ -62,6 +62,7 @@ __all__ = [
     "quantize",
     "set_backend",
     "QuantizedKVCache",
+    "QuantizedStaticCache",
     "KVRecipe",
 ]
 
@@ -72,4 +73,8 @@ def __getattr__(name):
         from llmq.kv.cache import QuantizedKVCache
 
         return QuantizedKVCache
+    if name == "QuantizedStaticCache":
+        from llmq.kv.static_cache import QuantizedStaticCache
+
+        return QuantizedStaticCache
     raise AttributeError(f"module 'llmq' has no attribute {name!r}")
