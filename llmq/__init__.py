@@ -65,6 +65,7 @@ _LAZY = {
     "load": "llmq.api",
     "quantize": "llmq.api",
     "QuantizedKVCache": "llmq.kv.cache",  # pulls in Triton kernels
+    "QuantizedStaticCache": "llmq.kv.static_cache",
 }
 
 __all__ = sorted(_LAZY)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from llmq.kv import QuantizedKVCache, cache_kwarg
+from llmq.kv import QuantizedKVCache, QuantizedStaticCache, cache_kwarg
 
 
 def make_cache(row: dict, config):
@@ -39,6 +39,9 @@ def make_cache(row: dict, config):
     if kind == "llmq":
         return QuantizedKVCache(config, bits=row["bits"], key_axis=row["key_axis"], group_size=row["group"],
                                 residual_length=row["residual"], symmetric=False)
+    if kind == "llmq-static":  # the static-shape twin; a window never exceeds its max_cache_len
+        return QuantizedStaticCache(config, max_cache_len=row["max_len"], bits=row["bits"], key_axis=row["key_axis"],
+                                    group_size=row["group"], residual_length=row["residual"], symmetric=False)
     if kind == "hf-quanto":
         from transformers.cache_utils import QuantizedCache
 
@@ -69,6 +72,9 @@ def rows(args) -> list[dict]:
         for axis in ("channel", "token"):
             out.append(dict(name=f"llmq int{bits} keys/{axis}", cache="llmq", bits=bits, key_axis=axis,
                             group=args.group, residual=args.residual))
+            if args.static:
+                out.append(dict(name=f"llmq static int{bits} keys/{axis}", cache="llmq-static", bits=bits,
+                                key_axis=axis, group=args.group, residual=args.residual, max_len=args.window))
     try:
         import optimum.quanto  # noqa: F401
 
@@ -89,6 +95,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--only", nargs="*", help="substrings of row names to run")
+    ap.add_argument("--static", action="store_true", help="also run llmq.QuantizedStaticCache rows")
     ap.add_argument("--out", default="results/kv_quality")
     args = ap.parse_args()
 

@@ -59,4 +59,13 @@ TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 2 
   --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
 TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
   --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"
+# --- issue 16: compiled decode with static caches (llmq bench --compile) --------------------------------
+# Static caches + torch.compile(mode="reduce-overhead": CUDA graphs), 7B-shaped random model, 32k context,
+# fp vs int4 weights x fp16 vs int4 KV, batch 1 and the largest batch in 80 GB, plus the eager fp16 baseline.
+# Never timed on a GPU: each configuration compiles the 32-layer forward once (inductor; minutes on the first
+# run, less with a warm cache), so this stage covers only the headline points; the full matrix
+# (--contexts 1024 8192 32768 --kv fp 8 4 2) needs a call of its own.
+TAIL=30 stage bench_compile 240 python3 -m llmq.cli.main bench --compile --contexts 32768 --weights int4 fp \
+  --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/bench_compile"
+# --- end issue 16 -------------------------------------------------------------------------------------------
 echo "=== done in $((SECONDS - START))s"

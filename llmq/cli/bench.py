@@ -62,10 +62,17 @@ def register(sub) -> None:
                     "speed number).",
     )
     add_arguments(p)
+    from llmq.kv.bench_compile import add_compile_arguments
+
+    add_compile_arguments(p)  # --compile: static caches + torch.compile (llmq.kv.bench_compile)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "compile", False):
+        from llmq.kv.bench_compile import run as run_compiled_bench
+
+        return run_compiled_bench(args)
     from llmq.kv.bench import run as run_bench
 
     return run_bench(args)

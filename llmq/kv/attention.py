@@ -64,6 +64,10 @@ def kv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     if layer is None:  # not a quantized decode step: ordinary sdpa on whatever tensors we got
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if getattr(layer, "static_shape", False):  # QuantizedStaticLayer: lengths are device tensors
+        from llmq.kv.static_attention import static_decode_attention
+
+        return static_decode_attention(query, layer, attention_mask, scaling)
     b, hq, q_len, d = query.shape
     if q_len != 1:
         raise RuntimeError("quantized-KV decode attention got several query tokens; the cache only hands "

@@ -50,15 +50,31 @@ class QuantizedKVBlock:
     zeros: torch.Tensor | None  # same shape as scales, uint8; None when symmetric
 
 
-def pack_tokens(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes ``[B, H, T, D]`` along the token axis into int32 ``[B, H, T // P, D]`` (T % P == 0)."""
+def pack_tokens(codes: torch.Tensor, bits: int, check_range: bool = True) -> torch.Tensor:
+    """Pack uint8 codes ``[B, H, T, D]`` along the token axis into int32 ``[B, H, T // P, D]`` (T % P == 0).
+
+    ``check_range=False`` skips the check that every code fits in ``bits`` (a data-dependent branch, which
+    ``torch.compile`` cannot trace): for codes from ``quantize``, which clamps them to ``[0, Qmax]`` by
+    construction. Both ways give ``llmq.quant.packing.pack``'s bits exactly (tested).
+    """
     b, h, t, d = codes.shape
     p = codes_per_word(bits)
     if t % p:
         raise ValueError(f"{t} tokens is not a multiple of {p} ({bits}-bit codes per int32 word); "
                          f"the cache quantizes tokens in blocks of KVRecipe.flush_block")
+    if not check_range:
+        return _pack_fields(codes, bits)
     words = pack(codes.permute(2, 0, 1, 3).reshape(t, b * h * d), bits)  # [T // P, B*H*D]
     return words.reshape(t // p, b, h, d).permute(1, 2, 0, 3).contiguous()
+
+
+def _pack_fields(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack``'s bit layout along dim 2 of ``[B, H, T, D]`` codes in ``[0, 2**bits)``, branch-free."""
+    b, h, t, d = codes.shape
+    p = codes_per_word(bits)
+    shifts = torch.arange(p, device=codes.device, dtype=torch.int64) * bits  # [P]
+    words = (codes.to(torch.int64).reshape(b, h, t // p, p, d) << shifts[:, None]).sum(dim=3)  # fields disjoint
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # low 32 bits, signed
 
 
 def unpack_tokens(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -70,25 +86,27 @@ def unpack_tokens(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedKVBlock:
-    """Per-token quantization of ``x [B, H, T, D]``: groups of ``group_size`` channels share a scale."""
+    """Per-token quantization of ``x [B, H, T, D]``: groups of ``group_size`` channels share a scale.
+
+    Free of data-dependent Python branches (``torch.compile(fullgraph=True)`` traces it)."""
     b, h, t, d = x.shape
     groups = x.float().reshape(b, h, t, d // group_size, group_size)
     scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T, D/g]
     codes = quantize(groups, scale[..., None], zero[..., None], bits).reshape(b, h, t, d)
-    return QuantizedKVBlock(pack_tokens(codes, bits), scale.to(torch.float16),
+    return QuantizedKVBlock(pack_tokens(codes, bits, check_range=False), scale.to(torch.float16),
                             None if symmetric else zero.to(torch.uint8))
 
 
 def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedKVBlock:
     """Per-channel (KIVI) quantization of ``x [B, H, T, D]``, ``T % group_size == 0``:
-    each channel of each run of ``group_size`` consecutive tokens shares a scale."""
+    each channel of each run of ``group_size`` consecutive tokens shares a scale (traceable, as above)."""
     b, h, t, d = x.shape
     if t % group_size:
         raise ValueError(f"per-channel key quantization needs whole groups of {group_size} tokens, got {t}")
     groups = x.float().reshape(b, h, t // group_size, group_size, d).transpose(-1, -2)  # [B, H, T/g, D, g]
     scale, zero = choose_qparams(groups, bits, symmetric)  # [B, H, T/g, D]
     codes = quantize(groups, scale[..., None], zero[..., None], bits).transpose(-1, -2).reshape(b, h, t, d)
-    return QuantizedKVBlock(pack_tokens(codes, bits), scale.to(torch.float16),
+    return QuantizedKVBlock(pack_tokens(codes, bits, check_range=False), scale.to(torch.float16),
                             None if symmetric else zero.to(torch.uint8))
 
 
