@@ -40,27 +40,41 @@ class UnsmoothedKL(KLObserver):
         return d, torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
 
 
-KINDS = {"minmax": MinMaxObserver, "percentile": lambda: PercentileObserver(99.9999), "kl": KLObserver,
-         "kl-unsmoothed": UnsmoothedKL}
+KINDS = {"minmax": MinMaxObserver, "percentile": lambda: PercentileObserver(99.9999), "kl": KLObserver}
+PPL_KINDS = [*KINDS, "kl-unsmoothed"]
+
+
+def input_key(name: str) -> str:
+    """q/k/v read one tensor, gate/up read one tensor: one set of observers for each."""
+    parent, leaf = name.rsplit(".", 1)
+    return parent + (".qkv" if leaf in ("q_proj", "k_proj", "v_proj") else ".gate_up" if leaf in
+                     ("gate_proj", "up_proj") else "." + leaf)
 
 
 def observe(model, names, batches):
-    obs = {n: {k: make() for k, make in KINDS.items()} for n in names}
+    """``{linear name: {kind: observer}}``; Linears reading one tensor share the same observers."""
+    groups = {input_key(n): {k: make() for k, make in KINDS.items()} for n in names}
+    first = {}
+    for n in names:
+        first.setdefault(input_key(n), n)
 
-    def hook(name):
+    def hook(key):
         def fn(_m, args):
             for window in args[0].split(1):
-                for o in obs[name].values():
+                for o in groups[key].values():
                     o.observe(window)
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(k)) for k, n in first.items()]
     try:
         run_calibration(model, batches, "observers", True)
     finally:
         for h in handles:
             h.remove()
-    return obs
+    for g in groups.values():  # the unsmoothed search reads the KL observer's own histogram
+        g["kl-unsmoothed"] = UnsmoothedKL()
+        g["kl-unsmoothed"].__dict__.update(g["kl"].__dict__)
+    return {n: groups[input_key(n)] for n in names}
 
 
 def row(name, o):
@@ -84,7 +98,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--text", choices=list(TEXTS), default="selection")
     ap.add_argument("--tokens", type=int, default=4096, help="perplexity tokens (0: thresholds only)")
-    ap.add_argument("--ppl", nargs="*", default=list(KINDS), help="observers to measure perplexity for")
+    ap.add_argument("--ppl", nargs="*", default=PPL_KINDS, choices=PPL_KINDS,
+                    help="observers to measure perplexity for, in this order")
     ap.add_argument("--out", default="results/kl_audit")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -96,13 +111,28 @@ def main() -> None:
         smooth_llama_layers(fp, collect_input_absmax(fp, names, batches, progress=True), args.alpha)
         obs = observe(fp, names, batches)
     seen, rows = set(), []
-    for n in names:  # q/k/v and gate/up read one tensor: one row for it
-        key = n.rsplit(".", 1)[0] + (".qkv" if n.endswith(("q_proj", "k_proj", "v_proj")) else
-                                     ".gate_up" if n.endswith(("gate_proj", "up_proj")) else "." + n.rsplit(".", 1)[1])
+    for n in names:  # one row per distinct input tensor
+        key = input_key(n)
         if key not in seen:
             seen.add(key)
             rows.append(row(key.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", ""), obs[n]))
-    ppl = {}
+    meta = {"model": args.model, "alpha": args.alpha, "calibration_samples": args.calib_samples,
+            "calibration_seq_len": 512, "text": args.text, "tokens": args.tokens, "threads": torch.get_num_threads()}
+    out = Path(args.out + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ppl: dict[str, float] = {}
+
+    def write():  # after the thresholds, and again after each perplexity (a long run keeps what it has)
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps({"meta": meta, "perplexity": ppl, "rows": rows}, indent=2))
+
+    write()
+    print("\n| input | max\\|x\\| | percentile 99.9999 | KL | KL edge i | KL clips | bin-0 share | KL unsmoothed (edge) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['input']} | {r['absmax']:.3g} | {r['percentile']:.3g} | {r['kl']:.3g} | {r['kl_edge']} | "
+              f"{100 * r['kl_clipped_share']:.4f}% | {100 * r['bin0_share']:.1f}% | "
+              f"{r['kl_unsmoothed']:.3g} ({r['kl_unsmoothed_edge']}) |", flush=True)
     if args.tokens > 0:
         for kind in args.ppl:
             q = copy.deepcopy(fp)
@@ -114,18 +144,7 @@ def main() -> None:
             ppl[kind] = r.perplexity
             print(f"{kind:14s} ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", flush=True)
             del q
-    meta = {"model": args.model, "alpha": args.alpha, "calibration_samples": args.calib_samples,
-            "calibration_seq_len": 512, "text": args.text, "tokens": args.tokens, "threads": torch.get_num_threads(),
-            "seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "perplexity": ppl, "rows": rows}, indent=2))
-    print("\n| input | max\\|x\\| | percentile 99.9999 | KL | KL edge i | KL clips | bin-0 share | KL unsmoothed (edge) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['input']} | {r['absmax']:.3g} | {r['percentile']:.3g} | {r['kl']:.3g} | {r['kl_edge']} | "
-              f"{100 * r['kl_clipped_share']:.4f}% | {100 * r['bin0_share']:.1f}% | "
-              f"{r['kl_unsmoothed']:.3g} ({r['kl_unsmoothed_edge']}) |")
+            write()
     print(f"\nperplexity: {json.dumps(ppl)}\n{json.dumps(meta)}\nwrote {out}")
 
 
