@@ -36,13 +36,19 @@ LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str, str | None], ...] = (
     (("mlp.down_proj",), "mlp.up_proj", None),  # act(gate(x)) * up(x) is linear in up's rows
 )
 
+# MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
+# calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
+# block's experts; "rtn": round to nearest) — see docs/moe.md for the measurement behind the default
+MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 16, "expert_fallback": "pooled"}
+
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
 # "calibration" records the data used and is not an algorithm parameter.
 METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.RTN: {"clip": None},
-    WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True},
+    WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True,
+                        **MOE_DEFAULTS},
     WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
-                       "scale_loss": "block", "block_windows": 16},
+                       "scale_loss": "block", "block_windows": 16, **MOE_DEFAULTS},
     WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0,
                        "keep": "group"},
 }
