@@ -43,6 +43,8 @@ def describe(folder: Path) -> dict:
     for name, cfg in (qcfg.get("modules") or {}).items():
         stored = sum(v for k, v in sizes.items() if k.startswith(name + "."))
         weights = cfg.get("in_features", 0) * cfg.get("out_features", 0)
+        if cfg.get("kind") == "quant_experts":  # E experts of gate_up [2I, H] and down [H, I]
+            weights = 3 * cfg["num_experts"] * cfg["hidden_size"] * cfg["intermediate_size"]
         modules.append({"name": name, **cfg, "bytes": stored,
                         "bits_per_weight": 8 * stored / weights if weights else None})
     return {
@@ -76,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'module':48s} {'kind':14s} {'shape':>11s} {'bits':>4s} {'group':>7s} {'sym':>5s} {'KB':>9s} {'bits/w':>6s}")
     for m in info["modules"]:
         shape = f"{m.get('out_features')}x{m.get('in_features')}"
+        if m["kind"] == "quant_experts":  # experts x hidden x expert intermediate
+            shape = f"{m['num_experts']}x{m['hidden_size']}x{m['intermediate_size']}"
         group = "chan" if m.get("group_size") is None else m.get("group_size")
         bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
         print(f"{m['name']:48s} {m['kind']:14s} {shape:>11s} {m.get('bits', '-'):>4} {group:>7} "

@@ -70,7 +70,8 @@ def model_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = True) -> QuantizationSummary:
-    """Replace every ``nn.Linear`` that ``recipe`` selects by a round-to-nearest ``QuantLinear``.
+    """Replace every ``nn.Linear`` that ``recipe`` selects by a round-to-nearest ``QuantLinear``, and every
+    selected fused MoE experts module by a ``QuantExperts`` (``llmq.moe``).
 
     Modifies ``model`` in place (the caller's copy; source files are never touched).
     Raises ``ValueError`` naming the module if a weight has NaN/Inf, and if the
@@ -79,10 +80,10 @@ def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = 
     start = time.perf_counter()
     bytes_before = model_bytes(model)
     linears = find_linears(model, recipe)
-    find_experts_modules(model, recipe.matches)  # an unknown experts class fails before any work
-    if not linears:
+    experts = find_experts_modules(model, recipe.matches)  # an unknown experts class fails before any work
+    if not linears and not experts:
         raise ValueError(
-            f"the recipe selects no nn.Linear in this model (include={list(recipe.include)}, "
+            f"the recipe selects no nn.Linear (nor MoE experts) in this model (include={list(recipe.include)}, "
             f"exclude={list(recipe.exclude)}); check the patterns against `llmq inspect` module names"
         )
     by_name = dict(linears)

@@ -1,4 +1,4 @@
-"""Tiny random mixture-of-experts models (transformers' own classes) for the MoE tests."""
+"""Tiny random mixture-of-experts models (transformers' own classes) for the MoE tests (tests/moe)."""
 
 from __future__ import annotations
 
