@@ -75,6 +75,12 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
         if not isinstance(args["block_windows"], int) or args["block_windows"] < 1:
             raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
                              f"got {args['block_windows']!r}")
+    if recipe.method in NEEDS_CALIBRATION:
+        if args["expert_fallback"] not in ("rtn", "pooled"):
+            raise ValueError(f"expert_fallback must be one of ('rtn', 'pooled') (what an MoE expert routed fewer "
+                             f"than expert_min_tokens calibration tokens gets), got {args['expert_fallback']!r}")
+        if not isinstance(args["expert_min_tokens"], int) or args["expert_min_tokens"] < 0:
+            raise ValueError(f"expert_min_tokens must be an integer >= 0, got {args['expert_min_tokens']!r}")
     if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
         raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
                          f"choice per tensor), got {args['keep']!r}")
