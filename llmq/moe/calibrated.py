@@ -12,8 +12,8 @@ input scales for ``down_e`` and folds them into the rows of ``up_e`` (``act(g)·
 ``u``'s rows: exact); ``gate_up_e`` shares its input with every expert and the float router, so
 it gets AWQ's clip search weighted by its own tokens' ``XᵀX`` and no scales.
 
-An expert that received fewer than ``min_tokens`` (token, slot) pairs cannot support a
-Hessian: it falls back to ``fallback`` — ``"rtn"`` (plain round-to-nearest) or ``"pooled"``
+An expert that received fewer than ``min_tokens`` (token, slot) pairs (or none at all) cannot
+support a Hessian: it falls back to ``fallback`` — ``"rtn"`` (plain round-to-nearest) or ``"pooled"``
 (the method with statistics pooled over all experts of the block) — and is reported.
 """
 
@@ -93,12 +93,12 @@ class ExpertsCalibrator:
         out = []
         for e, algo in enumerate(self._algos[stage]):
             n = int(self.tokens[e])
-            if n < self.min_tokens:
+            if n < max(self.min_tokens, 1):  # an expert no token reached has no statistics at all
                 self.fell_back[e] = n
-                if self.fallback == "rtn":
+                pooled = self._pooled[stage]
+                if self.fallback == "rtn" or pooled.nsamples == 0:  # (no token reached the whole block: RTN)
                     out.append(quantize_weight(w[e], r.bits, r.group_size, r.symmetric, name=f"{self.name}[{e}]"))
                     continue
-                pooled = self._pooled[stage]
                 if r.method is WeightMethod.GPTQ:
                     algo.H, algo.nsamples = pooled.H.clone(), pooled.nsamples
                 else:
