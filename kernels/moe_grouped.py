@@ -10,7 +10,7 @@ no host sync)::
 One program per (block, BLOCK_N output columns): it reads its expert id, gathers its rows of the
 input, and runs one dequantize-matmul over K against that expert's packed weight — no Python loop
 over experts. The grid has an upper bound of blocks (``cdiv(pairs, BLOCK_M) + E``); programs of
-unused blocks (expert id -1) return at once.
+unused blocks (expert id -1) run no K step.
 
 Weights are read in the canonical ``QuantLinear`` layout per expert (``llmq.quant.packing``):
 ``qweight[e, k // P, n]`` bit field ``k % P``, so every bit width (2, 3, 4, 8) runs.
@@ -43,9 +43,10 @@ def moe_grouped_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
-    if e < 0:
-        return
+    used = e >= 0  # unused blocks (-1) run no K step and store nothing (an early return does not compile)
+    e = tl.maximum(e, 0)
     pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] flat pair index or num_pairs
+    pairs = tl.where(used, pairs, num_pairs)  # (an unused block's entries are all padding anyway)
     m_mask = pairs < num_pairs
     a_rows = pairs // a_div  # gate_up reads the token's row (a_div = top_k); down its own pair's row
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,8 +56,9 @@ def moe_grouped_kernel(
     s_base = s_ptr + e64 * num_groups * N
     z_base = z_ptr + e64 * num_groups * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_end = tl.where(used, K, 0)
+    for kb in range(0, tl.cdiv(k_end, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)  # [BLOCK_M, BLOCK_K]
@@ -70,10 +72,10 @@ def moe_grouped_kernel(
         else:  # uint8 integer or float zero points
             zero = tl.load(z_base + gidx, mask=wk_mask, other=0).to(tl.float32)
         w = (codes - zero) * scale  # [BLOCK_K, BLOCK_N]
-        if FP32_DOT:
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+        if FP32_DOT:  # three-pass TF32 (~fp32 accuracy); an IEEE fp32 dot spills on sm_90a
+            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
         else:
-            acc += tl.dot(a, w.to(a.dtype))
+            acc = tl.dot(a, w.to(a.dtype), acc, out_dtype=tl.float32)
     tl.store(out_ptr + pairs[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 

@@ -69,3 +69,4 @@ def test_forced_triton_on_cpu_is_refused_with_the_reason():
     qe.set_backend("triton")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         qe(torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+
