@@ -39,7 +39,7 @@ LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str, str | None], ...] = (
 # MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
 # calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
 # block's experts; "rtn": round to nearest) — see docs/moe.md for the measurement behind the default
-MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 16, "expert_fallback": "pooled"}
+MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "pooled"}
 
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
 # "calibration" records the data used and is not an algorithm parameter.
