@@ -10,7 +10,7 @@ def tiny_moe(family: str, num_experts: int = 4, hidden: int = 64, inter: int = 9
     """A float32 ``*ForCausalLM`` of ``family`` ("mixtral" or "qwen3_moe") with random weights, in eval mode."""
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    common = dict(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    common = dict(vocab_size=320, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
                   initializer_range=std, tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -27,3 +27,13 @@ def tiny_moe(family: str, num_experts: int = 4, hidden: int = 64, inter: int = 9
 
 
 FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def save_tiny_moe(family: str, folder, **kw):
+    """Save ``tiny_moe(family, **kw)`` with a small tokenizer (what ``llmq quantize`` needs) to ``folder``."""
+    from conftest import make_tiny_tokenizer
+
+    model = tiny_moe(family, **kw)
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return model

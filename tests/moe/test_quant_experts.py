@@ -18,7 +18,7 @@ from llmq.quant.primitives import quantize_weight
 from llmq.recipes import WeightRecipe
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from moe_tiny import FAMILIES, tiny_moe  # noqa: E402
+from moe_tiny import FAMILIES, save_tiny_moe, tiny_moe  # noqa: E402
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -145,8 +145,7 @@ def test_convolutions_are_not_experts():
 def saved_int4(tmp_path_factory):
     """A tiny Qwen3-MoE float folder and its RTN int4 checkpoint (via llmq.quantize)."""
     root = tmp_path_factory.mktemp("moe")
-    model = tiny_moe("qwen3_moe")
-    model.save_pretrained(root / "src")
+    save_tiny_moe("qwen3_moe", root / "src")
     result = llmq.quantize(root / "src", WeightRecipe(bits=4, group_size=32, symmetric=False), out_dir=root / "q",
                            progress=False)
     return root, result
