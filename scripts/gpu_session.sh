@@ -56,4 +56,8 @@ TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 --
   --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
 TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
   --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"
+# --- MoE (issue 18) -------------------------------------------------------------------------------
+# grouped quantized-experts kernel vs the torch backend vs float experts, one Qwen3-30B-A3B MoE layer
+TAIL=12 stage bench_moe 60 python3 scripts/bench_moe.py --tokens 1 4 16 64 256 --out "$RESULTS/bench_moe.json"
+# --- end MoE ---------------------------------------------------------------------------------------
 echo "=== done in $((SECONDS - START))s"

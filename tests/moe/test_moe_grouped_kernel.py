@@ -70,3 +70,18 @@ def test_forced_triton_on_cpu_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         qe(torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_backend_on_cuda_matches_torch_backend(dtype, kernel_tol):
+    experts = tiny_moe("qwen3_moe", num_experts=8).model.layers[0].mlp.experts
+    qe = quantize_experts(experts, "experts", rtn_quantizer(4, 32, True)).to("cuda", dtype)
+    x = torch.randn(33, 64, device="cuda", dtype=dtype)
+    idx = torch.randint(0, 5, (33, 2), device="cuda")  # experts 5-7 idle
+    w = torch.softmax(torch.randn(33, 2, device="cuda"), -1).to(dtype)
+    qe.set_backend("torch")
+    ref = qe(x, idx, w)
+    qe.set_backend(None)  # automatic on CUDA: the grouped kernel
+    assert qe.backend_for(x).name == "triton"
+    torch.testing.assert_close(qe(x, idx, w), ref, **kernel_tol[dtype])
