@@ -32,7 +32,7 @@ method, folder, out, max_mb = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.a
 args = {"clip_search": False} if method == "gptq" else {}
 recipe = WeightRecipe(bits=4, group_size=128, symmetric=True, method=WeightMethod(method), method_args=args)
 r = llmq.quantize(folder, recipe, out_dir=out, progress=False, max_memory_mb=max_mb, device="cpu",
-                  calibration=CalibrationSpec(nsamples=16, seqlen=128))
+                  calibration=CalibrationSpec(nsamples=int(sys.argv[6]), seqlen=128))
 print(json.dumps({"baseline_rss_mb": base, **r.summary.to_dict()}))
 """
 
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=512)
     p.add_argument("--max-memory", type=float, default=4000, help="MB given to --max-memory (checked up front)")
     p.add_argument("--methods", default="rtn,gptq")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 128 tokens (gptq)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
@@ -60,7 +61,8 @@ def main() -> None:
     rows = {}
     for method in a.methods.split(","):
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), method, str(tmp / "src"),
-                               str(tmp / f"q-{method}"), str(a.max_memory)], capture_output=True, text=True)
+                               str(tmp / f"q-{method}"), str(a.max_memory), str(a.nsamples)],
+                              capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         rows[method] = json.loads(proc.stdout.strip().splitlines()[-1])
