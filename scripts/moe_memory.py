@@ -37,6 +37,17 @@ print(json.dumps({"baseline_rss_mb": base, **r.summary.to_dict()}))
 """
 
 
+_BUILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+from moe_tiny import save_tiny_moe
+e, h, i, layers = (int(v) for v in sys.argv[3:7])
+model = save_tiny_moe("qwen3_moe", sys.argv[2], num_experts=e, hidden=h, inter=i, layers=layers)
+print(json.dumps([sum(p.numel() for p in model.parameters()),
+                  sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)]))
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -48,15 +59,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 128 tokens (gptq)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from moe_tiny import save_tiny_moe
-
     tmp = Path(tempfile.mkdtemp())
-    model = save_tiny_moe("qwen3_moe", tmp / "src", num_experts=a.experts, hidden=a.hidden, inter=a.inter,
-                          layers=a.layers)
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    del model
+    # built in its own process: ru_maxrss survives fork + exec on Linux, so a parent that held the model
+    # would leak its peak into every measurement child (this parent imports no torch)
+    build = subprocess.run([sys.executable, "-c", _BUILD, str(ROOT), str(tmp / "src"), str(a.experts), str(a.hidden),
+                            str(a.inter), str(a.layers)], capture_output=True, text=True)
+    if build.returncode:
+        raise SystemExit(build.stderr[-3000:])
+    total, experts = json.loads(build.stdout.strip().splitlines()[-1])
     disk_mb = sum(f.stat().st_size for f in (tmp / "src").glob("*.safetensors")) / 1e6
     rows = {}
     for method in a.methods.split(","):
