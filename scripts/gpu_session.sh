@@ -68,4 +68,8 @@ TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --as
 TAIL=30 stage bench_compile 240 python3 -m llmq.cli.main bench --compile --contexts 32768 --weights int4 fp \
   --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/bench_compile"
 # --- end issue 16 -------------------------------------------------------------------------------------------
+# --- MoE (issue 18) -------------------------------------------------------------------------------
+# grouped quantized-experts kernel vs the torch backend vs float experts, one Qwen3-30B-A3B MoE layer
+TAIL=12 stage bench_moe 60 python3 scripts/bench_moe.py --tokens 1 4 16 64 256 --out "$RESULTS/bench_moe.json"
+# --- end MoE ---------------------------------------------------------------------------------------
 echo "=== done in $((SECONDS - START))s"

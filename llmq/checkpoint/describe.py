@@ -72,6 +72,8 @@ def describe(folder: Path) -> dict[str, Any]:
         cfg = qmodules[name]
         stored = sum(v for k, v in sizes.items() if k.startswith(name + "."))
         weights = cfg.get("in_features", 0) * cfg.get("out_features", 0)
+        if cfg.get("kind") == "quant_experts":  # E experts of gate_up [2I, H] and down [H, I]
+            weights = 3 * cfg["num_experts"] * cfg["hidden_size"] * cfg["intermediate_size"]
         modules.append({"name": name, **cfg, "bytes": stored,
                         "bits_per_weight": 8 * stored / weights if weights else None})
 

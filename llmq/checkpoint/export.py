@@ -22,6 +22,11 @@ GPTQModel, transformers + optimum::
     <name>.scales             fp16  [G, N]        unchanged
     <name>.g_idx              int32 [K]           k // group_size (groups in input order)
 
+Quantized MoE experts (``QuantExperts``) export to compressed-tensors only, as per-expert tensors
+under the model's original checkpoint names (``llmq.checkpoint.export_moe``), which is what vLLM's
+fused-MoE loader reads; every tensor name is written as transformers' ``save_pretrained`` would
+(its reverse checkpoint conversion), the float routers listed in ``ignore``.
+
 In both, ``<name>.bias`` is unchanged and the dequantized weight is exactly llmq's. Everything
 else (embeddings, norms, an unquantized head) is copied unchanged, shard by shard, so memory stays
 at one shard. What a format cannot express is refused before anything is written: float zero
@@ -39,14 +44,17 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from safetensors.torch import save_file
 
 from llmq.checkpoint.config import read_quantization_config
+from llmq.checkpoint.export_moe import check_experts_exportable, expert_tensors, original_expert_names, original_names
 from llmq.checkpoint.save import atomic_output_dir, check_output_dir
 from llmq.checkpoint.verify import verify_checkpoint
 from llmq.quant.packing import pack_bitstream, unpack
 
 _QUANT_LINEAR = "quant_linear"
+_QUANT_EXPERTS = "quant_experts"
 _LLMQ_LEAVES = ("qweight", "scales", "qzeros")  # what each format replaces
 
 
@@ -58,7 +66,8 @@ class CompressedTensorsFormat:
               "qzeros": ("weight_zero_point",)}
 
     def check(self, modules: dict[str, dict], unquantized: list[str]) -> None:
-        """Every setting llmq writes with integer zeros fits; nothing beyond ``_check_common``."""
+        """Every Linear setting llmq writes with integer zeros fits; experts need what vLLM's MoE kernels run."""
+        check_experts_exportable(modules)
 
     def config(self, modules: dict[str, dict], unquantized: list[str]) -> dict[str, Any]:
         c = next(iter(modules.values()))
@@ -99,6 +108,10 @@ class GPTQFormat:
     leaves = {"qweight": ("qweight", "g_idx"), "scales": ("scales",), "qzeros": ("qzeros",)}
 
     def check(self, modules: dict[str, dict], unquantized: list[str]) -> None:
+        experts = [n for n, c in modules.items() if c.get("kind") == _QUANT_EXPERTS]
+        if experts:
+            raise ValueError(f"--format gptq has no layout for quantized MoE experts ({experts[0]!r}): export with "
+                             f"--format compressed-tensors, which vLLM's fused-MoE kernels load")
         c = next(iter(modules.values()))
         if not c["symmetric"]:
             raise ValueError("--format gptq exports symmetric checkpoints only (GPTQ v1 stores zero − 1, which "
@@ -154,15 +167,21 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "compressed-t
     verify_checkpoint(shards, qcfg)
     modules = qcfg["modules"]
     _check_common(modules)
-    unquantized = _unquantized_linears(src, modules)
+    skeleton = _skeleton(src)
+    unquantized = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in modules]
     writer.check(modules, unquantized)
+    names = _Names(skeleton, shards, modules)
+    unquantized = [names.module(n) for n in unquantized + names.routers]
     out_path = check_output_dir(out, force, source_dir=src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = writer.config(modules, unquantized)
     with atomic_output_dir(out_path, force) as tmp:
+        written = {}
         for shard in shards:
-            save_file(_convert_shard(shard, modules, writer), tmp / shard.name, metadata={"format": "pt"})
-        _copy_index(src, tmp, modules, writer)
+            tensors = _convert_shard(shard, modules, writer, names)
+            save_file(tensors, tmp / shard.name, metadata={"format": "pt"})
+            written.update({k: shard.name for k in tensors})
+        _copy_index(src, tmp, written)
         for f in src.iterdir():  # tokenizer, generation config, chat template, ...
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
                                                                              "model.safetensors.index.json"):
@@ -173,7 +192,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "compressed-t
 
 def _check_common(modules: dict[str, dict]) -> None:
     """What neither format can hold: other module kinds, float zeros, partial groups, mixed settings."""
-    other = sorted(n for n, c in modules.items() if c.get("kind") != _QUANT_LINEAR)
+    other = sorted(n for n, c in modules.items() if c.get("kind") not in (_QUANT_LINEAR, _QUANT_EXPERTS))
     if other:
         raise ValueError(f"only weight-only QuantLinear checkpoints export; {other[0]!r} is a "
                          f"{modules[other[0]].get('kind')!r} module ({len(other)} such modules)")
@@ -182,7 +201,7 @@ def _check_common(modules: dict[str, dict]) -> None:
             raise ValueError(f"{name} has float zero points (HQQ's default at 2-4 bits); the export formats "
                              f"store integer zeros: re-quantize with --zero-point int (or --sym)")
         g = c["group_size"]
-        if g is not None and c["in_features"] % g:
+        if g is not None and c.get("kind") == _QUANT_LINEAR and c["in_features"] % g:
             raise ValueError(f"{name}: in_features {c['in_features']} is not a multiple of group size {g} "
                              f"(llmq pads the last group; the export formats have no partial groups): "
                              f"re-quantize with a group size that divides it, or per channel")
@@ -192,46 +211,68 @@ def _check_common(modules: dict[str, dict]) -> None:
                          f"export handles one setting per checkpoint")
 
 
-def _unquantized_linears(src: Path, modules: dict[str, dict]) -> list[str]:
-    """Names of the model's ``nn.Linear`` modules that llmq left in float."""
+def _skeleton(src: Path) -> nn.Module:
+    """The model of ``src/config.json`` on ``meta``, without its quantization (Linears and experts in float)."""
     from accelerate import init_empty_weights
-    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src)  # trust_remote_code stays off
     config.quantization_config = None
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
+        return AutoModelForCausalLM.from_config(config)
 
 
-def _convert_shard(path: Path, modules: dict[str, dict], writer) -> dict[str, torch.Tensor]:
+class _Names:
+    """Checkpoint names as transformers' ``save_pretrained`` writes them (llmq stores module names), the
+    per-expert names of every experts module, and the MoE routers (kept in float)."""
+
+    def __init__(self, skeleton: nn.Module, shards: list[Path], modules: dict[str, dict]) -> None:
+        experts = [n for n, c in modules.items() if c.get("kind") == _QUANT_EXPERTS]
+        self.experts = {n: original_expert_names(skeleton, n) for n in experts}
+        plain = []
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                plain += [k for k in f.keys() if k.rpartition(".")[0].rpartition(".")[0] not in self.experts]
+        self.tensor = original_names(skeleton, plain)
+        self.routers = [f"{n.rpartition('.')[0]}.gate" for n in experts]  # the block's float router
+        for router in self.routers:
+            if f"{router}.weight" not in self.tensor:
+                raise ValueError(f"{router}: expected the MoE router beside the experts; cannot name it in 'ignore'")
+        linears = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+        self._weights = original_names(skeleton, [f"{n}.weight" for n in linears + self.routers])
+
+    def module(self, name: str) -> str:
+        """A Linear's or router's name in the original checkpoint naming (its ``.weight``, renamed)."""
+        return self._weights[f"{name}.weight"][: -len(".weight")]
+
+
+def _convert_shard(path: Path, modules: dict[str, dict], writer, names: _Names) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(path, framework="pt") as f:
-        names = list(f.keys())
-        owners = {n.rpartition(".")[0] for n in names}
-        for name in names:
+        keys = list(f.keys())
+        owners = {n.rpartition(".")[0] for n in keys}
+        for name in keys:
             module, _, leaf = name.rpartition(".")
             if module in modules and leaf in _LLMQ_LEAVES:
                 continue  # converted below
-            tensors[name] = f.get_tensor(name)
+            if module.rpartition(".")[0] in names.experts:
+                continue  # an experts stack's tensor: written per expert below
+            tensors[names.tensor[name]] = f.get_tensor(name)
         for module in sorted(owners & set(modules)):
-            tensors.update(writer.tensors(module, modules[module], f))
+            converted = writer.tensors(module, modules[module], f)
+            renamed = names.module(module)
+            tensors.update({renamed + k[len(module):]: v for k, v in converted.items()})
+        stacks = {n.rpartition(".")[0] for n in owners if n.rpartition(".")[2] == "gate_up"}
+        for module in sorted(stacks & set(names.experts)):
+            tensors.update(expert_tensors(module, modules[module], f, names.experts[module]))
     return tensors
 
 
-def _copy_index(src: Path, tmp: Path, modules: dict[str, dict], writer) -> None:
-    """Rewrite ``model.safetensors.index.json`` (sharded checkpoints) for the converted tensors."""
+def _copy_index(src: Path, tmp: Path, written: dict[str, str]) -> None:
+    """Rewrite ``model.safetensors.index.json`` (sharded checkpoints) for the tensors written."""
     index = src / "model.safetensors.index.json"
     if not index.is_file():
         return
     data = json.loads(index.read_text())
-    weight_map = {}
-    for name, shard in data["weight_map"].items():
-        module, _, leaf = name.rpartition(".")
-        if module in modules and leaf in _LLMQ_LEAVES:
-            weight_map.update({f"{module}.{x}": shard for x in writer.leaves[leaf]})
-        else:
-            weight_map[name] = shard
-    data["weight_map"] = weight_map
+    data["weight_map"] = dict(sorted(written.items()))
     (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")

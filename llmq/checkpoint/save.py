@@ -128,7 +128,11 @@ def save_quantized(
     out = check_output_dir(out_dir, force, source_dir)
     with atomic_output_dir(out, force) as tmp:
         model.config.quantization_config = quantization_config
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        # tensors under the model's own module names (transformers would otherwise revert its checkpoint
+        # conversions, e.g. rename Mixtral's ``mlp`` to ``block_sparse_moe``): the quantization_config lists
+        # modules by these names, and the checker and ``llmq inspect`` read the files by them
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
+                              save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out

@@ -43,6 +43,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
 
 
 def _expected_tensors(name: str, cfg: dict[str, Any]) -> list[str]:
+    if cfg.get("kind") == "quant_experts":  # two stacks of per-expert QuantLinear buffers
+        return [key for stack in ("gate_up", "down")
+                for key in _expected_tensors(f"{name}.{stack}", {**cfg, "kind": "quant_linear"})]
     keys = [f"{name}.qweight", f"{name}.scales"] if cfg.get("kind") == "quant_linear" else []
     if cfg.get("kind") == "quant_linear" and not cfg.get("symmetric", True):
         keys.append(f"{name}.{_zero_tensor(cfg)}")
@@ -82,19 +85,26 @@ def verify_checkpoint(files: list[str | Path], quantization_config: dict[str, An
     for name, cfg in quantization_config["modules"].items():
         if cfg.get("kind") == "quant_linear":
             _check_quant_linear(name, cfg, present)
+        elif cfg.get("kind") == "quant_experts":
+            e, h, i = cfg["num_experts"], cfg["hidden_size"], cfg["intermediate_size"]
+            for stack, k, n in (("gate_up", h, 2 * i), ("down", i, h)):
+                _check_quant_linear(f"{name}.{stack}", {**cfg, "in_features": k, "out_features": n}, present,
+                                    leading=(e,))
 
 
-def _check_quant_linear(name: str, cfg: dict[str, Any], present: dict[str, dict]) -> None:
+def _check_quant_linear(name: str, cfg: dict[str, Any], present: dict[str, dict], leading: tuple[int, ...] = ()) -> None:
+    """Shapes and dtypes of one QuantLinear's tensors (``leading``: a stack's expert axis ``[E]``)."""
     from llmq.quant.packing import packed_rows
     from llmq.quant.primitives import num_groups
 
     k, n = cfg["in_features"], cfg["out_features"]
     g = num_groups(k, cfg["group_size"])
     floats = ("F16", "BF16", "F32")
-    expected = {"qweight": (("I32",), [packed_rows(k, cfg["bits"]), n]), "scales": (floats, [g, n])}
+    expected = {"qweight": (("I32",), [*leading, packed_rows(k, cfg["bits"]), n]),
+                "scales": (floats, [*leading, g, n])}
     if not cfg["symmetric"]:
         zero = _zero_tensor(cfg)
-        expected[zero] = (("U8",) if zero == "qzeros" else floats, [g, n])
+        expected[zero] = (("U8",) if zero == "qzeros" else floats, [*leading, g, n])
     for tensor, (dtypes, shape) in expected.items():
         entry = present[f"{name}.{tensor}"]
         if entry["shape"] != shape or entry["dtype"] not in dtypes:

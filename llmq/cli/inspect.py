@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
               f"{'bits/w':>6s}")
         for m in info["modules"]:
             shape = f"{m.get('out_features')}x{m.get('in_features')}"
+            if m["kind"] == "quant_experts":  # experts x hidden x expert intermediate
+                shape = f"{m['num_experts']}x{m['hidden_size']}x{m['intermediate_size']}"
             group = "chan" if m.get("group_size") is None else m.get("group_size")
             bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
             print(f"{m['name']:48s} {m['kind']:14s} {shape:>11s} {m.get('bits', '-'):>4} {group:>7} "

@@ -30,6 +30,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmq.checkpoint.config import QUANT_METHOD, validate_quantization_config
 from llmq.checkpoint.verify import verify_checkpoint
 from llmq.model.swap import set_submodule
+from llmq.moe.families import is_fused_experts
+from llmq.nn.quant_experts import QuantExperts
 from llmq.nn.registry import build_module
 
 
@@ -85,6 +87,13 @@ class LlmqHfQuantizer(HfQuantizer):
                     f"checkpoint quantizes module {name!r}, which this model architecture does not have; "
                     f"config.json and the weights do not match"
                 ) from None
+            if cfg.get("kind") == QuantExperts.KIND:  # MoE: replaces a fused-experts module, not a Linear
+                if not is_fused_experts(linear):
+                    raise ValueError(f"checkpoint holds quantized experts at {name!r}, but the model has a "
+                                     f"{type(linear).__name__} there; config.json and the weights do not match")
+                device = next(linear.parameters()).device
+                set_submodule(model, name, QuantExperts.empty_like(linear, cfg, device=device))
+                continue
             if not isinstance(linear, torch.nn.Linear):
                 raise ValueError(f"checkpoint quantizes {name!r}, but it is a {type(linear).__name__}, not nn.Linear")
             module = build_module(cfg, linear.in_features, linear.out_features, linear.bias is not None,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.model.swap import find_linears, group_by_layer, set_submodule
+from llmq.model.swap import find_experts_modules, find_linears, group_by_layer, set_submodule
+from llmq.moe.quantize import rtn_quantizer, swap_experts
 from llmq.nn.quant_linear import QuantLinear
 from llmq.quant.primitives import quantize_weight
 from llmq.recipes import WeightRecipe
@@ -29,6 +30,10 @@ class QuantizationSummary:
     bits_per_weight: float  # effective, scales/zeros included
     seconds: float
     peak_rss_mb: float
+    experts_modules: int = 0  # fused MoE expert blocks quantized (their weights are counted above too)
+    # per decoder layer, calibrated methods only: experts that fell back for lack of routed tokens
+    # {layer: {"fallback": method, "experts": {expert: tokens}}}
+    expert_fallbacks: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +45,17 @@ class QuantizationSummary:
             f"  linear weights {self.linear_mb_before:8.1f} MB -> {self.linear_mb_after:8.1f} MB "
             f"({self.bits_per_weight:.2f} bits/weight incl. scales and zeros)\n"
             f"  peak RSS       {self.peak_rss_mb:8.1f} MB"
-        )
+        ) + self._experts_lines()
+
+    def _experts_lines(self) -> str:
+        if not self.experts_modules:
+            return ""
+        lines = [f"\n  MoE            {self.experts_modules} fused expert blocks quantized (included above)"]
+        for layer, info in self.expert_fallbacks.items():
+            tokens = ", ".join(f"{e}:{t}" for e, t in info["experts"].items())
+            lines.append(f"\n    {layer}: {len(info['experts'])} expert(s) below {info['min_tokens']} routed tokens "
+                         f"fell back to {info['fallback']} (expert:tokens {tokens})")
+        return "".join(lines)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -55,7 +70,8 @@ def model_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = True) -> QuantizationSummary:
-    """Replace every ``nn.Linear`` that ``recipe`` selects by a round-to-nearest ``QuantLinear``.
+    """Replace every ``nn.Linear`` that ``recipe`` selects by a round-to-nearest ``QuantLinear``, and every
+    selected fused MoE experts module by a ``QuantExperts`` (``llmq.moe``).
 
     Modifies ``model`` in place (the caller's copy; source files are never touched).
     Raises ``ValueError`` naming the module if a weight has NaN/Inf, and if the
@@ -64,9 +80,10 @@ def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = 
     start = time.perf_counter()
     bytes_before = model_bytes(model)
     linears = find_linears(model, recipe)
-    if not linears:
+    experts = find_experts_modules(model, recipe.matches)  # an unknown experts class fails before any work
+    if not linears and not experts:
         raise ValueError(
-            f"the recipe selects no nn.Linear in this model (include={list(recipe.include)}, "
+            f"the recipe selects no nn.Linear (nor MoE experts) in this model (include={list(recipe.include)}, "
             f"exclude={list(recipe.exclude)}); check the patterns against `llmq inspect` module names"
         )
     by_name = dict(linears)
@@ -83,7 +100,11 @@ def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = 
             lin_after += qlinear.storage_bytes()
             params += linear.weight.numel()
         bar.set_postfix(memory_postfix())
+    n_experts, e_params, e_before, e_after = swap_experts(
+        model, recipe.matches, rtn_quantizer(recipe.bits, recipe.group_size, recipe.symmetric))
+    params, lin_before, lin_after = params + e_params, lin_before + e_before, lin_after + e_after
     return QuantizationSummary(
+        experts_modules=n_experts,
         linears=len(linears),
         quantized_params=params,
         model_mb_before=bytes_before / 1e6,

@@ -14,10 +14,20 @@ _LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
 def find_linears(model: nn.Module, recipe: WeightRecipe) -> list[tuple[str, nn.Linear]]:
     """``(name, module)`` of every ``nn.Linear`` in ``model`` that ``recipe`` selects, in module order.
 
-    MoE experts stored as fused 3-D parameters (transformers 5.x) are not
-    ``nn.Linear`` and are therefore not selected.
+    MoE experts stored as fused 3-D parameters (transformers 5.x) are not ``nn.Linear``:
+    ``find_experts_modules`` selects those.
     """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and recipe.matches(n)]
+
+
+def find_experts_modules(model: nn.Module, matches) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every fused-experts module (MoE) that ``matches(name)`` selects.
+
+    Raises ``ValueError`` naming a selected fused-experts class llmq does not know (``llmq.moe.families``).
+    """
+    from llmq.moe.families import find_experts
+
+    return find_experts(model, matches)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -5,12 +5,14 @@ from llmq.nn.quant_linear import QuantLinear
 import llmq.nn.cpu_backend  # noqa: E402,F401  registers the cpu backend (ahead of torch on CPU)
 import llmq.nn.triton_backend  # noqa: E402,F401  registers the Triton backends (ahead of torch on CUDA)
 from llmq.nn.w8a8_linear import W8A8Linear  # noqa: E402  registers module kind "w8a8_linear"
+from llmq.nn.quant_experts import QuantExperts  # noqa: E402  registers module kind "quant_experts" (MoE)
+import llmq.nn.triton_experts  # noqa: E402,F401  registers the grouped-experts Triton backends
 
 
 def set_backend(model, name: str | None) -> None:
-    """Force backend ``name`` (``None`` = automatic) on every ``QuantLinear``/``W8A8Linear`` of ``model``."""
+    """Force backend ``name`` (``None`` = automatic) on every ``QuantLinear``/``W8A8Linear``/``QuantExperts``."""
     for module in model.modules():
-        if isinstance(module, (QuantLinear, W8A8Linear)):
+        if isinstance(module, (QuantLinear, W8A8Linear, QuantExperts)):
             module.set_backend(name)
 
 
@@ -27,4 +29,4 @@ def prepare(model, dtype=None) -> None:
             module.prepare(dtype)  # (meta = offloaded by accelerate: its first forward prepares it)
 
 
-__all__ = ["LinearSpec", "QuantLinear", "available_backends", "choose_backend", "prepare", "register_backend", "set_backend", "W8A8Linear"]
+__all__ = ["LinearSpec", "QuantLinear", "available_backends", "choose_backend", "prepare", "register_backend", "set_backend", "W8A8Linear", "QuantExperts"]

@@ -31,8 +31,11 @@ from tqdm.auto import tqdm
 
 
 from llmq.model.rtn import QuantizationSummary, model_bytes
-from llmq.model.swap import set_submodule
+from llmq.model.swap import find_experts_modules, set_submodule
+from llmq.nn.quant_experts import QuantExperts
 from llmq.nn.quant_linear import QuantLinear
+from llmq.pipeline.conversion import ConvertedCheckpoint
+from llmq.pipeline.experts import experts_statistics_mb, quantize_layer_experts
 from llmq.pipeline.lazy import (
     LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
 )
@@ -151,11 +154,13 @@ def forward_all(layer, inputs, device, replays, state, advance: bool = False) ->
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: LayerInputs | None,
-                   device: torch.device) -> tuple[int, int, int]:
-    """Quantize the selected Linears of one decoder ``layer`` in place (swapped for ``QuantLinear``).
+                   device: torch.device, moe_report: dict | None = None) -> tuple[int, int, int]:
+    """Quantize the selected Linears of one decoder ``layer`` in place (swapped for ``QuantLinear``),
+    then its fused MoE experts, if any (swapped for ``QuantExperts``; ``llmq.pipeline.experts``).
 
     ``inputs`` (when given) then become the quantized layer's outputs, the next layer's inputs.
-    Returns ``(#linears, #weights, float bytes of the linears)``.
+    Returns ``(#linears, #weights, float bytes of the linears and experts)``; ``moe_report`` (when
+    given) collects ``"experts_modules"`` and, per experts module, its fallbacks and token counts.
     """
     selected = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and recipe.matches(f"{prefix}.{n}")]
     qweights: dict[str, QuantizedWeight] = {}
@@ -198,6 +203,12 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
         n_weights += linear.weight.numel()
         n_bytes += linear.weight.numel() * 4
         set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
+    report = {} if moe_report is None else moe_report
+    run = None if inputs is None else (lambda: forward_all(layer, inputs, device, replays, state))
+    n_experts, e_weights = quantize_layer_experts(layer, prefix, recipe, method_args(recipe), run, _StopForward,
+                                                  report.setdefault("modules", {}))
+    report["experts_modules"] = report.get("experts_modules", 0) + n_experts
+    n_weights, n_bytes = n_weights + e_weights, n_bytes + e_weights * 4
     if inputs is not None:
         forward_all(layer, inputs, device, replays, state, advance=True)
     return len(selected), n_weights, n_bytes
@@ -247,6 +258,7 @@ def _check_calibration(recipe: WeightRecipe, input_ids: torch.Tensor | None) -> 
 def check_selection(model: nn.Module, prefix: str, recipe: WeightRecipe) -> None:
     """Every selected Linear must sit in a decoder layer; at least one must be selected."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and recipe.matches(n)]
+    names += [n for n, _ in find_experts_modules(model, recipe.matches)]  # fused MoE experts; unknown class: refused
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
         raise ValueError(f"the layer pipeline quantizes Linears inside the decoder layers only, but the recipe "
@@ -288,8 +300,8 @@ def quantize_layerwise(
     start = time.perf_counter()
     _check_calibration(recipe, calibration_ids)
     device = default_device(device)
-    ckpt = LazyCheckpoint(folder)
     model = empty_model(folder, trust_remote_code)
+    ckpt = ConvertedCheckpoint(LazyCheckpoint(folder), model)  # by module name, as from_pretrained converts
     prefix, layers = find_decoder_layers(model)
     check_selection(model, prefix, recipe)
     hidden = model.config.hidden_size
@@ -304,10 +316,14 @@ def quantize_layerwise(
         acts_mb += calibration_ids.numel() * (hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * 4 / 1e6
         acts_mb += _block_loss_mb(recipe, calibration_ids, hidden, batch_size)
     quant_mb = ckpt.numel(f"{prefix}.") * (recipe.bits + 1) / 8 / 1e6  # codes + scales/zeros, roughly
+    # GPTQ / AWQ on fused experts: one [K, K] statistic per expert (llmq.pipeline.experts); layer 0's
+    # skeleton gives the shapes (every MoE layer of the families llmq knows has the same experts)
+    stats_mb = max(experts_statistics_mb(layer, recipe, method_args(recipe)) for layer in layers)
     base = current_rss_mb() if device.type == "cpu" else 0.0
     acts_on_host = check_memory_plan(max_memory_mb, {"process": base, "embeddings and head": outer_mb,
                                                      "one layer": layer_mb, "calibration activations": acts_mb,
-                                                     "quantized layers": quant_mb}, device)
+                                                     "quantized layers": quant_mb,
+                                                     "expert statistics": stats_mb}, device)
     store = torch.device("cpu") if acts_on_host else device
 
     materialise_inputs_side(model, ckpt, device)
@@ -318,9 +334,10 @@ def quantize_layerwise(
     def load_layer(i):
         return materialise(model, f"{prefix}.{i}", ckpt, device)
 
-    n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress)
+    moe_report: dict = {}
+    n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress, moe_report)
     materialise_rest_on_host(model, ckpt)  # final norm, head
-    return model, _summary(model, n, weights, fp_bytes, ckpt.nbytes() / 1e6, start)
+    return model, _summary(model, n, weights, fp_bytes, ckpt.nbytes() / 1e6, start, moe_report)
 
 
 def quantize_model(
@@ -345,19 +362,20 @@ def quantize_model(
             if isinstance(module, nn.Embedding):
                 module.to(device)
         inputs = capture_layer0_inputs(model, layers, calibration_ids, batch_size, device, device)
+    moe_report: dict = {}
     n, weights, fp_bytes = _run_layers(layers, prefix, recipe, inputs, device, lambda i: layers[i].to(device),
-                                       progress)
+                                       progress, moe_report)
     model.to(home)
-    return _summary(model, n, weights, fp_bytes, before, start)
+    return _summary(model, n, weights, fp_bytes, before, start, moe_report)
 
 
-def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress) -> tuple[int, int, int]:
+def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress, moe_report) -> tuple[int, int, int]:
     bar = tqdm(range(len(layers)), desc=f"quantize ({recipe.method.value})", unit="layer", disable=not progress)
     n = weights = fp_bytes = 0
     for i in bar:
         t0 = time.perf_counter()
         layer = load_layer(i)
-        k, w, b = quantize_layer(layer, f"{prefix}.{i}", recipe, inputs, device)
+        k, w, b = quantize_layer(layer, f"{prefix}.{i}", recipe, inputs, device, moe_report)
         n, weights, fp_bytes = n + k, weights + w, fp_bytes + b
         if device.type == "cuda":
             layer.to("cpu")  # finished layers wait on the host
@@ -366,9 +384,12 @@ def _run_layers(layers, prefix, recipe, inputs, device, load_layer, progress) ->
     return n, weights, fp_bytes
 
 
-def _summary(model, n, weights, fp_bytes, before_mb, start) -> QuantizationSummary:
-    after = sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+def _summary(model, n, weights, fp_bytes, before_mb, start, moe_report) -> QuantizationSummary:
+    after = sum(m.storage_bytes() for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts)))
+    fallbacks = {name: {k: v for k, v in info.items() if k != "tokens"}
+                 for name, info in moe_report.get("modules", {}).items() if info["experts"]}
     return QuantizationSummary(
+        experts_modules=moe_report.get("experts_modules", 0), expert_fallbacks=fallbacks,
         linears=n, quantized_params=weights, model_mb_before=before_mb, model_mb_after=model_bytes(model) / 1e6,
         linear_mb_before=fp_bytes / 1e6, linear_mb_after=after / 1e6, bits_per_weight=8 * after / weights,
         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),

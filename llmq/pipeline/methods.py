@@ -36,13 +36,19 @@ LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str, str | None], ...] = (
     (("mlp.down_proj",), "mlp.up_proj", None),  # act(gate(x)) * up(x) is linear in up's rows
 )
 
+# MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
+# calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
+# block's experts; "rtn": round to nearest) — see docs/moe.md for the measurement behind the default
+MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "pooled"}
+
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
 # "calibration" records the data used and is not an algorithm parameter.
 METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.RTN: {"clip": None},
-    WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True},
+    WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True,
+                        **MOE_DEFAULTS},
     WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
-                       "scale_loss": "block", "block_windows": 16},
+                       "scale_loss": "block", "block_windows": 16, **MOE_DEFAULTS},
     WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0,
                        "keep": "group"},
 }
@@ -69,6 +75,12 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
         if not isinstance(args["block_windows"], int) or args["block_windows"] < 1:
             raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
                              f"got {args['block_windows']!r}")
+    if recipe.method in NEEDS_CALIBRATION:
+        if args["expert_fallback"] not in ("rtn", "pooled"):
+            raise ValueError(f"expert_fallback must be one of ('rtn', 'pooled') (what an MoE expert routed fewer "
+                             f"than expert_min_tokens calibration tokens gets), got {args['expert_fallback']!r}")
+        if not isinstance(args["expert_min_tokens"], int) or args["expert_min_tokens"] < 0:
+            raise ValueError(f"expert_min_tokens must be an integer >= 0, got {args['expert_min_tokens']!r}")
     if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
         raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
                          f"choice per tensor), got {args['keep']!r}")

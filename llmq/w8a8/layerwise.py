@@ -47,6 +47,7 @@ from llmq.pipeline.layerwise import (
     LayerInputs, capture_layer0_inputs, check_memory_plan, check_selection, default_device, find_decoder_layers,
     forward_all,
 )
+from llmq.pipeline.conversion import ConvertedCheckpoint
 from llmq.pipeline.lazy import (
     LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
 )
@@ -169,8 +170,8 @@ def quantize_layerwise_w8a8(
     check_calibration_batches(recipe, batches)
     weight_recipe = weight_recipe or w8a8_weight_recipe()
     device = default_device(device)
-    ckpt = LazyCheckpoint(folder)
     model = empty_model(folder, trust_remote_code)
+    ckpt = ConvertedCheckpoint(LazyCheckpoint(folder), model)  # by module name, as from_pretrained converts
     prefix, layers = find_decoder_layers(model)
     check_selection(model, prefix, weight_recipe)
     if recipe.smoothquant_alpha is not None:
