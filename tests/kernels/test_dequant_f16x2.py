@@ -97,8 +97,10 @@ def _layer(k, n, bits, group, kind):
     w = torch.randn(n, k) / k**0.5
     if kind == "float":
         from llmq.algorithms import HQQ
-        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n))
-    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n))
+        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n),
+                                          backend="torch")  # canonical layout held
+    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n),
+                                      backend="torch")  # canonical layout held (not the cpu backend's)
 
 
 @pytest.mark.parametrize("k,n", [(300, 70), (256, 129), (520, 200), (512, 256)],

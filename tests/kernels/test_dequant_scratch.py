@@ -19,8 +19,10 @@ def _layer(bits, group, kind, k=300, n=70):
     w = torch.randn(n, k) / k**0.5
     if kind == "float":
         from llmq.algorithms import HQQ
-        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n))
-    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n))
+        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n),
+                                          backend="torch")  # canonical layout held
+    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n),
+                                      backend="torch")  # canonical layout held (not the cpu backend's)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
