@@ -7,7 +7,11 @@
 # 2026-11-26 (BENCHMARKS.md) — GPU tests ~90 s at -n 12 (compiles dominate), bench_kernels ~22 s per
 # linear shape with CUDA-graph timings (8 shapes), KV attention 21 s, int8 GEMM 32 s, a 32k generate
 # pair 40 s (+ ~30 s to build a 7B model with int4 weights). The benchmarks write their JSON as they go.
-# Each stage runs under its own time limit (cut to fit TOTAL_SECONDS, default 540) so a slow or
+# The stages run in priority order (weight kernels, KV kernel, MoE, compiled decode, generate, the
+# rest); their limits add up to more than 570 s, so the last ones are skipped when the call's time
+# runs out. GPU_STAGES=name,name,... runs only the named stages (e.g. a second call:
+# GPU_STAGES=bench_compile,bench_generate,bench_kernels_int8 bash scripts/gpu_session.sh results/gpu2).
+# Each stage runs under its own time limit (cut to fit TOTAL_SECONDS, default 570) so a slow or
 # failing stage costs only itself; logs, JSON and plots go to RESULTS_DIR (default results/gpu) and,
 # after every stage, into SNAPSHOT (default RESULTS_DIR.tgz), so whatever finished survives a kill. Needs the GPU
 # image's torch / triton / transformers; installs llmq itself without dependencies or network.
@@ -24,6 +28,7 @@ snapshot() { tar czf "$SNAPSHOT" -C "$(dirname "$RESULTS")" "$(basename "$RESULT
 # stage NAME SECONDS CMD...: run CMD with a limit of SECONDS (never past TOTAL), log to RESULTS/NAME.log
 stage() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_STAGES:-}" ] && [[ ",$GPU_STAGES," != *",$name,"* ]]; then return; fi
   local left=$((TOTAL - (SECONDS - START) - 10))
   if [ "$left" -lt 20 ]; then echo "=== $name SKIPPED: ${left}s left"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -52,13 +57,10 @@ TAIL=45 stage bench_kernels_int4 230 python3 scripts/bench_kernels.py --models l
   --crossover "$RESULTS/crossover.json"
 TAIL=40 stage bench_kv_attention 70 python3 scripts/bench_kv_attention.py --contexts 32768 --sweep \
   --out "$RESULTS/bench_kv_attention"
-TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
-TAIL=20 stage bench_generate 110 python3 scripts/bench_generate.py --contexts 32768 --weights fp int4 \
-  --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate"
-TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 2 --ms 1 16 4096 --models llama-2-70b \
-  --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
-TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
-  --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"
+# --- MoE (issue 18) -------------------------------------------------------------------------------
+# grouped quantized-experts kernel vs the torch backend vs float experts, one Qwen3-30B-A3B MoE layer
+TAIL=12 stage bench_moe 60 python3 scripts/bench_moe.py --tokens 1 4 16 64 256 --out "$RESULTS/bench_moe.json"
+# --- end MoE ---------------------------------------------------------------------------------------
 # --- issue 16: compiled decode with static caches (llmq bench --compile) --------------------------------
 # Static caches + torch.compile(mode="reduce-overhead": CUDA graphs), 7B-shaped random model, 32k context,
 # fp vs int4 weights x fp16 vs int4 KV, batch 1 and the largest batch in 80 GB, plus the eager fp16 baseline.
@@ -68,8 +70,11 @@ TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --as
 TAIL=30 stage bench_compile 240 python3 -m llmq.cli.main bench --compile --contexts 32768 --weights int4 fp \
   --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/bench_compile"
 # --- end issue 16 -------------------------------------------------------------------------------------------
-# --- MoE (issue 18) -------------------------------------------------------------------------------
-# grouped quantized-experts kernel vs the torch backend vs float experts, one Qwen3-30B-A3B MoE layer
-TAIL=12 stage bench_moe 60 python3 scripts/bench_moe.py --tokens 1 4 16 64 256 --out "$RESULTS/bench_moe.json"
-# --- end MoE ---------------------------------------------------------------------------------------
+TAIL=20 stage bench_generate 110 python3 scripts/bench_generate.py --contexts 32768 --weights fp int4 \
+  --kv fp 4 --new-tokens 32 --memory-budget-gb 80 --out "$RESULTS/generate"
+TAIL=52 stage bench_int8_gemm 40 python3 scripts/bench_int8_gemm.py --out "$RESULTS/bench_int8_gemm"
+TAIL=12 stage bench_kernels_int8 45 python3 scripts/bench_kernels.py --bits 8 2 --ms 1 16 4096 --models llama-2-70b \
+  --out "$RESULTS/bench_kernels_int8.json" --plot "$RESULTS/bench_kernels_int8.png"
+TAIL=12 stage bench_kernels_float_zeros 40 python3 scripts/bench_kernels.py --asym --zero-point float --ms 1 16 4096 \
+  --models llama-2-70b --out "$RESULTS/bench_kernels_float_zeros.json" --plot "$RESULTS/bench_kernels_float_zeros.png"
 echo "=== done in $((SECONDS - START))s"
