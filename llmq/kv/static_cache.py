@@ -299,9 +299,14 @@ class QuantizedStaticCache(Cache):
                              "sliding-window layers: use llmq.QuantizedKVCache (dynamic), which keeps them in "
                              "transformers' window cache")
         self._config = cfg
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         super().__init__(layers=[QuantizedStaticLayer(self.recipe, max_cache_len, self.uses_fused_attention)
                                  for _ in range(cfg.num_hidden_layers)])
+
+    @property
+    def max_cache_len(self) -> int:
+        # a property, not an attribute: transformers 5.17's Cache defines a read-only (deprecated) one
+        return self._max_cache_len
 
     def uses_fused_attention(self) -> bool:
         return getattr(self._config, "_attn_implementation", None) == ATTN_IMPLEMENTATION

@@ -145,6 +145,10 @@ def _derived(layer, build):
     Held outside the layer's buffers (never saved, never moved) and keyed by the buffers' identity and
     version counters, so loading a state dict, ``.to()`` or an in-place edit of ``scales`` invalidates it.
     """
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the data-pointer key; inside a graph the few elementwise ops are traced
+        # (and fused) instead of cached
+        return build(layer)
     zp = layer.zero_points
     key = (layer.scales.data_ptr(), layer.scales._version, layer.scales.dtype,
            None if zp is None else (zp.data_ptr(), zp._version))
