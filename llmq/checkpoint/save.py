@@ -24,6 +24,11 @@ log = logging.getLogger("llmq")
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.llmq-(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
 
+# files that mark a folder as a model or export written by llmq / transformers (what --force may replace):
+# a Hugging Face model folder (config.json) or an `llmq export --format onnx` folder (llmq_onnx.json)
+MODEL_FOLDER_MARKERS = ("config.json", "llmq_onnx.json")
+
+
 def _is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
@@ -33,7 +38,7 @@ def check_output_dir(out_dir: str | Path, force: bool, source_dir: str | Path | 
 
     Refuses: the source model's folder or anything inside/around it; an existing
     file; an existing non-empty folder unless ``force``; with ``force``, a non-empty folder
-    that is not a model folder (no ``config.json``): ``--force`` replaces an earlier output,
+    that is not a model folder (none of ``MODEL_FOLDER_MARKERS``): ``--force`` replaces an earlier output,
     never a folder of other files. Stale temporary folders of earlier killed runs beside
     ``out`` are cleaned up first (``clean_stale_temporaries``).
     """
@@ -48,7 +53,7 @@ def check_output_dir(out_dir: str | Path, force: bool, source_dir: str | Path | 
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"output {out} exists and is not empty; pass --force to replace it")
-        if not (out / "config.json").is_file():
+        if not any((out / marker).is_file() for marker in MODEL_FOLDER_MARKERS):
             example = next(str(p.relative_to(out)) for p in sorted(out.rglob("*")) if not p.is_dir() or
                            not any(p.iterdir()))
             raise FileExistsError(f"output {out} is not a model folder (no config.json) but holds files "

@@ -52,6 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/bench", help="output folder for JSON and plot (default results/bench)")
 
 
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--compile`` option and its own settings (run by ``llmq.kv.bench_compile``)."""
+    p.add_argument("--compile", action="store_true",
+                   help="static caches + torch.compile'd decode step (CUDA graphs on a GPU); writes "
+                        "bench_compile.json/png (llmq.kv.bench_compile)")
+    p.add_argument("--compile-backend", default=None, choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend for --compile (default: inductor on CUDA, eager on CPU)")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -62,8 +71,6 @@ def register(sub) -> None:
                     "speed number).",
     )
     add_arguments(p)
-    from llmq.kv.bench_compile import add_compile_arguments
-
     add_compile_arguments(p)  # --compile: static caches + torch.compile (llmq.kv.bench_compile)
     p.set_defaults(func=run)
 

@@ -37,15 +37,6 @@ import torch
 from llmq.kv.bench import build_model, run_one
 
 
-def add_compile_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``--compile`` option and its own settings (the other options are ``llmq.kv.bench``'s)."""
-    p.add_argument("--compile", action="store_true",
-                   help="static caches + torch.compile'd decode step (CUDA graphs on a GPU); writes "
-                        "bench_compile.json/png (llmq.kv.bench_compile)")
-    p.add_argument("--compile-backend", default=None, choices=["inductor", "aot_eager", "eager"],
-                   help="torch.compile backend for --compile (default: inductor on CUDA, eager on CPU)")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -304,7 +295,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmq.kv.bench import add_arguments
+    from llmq.cli.bench import add_arguments, add_compile_arguments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)

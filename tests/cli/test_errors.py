@@ -264,7 +264,12 @@ def test_interrupt_during_save_leaves_nothing(sig, tiny_model_dir, tmp_path, cap
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted_save)
     out = tmp_path / "o"
-    code, stdout, err = run_cli(capsys, "quantize", tiny_model_dir, "--out", out)
+    # a pytest-xdist worker may ignore SIGINT; a user's shell process has Python's default handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, stdout, err = run_cli(capsys, "quantize", tiny_model_dir, "--out", out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 128 + getattr(signal, sig)
     assert f"llmq quantize: interrupted by {sig}; nothing was written ({out} is as it was)" in err
     assert "Traceback" not in err and stdout == ""

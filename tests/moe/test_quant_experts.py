@@ -165,7 +165,7 @@ def test_save_load_round_trip_identical_logits(saved_int4):
 
 
 def test_inspect_lists_the_experts(saved_int4, capsys):
-    from llmq.cli.inspect import describe
+    from llmq.checkpoint.describe import describe
 
     root, _ = saved_int4
     info = describe(root / "q")

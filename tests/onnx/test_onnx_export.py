@@ -20,6 +20,7 @@ from torch import nn
 
 from llmq.cli.main import main as cli
 from llmq.model.rtn import quantize_model_rtn
+from llmq.nn import set_backend
 from llmq.nn.quant_linear import QuantLinear
 from llmq.onnx import OnnxCausalLM, export_onnx
 from llmq.qat import prepare_qat
@@ -101,6 +102,7 @@ def test_onnxruntime_logits_match_llmq_modules(tmp_path, case):
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version == 21
     x = ids(2, 40)
+    set_backend(model, "torch")  # the reference: on CPU the automatic choice is the bf16 `cpu` backend
     with torch.no_grad():
         ref = model(input_ids=x, use_cache=False).logits
     got = OnnxCausalLM(res.path)(input_ids=x).logits
@@ -147,6 +149,7 @@ def test_fixed_sequence_axis(tmp_path):
     inp = onnx.load(str(res.model_file)).graph.input[0]
     assert [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", 16]
     x = ids(1, 16)
+    set_backend(model, "torch")  # the reference, not the bf16 `cpu` backend
     with torch.no_grad():
         ref = model(input_ids=x, use_cache=False).logits
     assert_logits_match(ref, OnnxCausalLM(res.path)(input_ids=x).logits, EXACT)
@@ -198,6 +201,7 @@ def test_cli_exports_a_checkpoint_atomically(tmp_path, tiny_model_dir):
     from llmq.api import load
 
     model, _ = load(ckpt, dtype=torch.float32)
+    set_backend(model, "torch")  # the reference, not the bf16 `cpu` backend
     x = ids(1, 8)
     with torch.no_grad():
         ref = model(input_ids=x, use_cache=False).logits
