@@ -12,6 +12,7 @@ from llmq.checkpoint import build_quantization_config, save_quantized
 from llmq.checkpoint.export import export_checkpoint
 from llmq.cli.main import main
 from llmq.model.rtn import quantize_model_rtn
+from llmq.nn import set_backend
 from llmq.nn.backends import dequantize_packed
 from llmq.quant.packing import unpack_bitstream
 from llmq.recipes import WeightRecipe
@@ -102,6 +103,7 @@ def test_transformers_loads_a_symmetric_export(tmp_path, recipe):
     out = export_checkpoint(src, tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     x = torch.randint(0, 320, (2, 11))
+    set_backend(model, "torch")  # llmq's reference numerics, not the bf16 `cpu` backend
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-4, rtol=0)
 
