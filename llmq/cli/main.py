@@ -40,7 +40,20 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _quiet_finalizers_of_interrupted_objects() -> None:
+    """Silence errors raised by finalizers from here to the end of the process.
+
+    A signal lands between any two bytecodes, so it can land inside a constructor: a progress bar
+    interrupted in ``tqdm.__init__`` lacks attributes that its ``__del__`` reads, and Python prints
+    "Exception ignored in ... AttributeError" when it is collected, after the one line that already
+    reported the interrupt. Such a failure is a consequence of the interrupt, not a new error; the
+    process is about to exit.
+    """
+    sys.unraisablehook = lambda unraisable: None
+
+
 def _interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> int:
+    _quiet_finalizers_of_interrupted_objects()
     name, code = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("SIGINT", 128 + signal.SIGINT)
     what = f"llmq {args.command}: interrupted by {name}"
     if args.command in WRITERS:

@@ -292,6 +292,30 @@ def test_sigterm_from_outside_during_quantize(tmp_path):
     assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["m", "text.txt"]
 
 
+def test_interrupt_inside_a_constructor_prints_only_the_one_line(tmp_path):
+    """The signal lands inside a progress bar's ``__init__`` (seen in CI with tqdm 4.66): the half-built
+    bar's ``__del__`` fails when collected. The user still sees only the one interrupt line."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "import llmq.cli.quantize as quantize\n"
+        "from llmq.cli.main import Terminated, main\n"
+        "class HalfBuilt:\n"
+        "    def __init__(self):\n"
+        "        raise Terminated()  # the signal, before the attribute below is set\n"
+        "        self.last_print_t = 0\n"
+        "    def __del__(self):\n"
+        "        self.last_print_t\n"
+        "quantize.run = lambda args: HalfBuilt()\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(script), "quantize", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"llmq quantize: interrupted by SIGTERM; nothing was written "
+                                                f"({out} is as it was)"]
+
+
 def _long_text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TINY_TEXT * 40)
