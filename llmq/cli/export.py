@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--seq-len", type=int, default=None,
                    help="onnx only: fixed sequence length (default: a dynamic sequence axis)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="onnx only: add past_key_values.{i}.key/value inputs and present.{i}.key/value outputs "
+                   "so that one graph runs the prompt and each decode step")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out model folder (a folder without config.json is never replaced)")
     p.set_defaults(func=run)
@@ -38,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == ONNX:
         from llmq.onnx import export_onnx
 
-        print(export_onnx(args.model, args.out, seq_len=args.seq_len, force=args.force))
+        print(export_onnx(args.model, args.out, seq_len=args.seq_len, force=args.force, kv_cache=args.kv_cache))
         return 0
-    if args.seq_len is not None:
-        raise ValueError("--seq-len applies to --format onnx only")
+    if args.seq_len is not None or args.kv_cache:
+        raise ValueError("--seq-len and --kv-cache apply to --format onnx only")
     from llmq.checkpoint.export import export_checkpoint
 
     out = export_checkpoint(args.model, args.out, args.format, force=args.force)

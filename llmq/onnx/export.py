@@ -5,6 +5,7 @@
     from llmq.onnx import export_onnx
     export_onnx("ckpt/", "onnx/")                      # dynamic batch and sequence axes
     export_onnx(model, "onnx/", seq_len=512, tokenizer=tok)   # e.g. a QAT model before convert_qat
+    export_onnx("ckpt/", "onnx-kv/", kv_cache=True)     # + past/present key-value inputs and outputs (decode)
 
 ``DIR`` holds ``model.onnx`` (opset 21; weights inside, or in ``model.onnx.data`` beside it past
 1.8 GB, the protobuf limit), ``llmq_onnx.json`` (what was exported: per Linear kind counts, opset,
@@ -41,12 +42,14 @@ class OnnxExport:
     linears: dict[str, int]  # module kind -> count
     seq_len: int | None
     opset: int
+    kv_cache: bool = False
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.linears.items()))
         axis = "dynamic" if self.seq_len is None else str(self.seq_len)
+        cache = ", with KV-cache inputs/outputs" if self.kv_cache else ""
         return (f"wrote {self.model_file} ({self.bytes_on_disk / 1e6:.1f} MB, opset {self.opset}, sequence axis "
-                f"{axis}): {kinds}")
+                f"{axis}{cache}): {kinds}")
 
 
 def linear_kinds(model: nn.Module) -> dict[str, int]:
@@ -69,12 +72,15 @@ def linear_kinds(model: nn.Module) -> dict[str, int]:
 
 
 def export_onnx(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, seq_len: int | None = None,
-                force: bool = False, tokenizer=None, trust_remote_code: bool = False) -> OnnxExport:
+                force: bool = False, tokenizer=None, trust_remote_code: bool = False,
+                kv_cache: bool = False) -> OnnxExport:
     """Write ``source`` as ONNX into ``out_dir`` (see module docstring); returns what was written.
 
     Args:
         source: an llmq checkpoint folder (or a float model folder / short name), or a model in memory.
         seq_len: fixed sequence length, or ``None`` for a dynamic sequence axis.
+        kv_cache: add ``past_key_values.{i}.key/value`` inputs and ``present.{i}.key/value`` outputs
+            (``llmq.onnx.llama``); ``llmq.onnx.OnnxCausalLM`` feeds them back for decoding.
         tokenizer: saved beside the model when ``source`` is a module (a folder brings its own).
 
     Raises ``ValueError`` (before anything is written) for what ONNX cannot hold: float zero
@@ -92,7 +98,7 @@ def export_onnx(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLik
         model, tokenizer = load(source_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     out = check_output_dir(out_dir, force, source_dir=source_dir)
     model.eval()
-    proto = build_llama_graph(model, seq_len, OPSET)  # refuses what it cannot express, before any write
+    proto = build_llama_graph(model, seq_len, OPSET, kv_cache=kv_cache)  # refuses what it cannot express, before any write
     kinds = linear_kinds(model)
     with atomic_output_dir(out, force) as tmp:
         path = tmp / "model.onnx"
@@ -103,12 +109,12 @@ def export_onnx(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLik
         meta = {"format": "onnx", "opset": OPSET, "seq_len": seq_len, "inputs": {"input_ids": ["batch", seq_len or
                 "sequence"]}, "outputs": {"logits": ["batch", seq_len or "sequence", model.config.vocab_size]},
                 "linears": kinds, "source": None if source_dir is None else str(source_dir),
-                "kv_cache": False, "producer": "llmq.onnx.export_onnx"}
+                "kv_cache": kv_cache, "producer": "llmq.onnx.export_onnx"}
         (tmp / "llmq_onnx.json").write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         size = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
-    return OnnxExport(out, out / "model.onnx", size, kinds, seq_len, OPSET)
+    return OnnxExport(out, out / "model.onnx", size, kinds, seq_len, OPSET, kv_cache)
 
 
 def export_summary(result: OnnxExport) -> dict:

@@ -206,3 +206,42 @@ def test_cli_exports_a_checkpoint_atomically(tmp_path, tiny_model_dir):
     with torch.no_grad():
         ref = model(input_ids=x, use_cache=False).logits
     assert_logits_match(ref, OnnxCausalLM(out)(input_ids=x).logits, EXACT)
+
+
+@pytest.mark.parametrize("case", ["float", "int4-g32-asym", "w8a8-static-kl", "w8a8-dynamic"])
+def test_kv_cache_graph_decodes_as_the_full_sequence_prefill(tmp_path, case):
+    """Prompt (P = 0) then single-token steps fed their own ``present`` outputs give the logits of
+    one prefill over the whole sequence, and the cache grows by one token per step."""
+    make, tier = CASES[case]
+    model = make()
+    res = export_onnx(model, tmp_path / "o", kv_cache=True)
+    proto = onnx.load(str(res.model_file))
+    onnx.checker.check_model(proto, full_check=True)
+    layers, cfg = len(model.model.layers), model.config
+    assert [i.name for i in proto.graph.input][:3] == ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert len(proto.graph.output) == 1 + 2 * layers and proto.graph.output[-1].name == f"present.{layers - 1}.value"
+    x = ids(2, 12)
+    set_backend(model, "torch")
+    with torch.no_grad():
+        ref = model(input_ids=x, use_cache=False).logits
+    lm = OnnxCausalLM(res.path)
+    out = lm(input_ids=x[:, :8], use_cache=True)
+    steps = [out.logits]
+    for t in range(8, 12):
+        out = lm(input_ids=x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    assert_logits_match(ref, torch.cat(steps, dim=1), tier)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert out.past_key_values[0][0].shape == (2, cfg.num_key_value_heads, 12, head_dim)
+    assert_logits_match(ref, lm(input_ids=x).logits, tier)  # no past given: the prefill that perplexity runs
+
+
+def test_kv_cache_misuse_is_refused(tmp_path, tiny_model_dir, capsys):
+    model = rtn(4, 64, True)()
+    with pytest.raises(ValueError, match="leave seq_len unset"):
+        export_onnx(model, tmp_path / "fixed", seq_len=8, kv_cache=True)
+    res = export_onnx(model, tmp_path / "prefill")
+    with pytest.raises(ValueError, match="--kv-cache"):
+        OnnxCausalLM(res.path)(input_ids=ids(1, 4), use_cache=True)
+    assert cli(["export", str(tiny_model_dir), "--format", "gptq", "--out", str(tmp_path / "g"), "--kv-cache"]) != 0
+    assert "--kv-cache apply to --format onnx only" in capsys.readouterr().err
