@@ -18,6 +18,8 @@ Weights are read in the canonical ``QuantLinear`` layout per expert (``llmq.quan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -146,17 +148,35 @@ def moe_grouped_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if num_pairs == 0:
         return out
     a = a.contiguous()
-    block_n = 32 if interpreting() else 64
-    grid = (expert_ids.numel(), triton.cdiv(n, block_n))
-    zero_mode = 0 if zeros is None else 1
-    fp32 = a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and interpreting())
-    moe_grouped_kernel[grid](
+    pl = plan(expert_ids.numel(), n, bits, a.dtype, zeros is not None, block_m, interpreting())
+    moe_grouped_kernel[pl.grid](
         a, sorted_pairs, expert_ids, qweight, scales, zeros if zeros is not None else scales, out,
         num_pairs, n, k, group_size, g, rows, a_div,
         a.stride(0), out.stride(0),
-        BITS=bits, P=p, ZERO_MODE=zero_mode, FP32_DOT=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        **pl.constexprs,
     )
     return out
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    """How ``moe_grouped_matmul`` launches: the grid and the kernel's constexprs (what the cost report
+    compiles, so the two cannot drift)."""
+
+    grid: tuple[int, int]  # (blocks, column tiles)
+    constexprs: dict
+
+
+def plan(blocks: int, n: int, bits: int, act_dtype: torch.dtype, has_zeros: bool, block_m: int,
+         interpret: bool = False) -> MoEPlan:
+    """The launch for ``blocks`` row blocks (``align_block_size``'s ``expert_ids`` length) of an ``[*, K] @ [K, N]``
+    grouped matmul. Pure: no tensors. Under the interpreter the column tile is narrower (speed) and bf16
+    takes the fp32 dot (the interpreter's bf16 dot rounds differently from the GPU's)."""
+    block_n = 32 if interpret else 64
+    fp32 = act_dtype == torch.float32 or (act_dtype == torch.bfloat16 and interpret)
+    return MoEPlan((blocks, triton.cdiv(n, block_n)),
+                   dict(BITS=bits, P=codes_per_word(bits), ZERO_MODE=int(has_zeros), FP32_DOT=fp32, BLOCK_M=block_m,
+                        BLOCK_N=block_n, BLOCK_K=BLOCK_K))
 
 
 def moe_grouped_reference(a, qweight, scales, zeros, top_k_index, a_div, bits, group_size) -> torch.Tensor:

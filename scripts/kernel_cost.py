@@ -5,6 +5,7 @@ its hot loop's SASS and predict its time on an H200 / H100 (no GPU needed; docs/
     python scripts/kernel_cost.py                                  # 4-bit g128 fp16, 8192x8192 and 8192x28672, M 1/16/4096
     python scripts/kernel_cost.py --bits 2 4 8 --ms 1 16 --device h100 --out cost.json
     python scripts/kernel_cost.py --fit                            # the model against BENCHMARKS.md's H200 run 1
+    python scripts/kernel_cost.py --moe --ms 1 16 64               # the grouped MoE kernel (kernels/moe_cost.py)
 
 One JSON record per (kernel, config, shape, M): ``instr_per_code``, ``dram_us``, ``issue_us``,
 ``predicted_us``, ``bound``, the per-class counts and the rest (``llmq.kernels.cost_cases.Record``).
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="table: every autotune candidate, not just the model's pick")
     ap.add_argument("--out", default=None, help="JSON output (one record per kernel, config, shape, M)")
     ap.add_argument("--fit", action="store_true", help="compare the model with the H200 run 1 measurements")
+    ap.add_argument("--moe", action="store_true", help="the grouped MoE kernel on Mixtral / Qwen3-MoE layer shapes, "
+                    "--ms = tokens per decode step (cublas_fp16_us = the touched experts' fp16 weight at bandwidth)")
     ap.add_argument("--crossover", metavar="JSON", help="write the predicted crossover table (llmq/data/kernel_crossover.json "
                     "format) for --bits on h200 and h100 (default device: --device)")
     a = ap.parse_args(argv)
@@ -128,6 +131,10 @@ def main(argv=None) -> int:
         tab, rows = crossover_table(devs, a.bits, a.capability)
         write_json(a.crossover, tab)
         records = rows
+    elif a.moe:
+        from llmq.kernels.moe_cost import moe_records
+        records = moe_records(device, tokens=a.ms, bits=a.bits, capability=a.capability)
+        print(table(records, every=True))
     elif a.fit:
         from kernel_cost_fit import fit_report  # scripts/ is on sys.path when run as a script
         records, text = fit_report(device)
