@@ -79,15 +79,16 @@ def launch_cases(shape: MoEShape, tokens: int, bits: int = 4, group_size: int = 
         size = {"fp16": 2, "bf16": 2, "fp32": 4}[act]
         dram = round(touched * per_expert) + rows_in * k * size + pairs * n * size
         all_blocks = -(-pairs // BLOCK_M) + shape.experts
-        pl = moe_grouped.plan(all_blocks, n, bits, w.act_dtype, zeros != "none", BLOCK_M)
+        pl = moe_grouped.plan(all_blocks, n, k, bits, group_size, w.act_dtype, zeros, BLOCK_M)
         groups = -(-k // group_size)
         args = {**_pointers(w.act_dtype, zeros), "num_pairs": pairs, "N": n, "K": k, "group_size": group_size,
                 "num_groups": groups, "packed_rows": -(-k // pl.constexprs["P"]), "a_div": a_div,
                 "stride_am": k, "stride_om": n, **pl.constexprs}
-        trips = -(-k // moe_grouped.BLOCK_K)
+        rows = -(-k // pl.constexprs["P"])
+        trips = -(-rows // moe_grouped.BLOCK_W)
         case = Case("moe-grouped", f"moe-{part}", f"{shape.name} T={tokens} w{NUM_WARPS}s{NUM_STAGES}", w,
                     moe_grouped.moe_grouped_kernel, args, NUM_WARPS, NUM_STAGES, used_blocks * pl.grid[1], trips,
-                    moe_grouped.BLOCK_K * pl.constexprs["BLOCK_N"], dram, 2 * pairs * n * k)
+                    moe_grouped.BLOCK_W * pl.constexprs["P"] * pl.constexprs["BLOCK_N"], dram, 2 * pairs * n * k)
         out.append((case, touched * k * n * 2))
     return out
 

@@ -14,6 +14,18 @@ unused blocks (expert id -1) run no K step.
 
 Weights are read in the canonical ``QuantLinear`` layout per expert (``llmq.quant.packing``):
 ``qweight[e, k // P, n]`` bit field ``k % P``, so every bit width (2, 3, 4, 8) runs.
+
+The K loop (per step, ``BLOCK_W`` packed word rows = ``BLOCK_W * P`` input features)::
+
+    words [BLOCK_W, BLOCK_N]             one load per packed word
+    for field i < P:                     feature k = r*P + i of word row r
+        a_i  [BLOCK_M, BLOCK_W]          the pairs' activations at those features (stride-P gather)
+        cz_i [BLOCK_W, BLOCK_N]          code - zero (exact integers; fp16 via 0x6400 | code)
+        step += a_i @ cz_i               tensor cores
+    acc += step * scale[group]           once per step, when the step lies inside one group
+
+Groups smaller than a step (and int3's 10 fields) scale every code before the dot instead
+(``plan`` decides; docs/moe.md has the cost report's numbers for both).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import triton.language as tl
 from llmq.kernels.interpreter import interpreting
 from llmq.quant.packing import codes_per_word
 
-BLOCK_K = 32
+BLOCK_W = 16  # packed word rows per K step (tl.dot needs K >= 16): BLOCK_W * P input features
 
 
 @triton.jit
@@ -39,8 +51,8 @@ def moe_grouped_kernel(
     # strides (a, out rows; the weight stacks are contiguous [E, rows, N])
     stride_am, stride_om,
     # meta
-    BITS: tl.constexpr, P: tl.constexpr, ZERO_MODE: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, P: tl.constexpr, ZERO_MODE: tl.constexpr, FP32_DOT: tl.constexpr, MAGIC_F16: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -58,26 +70,52 @@ def moe_grouped_kernel(
     s_base = s_ptr + e64 * num_groups * N
     z_base = z_ptr + e64 * num_groups * N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_end = tl.where(used, K, 0)
-    for kb in range(0, tl.cdiv(k_end, BLOCK_K)):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K]
-        wk_mask = k_mask[:, None] & n_mask[None, :]
-        words = tl.load(qw_base + (offs_k // P)[:, None] * N + offs_n[None, :], mask=wk_mask, other=0)
-        codes = ((words >> ((offs_k % P) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-        gidx = (offs_k // group_size)[:, None] * N + offs_n[None, :]
-        scale = tl.load(s_base + gidx, mask=wk_mask, other=0.0).to(tl.float32)
-        if ZERO_MODE == 0:  # symmetric: zero = 2**(bits-1)
-            zero = (1 << (BITS - 1)) * 1.0
-        else:  # uint8 integer or float zero points
-            zero = tl.load(z_base + gidx, mask=wk_mask, other=0).to(tl.float32)
-        w = (codes - zero) * scale  # [BLOCK_K, BLOCK_N]
-        if FP32_DOT:  # three-pass TF32 (~fp32 accuracy); an IEEE fp32 dot spills on sm_90a
-            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(a, w.to(a.dtype), acc, out_dtype=tl.float32)
+    rows_end = tl.where(used, packed_rows, 0)
+    for wb in range(0, tl.cdiv(rows_end, BLOCK_W)):
+        # one load per packed word: BLOCK_W word rows = BLOCK_W * P input features
+        offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+        words = tl.load(qw_base + offs_w[:, None] * N + offs_n[None, :],
+                        mask=(offs_w < packed_rows)[:, None] & n_mask[None, :], other=0)  # [BLOCK_W, BLOCK_N]
+        if SCALE_AFTER_DOT:  # the whole step lies in one group: one scale (and zero) row, applied to the dot
+            g_row = (wb * BLOCK_W * P) // group_size * N + offs_n
+            scale = tl.load(s_base + g_row, mask=n_mask, other=0.0).to(tl.float32)
+            if ZERO_MODE == 0:
+                zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
+            else:
+                zero = tl.load(z_base + g_row, mask=n_mask, other=0).to(tl.float32)
+            step = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(P):
+            offs_k = offs_w * P + i  # canonical layout: field i of word row r is input feature r*P + i
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_W]
+            field = (words >> (i * BITS)) & ((1 << BITS) - 1)
+            if SCALE_AFTER_DOT:
+                if MAGIC_F16:  # fp16 1024 + code from the exponent bits, minus (1024 + zero): code - zero, exact
+                    h = (field | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                    cz = h - (zero + 1024.0).to(tl.float16)[None, :]
+                else:  # code - zero is an integer of at most 9 bits: exact in fp16, bf16 and fp32
+                    cz = (field.to(tl.float32) - zero[None, :]).to(a.dtype)
+                if FP32_DOT:  # three-pass TF32 (~fp32 accuracy); an IEEE fp32 dot spills on sm_90a
+                    step = tl.dot(a.to(tl.float32), cz.to(tl.float32), step, input_precision="tf32x3",
+                                  out_dtype=tl.float32)
+                else:
+                    step = tl.dot(a, cz, step, out_dtype=tl.float32)
+            else:  # groups smaller than a step (or int3's 10 fields): a scale row per word row
+                gidx = (offs_k // group_size)[:, None] * N + offs_n[None, :]
+                wk_mask = k_mask[:, None] & n_mask[None, :]
+                sc = tl.load(s_base + gidx, mask=wk_mask, other=0.0).to(tl.float32)
+                if ZERO_MODE == 0:  # symmetric: zero = 2**(bits-1)
+                    z = (1 << (BITS - 1)) * 1.0
+                else:  # uint8 integer or float zero points
+                    z = tl.load(z_base + gidx, mask=wk_mask, other=0).to(tl.float32)
+                w = (field.to(tl.float32) - z) * sc  # [BLOCK_W, BLOCK_N]
+                if FP32_DOT:
+                    acc = tl.dot(a.to(tl.float32), w, acc, input_precision="tf32x3", out_dtype=tl.float32)
+                else:
+                    acc = tl.dot(a, w.to(a.dtype), acc, out_dtype=tl.float32)
+        if SCALE_AFTER_DOT:
+            acc += step * scale[None, :]
     tl.store(out_ptr + pairs[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -148,7 +186,8 @@ def moe_grouped_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if num_pairs == 0:
         return out
     a = a.contiguous()
-    pl = plan(expert_ids.numel(), n, bits, a.dtype, zeros is not None, block_m, interpreting())
+    zero_kind = "none" if zeros is None else "float" if zeros.is_floating_point() else "int"
+    pl = plan(expert_ids.numel(), n, k, bits, group_size, a.dtype, zero_kind, block_m, interpreting())
     moe_grouped_kernel[pl.grid](
         a, sorted_pairs, expert_ids, qweight, scales, zeros if zeros is not None else scales, out,
         num_pairs, n, k, group_size, g, rows, a_div,
@@ -167,16 +206,28 @@ class MoEPlan:
     constexprs: dict
 
 
-def plan(blocks: int, n: int, bits: int, act_dtype: torch.dtype, has_zeros: bool, block_m: int,
-         interpret: bool = False) -> MoEPlan:
+def plan(blocks: int, n: int, k: int, bits: int, group_size: int, act_dtype: torch.dtype, zero_kind: str,
+         block_m: int, interpret: bool = False) -> MoEPlan:
     """The launch for ``blocks`` row blocks (``align_block_size``'s ``expert_ids`` length) of an ``[*, K] @ [K, N]``
-    grouped matmul. Pure: no tensors. Under the interpreter the column tile is narrower (speed) and bf16
-    takes the fp32 dot (the interpreter's bf16 dot rounds differently from the GPU's)."""
+    grouped matmul with ``group_size`` groups (K per channel) and ``zero_kind`` ``"none" | "int" | "float"``.
+    Pure: no tensors.
+
+    * ``SCALE_AFTER_DOT`` where a K step (``BLOCK_W * P`` features) never straddles a group: the codes
+      minus zero (exact small integers) go into the dot and the scale multiplies the step's [M, N] result,
+      not every code;
+    * ``MAGIC_F16`` for fp16 activations with integer zeros on that path: code - zero from the fp16
+      exponent trick (``0x6400 | code`` is 1024 + code), no int→float conversion per code;
+    * under the interpreter the column tile is narrower (speed) and bf16 takes the fp32 dot (the
+      interpreter's bf16 dot rounds differently from the GPU's).
+    """
+    p = codes_per_word(bits)
     block_n = 32 if interpret else 64
     fp32 = act_dtype == torch.float32 or (act_dtype == torch.bfloat16 and interpret)
+    after = group_size % (BLOCK_W * p) == 0 or group_size >= k
+    magic = after and act_dtype == torch.float16 and zero_kind != "float" and not fp32
     return MoEPlan((blocks, triton.cdiv(n, block_n)),
-                   dict(BITS=bits, P=codes_per_word(bits), ZERO_MODE=int(has_zeros), FP32_DOT=fp32, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_K=BLOCK_K))
+                   dict(BITS=bits, P=p, ZERO_MODE=0 if zero_kind == "none" else 1, FP32_DOT=fp32, MAGIC_F16=magic,
+                        SCALE_AFTER_DOT=after, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=BLOCK_W))
 
 
 def moe_grouped_reference(a, qweight, scales, zeros, top_k_index, a_div, bits, group_size) -> torch.Tensor:

@@ -30,7 +30,9 @@ def test_cases_are_the_launch():
     """The compiled constexprs are the launcher's plan; only touched experts' bytes count."""
     s = moe_cost.SHAPES["mixtral-8x7b"]
     (gate_up, fp16_gu), (down, _) = moe_cost.launch_cases(s, tokens=1)
-    pl = moe_grouped.plan(1 * 2 // 16 + 1 + s.experts, 2 * s.intermediate, 4, gate_up.workload.act_dtype, False, 16)
+    pl = moe_grouped.plan(1 * 2 // 16 + 1 + s.experts, 2 * s.intermediate, s.hidden, 4, 128,
+                          gate_up.workload.act_dtype, "none", 16)
+    assert pl.constexprs["SCALE_AFTER_DOT"] and pl.constexprs["MAGIC_F16"]
     assert {k: gate_up.args[k] for k in pl.constexprs} == pl.constexprs
     assert gate_up.args["a_div"] == s.top_k and down.args["a_div"] == 1
     per_expert = gate_up.workload.weight_bytes()

@@ -51,6 +51,35 @@ def test_kernel_matches_reference_with_idle_experts(bits, group_size, symmetric,
     assert torch.equal(out[1], torch.zeros(n))  # the pair routed nowhere
 
 
+# (bits, group_size, symmetric, K): steps of 16 packed rows (16*P features) inside one group take the
+# scale-after-dot path (fp16: the exponent-trick decode); a partial last step and per-channel included
+SCALE_AFTER_DOT_CASES = [(4, 128, True, 256), (4, 128, False, 200), (4, None, False, 200), (8, 64, True, 160),
+                         (8, None, True, 96), (2, None, False, 300), (4, 64, True, 128)]
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, k_in", SCALE_AFTER_DOT_CASES,
+                         ids=[f"int{b}-{'chan' if g is None else f'g{g}'}-{'sym' if s else 'asym'}-K{k}"
+                              for b, g, s, k in SCALE_AFTER_DOT_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_kernel_paths_match_reference_in_every_dtype(bits, group_size, symmetric, k_in, dtype, kernel_tol):
+    from llmq.kernels.moe_grouped import plan
+
+    e, n, tokens, top_k = 4, 40, 3, 2
+    stack = _stack(e, n, k_in, bits, group_size, symmetric)
+    g = k_in if group_size is None else group_size
+    after = plan(1, n, k_in, bits, g, dtype, "none" if symmetric else "int", 16).constexprs["SCALE_AFTER_DOT"]
+    step = 16 * {2: 16, 4: 8, 8: 4}[bits]  # features per K step
+    assert after == (group_size is None or group_size % step == 0)  # int4 g64 straddles steps: the per-row path
+    idx = torch.tensor([[0, 2], [2, 3], [0, 0]])
+    a = torch.randn(tokens, k_in).to(dtype)
+    sorted_pairs, expert_ids = align_block_size(idx, e, 16)
+    scales = stack.scales.to(torch.float16)
+    out = moe_grouped_matmul(a, stack.qweight, scales, stack.zero_points, sorted_pairs, expert_ids,
+                             tokens * top_k, top_k, bits, g, 16)
+    ref = moe_grouped_reference(a, stack.qweight, scales, stack.zero_points, idx, top_k, bits, g)
+    torch.testing.assert_close(out, ref, **kernel_tol[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_backend_matches_torch_backend(dtype, kernel_tol):
     experts = tiny_moe("qwen3_moe", num_experts=6).model.layers[0].mlp.experts
