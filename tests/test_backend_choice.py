@@ -160,3 +160,25 @@ def test_the_chooser_imports_no_backend():
     names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
     assert not [m for m in names if m.startswith("llmq")], names
+
+
+def test_cuda_specs_pick_triton_for_every_op_kind(monkeypatch):
+    """No GPU needed: the choice reads only the spec (and the device's capability, patched here)."""
+    from llmq.kv.attention import KVAttentionSpec
+    from llmq.nn.backends import LinearSpec
+    from llmq.nn.expert_backends import ExpertsSpec
+    from llmq.nn.w8a8_linear import W8A8Spec
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    f16 = torch.float16
+    specs = {"weight-matmul": LinearSpec(64, 32, 4, 32, False, "cuda", f16),
+             "w8a8-matmul": W8A8Spec(64, 32, False, "cuda", f16),
+             "experts": ExpertsSpec(4, 64, 32, 4, 32, False, "int", "cuda", f16),
+             "kv-attention": KVAttentionSpec("cuda", f16)}
+    assert set(specs) == set(bc.REGISTRIES)
+    for op, spec in specs.items():
+        assert bc.REGISTRIES[op].choose(spec).name == "triton", op
+        assert bc.REGISTRIES[op].choose(spec, forced="torch").name == "torch", op
+        with pytest.raises(ValueError, match="forced backend 'triton-interpret' cannot run .*CPU only"):
+            bc.REGISTRIES[op].choose(spec, forced=INTERPRET)
