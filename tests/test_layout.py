@@ -60,10 +60,16 @@ def root_imports(source: str, rel_path: str) -> list[str]:
     return found
 
 
+def _package_modules() -> dict[str, Path]:
+    """``{path inside the installed package: file}``: llmq/**.py, and kernels/*.py, which ships as llmq/kernels/."""
+    modules = {p.relative_to(ROOT).as_posix(): p for p in (ROOT / "llmq").rglob("*.py")}
+    modules.update({f"llmq/kernels/{p.name}": p for p in (ROOT / "kernels").glob("*.py")})
+    return dict(sorted(modules.items()))
+
+
 def test_no_module_imports_the_package_root():
     offenders = []
-    for path in sorted((ROOT / "llmq").rglob("*.py")):
-        rel = path.relative_to(ROOT).as_posix()
+    for rel, path in _package_modules().items():
         if rel != "llmq/__init__.py":
             offenders += [f"{rel}:{line}" for line in root_imports(path.read_text(encoding="utf-8"), rel)]
     assert not offenders, ("modules inside llmq import the package root; import the defining module "
@@ -92,3 +98,23 @@ def test_import_is_light(module):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"import {module} loaded {proc.stdout.strip()}"
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Every module named by an absolute import statement of ``path`` (at any depth)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module)
+    return names
+
+
+def test_kernels_never_import_the_modules_that_launch_them():
+    """One way, module -> chooser -> backend -> kernel launcher: a kernel file never imports llmq.nn,
+    llmq.kv, the chooser, or transformers (DESIGN.md: kernels/ never touches llmq.nn, transformers)."""
+    upward = ("llmq.nn", "llmq.kv", "llmq.backend_choice", "transformers")
+    offenders = [f"kernels/{p.name}: {m}" for p in sorted((ROOT / "kernels").glob("*.py"))
+                 for m in _imported_modules(p) if m == "llmq" or any(m == u or m.startswith(u + ".") for u in upward)]
+    assert not offenders, "\n".join(offenders)
