@@ -95,9 +95,8 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
 EXACT_FOR_FP16 = (torch.float16, torch.float32, torch.float64)
 
 
-class BackendChoice(ChoosesBackend):
-    """Mixin for quantized Linears: the backend is chosen per (device type, dtype) on first use and cached
-    (``llmq.backend_choice.ChoosesBackend``: the class sets ``BACKENDS`` and defines ``spec(x)``).
+class QuantizedBuffers:
+    """Mixin for modules holding quantized buffers (``QuantLinear``, ``W8A8Linear``, an experts stack).
 
     Buffers named in ``FP16_VALUED_BUFFERS`` hold fp16-representable quantization parameters
     (scales, float zeros): a dtype cast of the model that would round them (``.bfloat16()``) leaves
@@ -114,6 +113,17 @@ class BackendChoice(ChoosesBackend):
             if after.dtype not in EXACT_FOR_FP16:  # the cast rounded the values: keep them, on the new device
                 self.register_buffer(name, before.to(device=after.device))
         return result
+
+    def storage_bytes(self) -> int:
+        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class BackendChoice(QuantizedBuffers, ChoosesBackend):
+    """Mixin for quantized Linears: quantized buffers (``QuantizedBuffers``) and a backend chosen per
+    (device type, dtype) on first use and cached (``llmq.backend_choice.ChoosesBackend``: the class sets
+    ``BACKENDS`` and defines ``spec(x)``), or eagerly with ``prepare``.
+    """
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for activations of ``dtype`` on this module's device now, eagerly.
@@ -135,10 +145,6 @@ class BackendChoice(ChoosesBackend):
     def _hold_inputs_of(self, backend) -> None:
         """Put the buffers in the form ``backend`` reads (nothing to do unless a module overrides it)."""
 
-    def storage_bytes(self) -> int:
-        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 # the weight-matmul registry's own methods, under the names llmq.nn has always exported
 register_backend = WEIGHT_MATMUL.register  # (backend, *, first=True): a new name goes first in the preference
@@ -147,5 +153,5 @@ get_backend = WEIGHT_MATMUL.get
 choose_backend = WEIGHT_MATMUL.choose  # (spec, forced=None) -> backend; raises ValueError with the reasons
 
 register_backend(TorchBackend())
-__all__ = ["BACKEND_ENV", "BackendChoice", "LinearBackend", "LinearSpec", "TorchBackend", "available_backends",
-           "choose_backend", "dequantize_packed", "get_backend", "register_backend"]
+__all__ = ["BACKEND_ENV", "BackendChoice", "LinearBackend", "LinearSpec", "QuantizedBuffers", "TorchBackend",
+           "available_backends", "choose_backend", "dequantize_packed", "get_backend", "register_backend"]

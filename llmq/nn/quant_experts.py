@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llmq.backend_choice import EXPERTS, ChoosesBackend
-from llmq.nn.backends import BackendChoice
+from llmq.nn.backends import QuantizedBuffers
 from llmq.nn.expert_backends import ExpertsSpec, route_tokens  # noqa: F401  (route_tokens: public here too)
 from llmq.nn.registry import register_module_kind
 from llmq.quant.packing import pack, packed_rows, unpack
@@ -21,7 +21,7 @@ from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
-class QuantExpertLinear(BackendChoice, nn.Module):
+class QuantExpertLinear(QuantizedBuffers, nn.Module):
     """E quantized Linears ``K -> N`` stacked on a leading expert axis, each in ``QuantLinear``'s layout.
 
     Buffers (E = experts, P = codes per int32 word, G = ceil(K / group_size), or 1 per channel)::
@@ -32,7 +32,7 @@ class QuantExpertLinear(BackendChoice, nn.Module):
         zeros    [E, G, N]            float16  float zero points instead (zero_point="float", HQQ-style)
 
     ``W_e[n, k] = (code[e, k, n] - zero[e, k // g, n]) * scales[e, k // g, n]``. Scales and float
-    zeros keep their fp16 values through a ``.bfloat16()`` cast (``BackendChoice._apply``).
+    zeros keep their fp16 values through a ``.bfloat16()`` cast (``QuantizedBuffers._apply``).
     """
 
     FP16_VALUED_BUFFERS = ("scales", "zeros")

@@ -36,7 +36,7 @@ class QuantLinear(BackendChoice, nn.Module):
 
     Scales and float zeros hold fp16 values and keep them exactly: a cast of the model to a dtype
     that cannot represent every fp16 value (``.bfloat16()``) leaves them float16
-    (``BackendChoice._apply``) — a bf16 zero of an 8-bit group would be off by up to half a step.
+    (``QuantizedBuffers._apply``) — a bf16 zero of an 8-bit group would be off by up to half a step.
     Casts to fp32 and back are exact and apply.
 
     ``forward`` runs through a backend chosen once per (device, dtype) by

@@ -94,7 +94,7 @@ class W8A8Linear(BackendChoice, nn.Module):
 
     Scales are fp16-representable and stay exact: ``from_pretrained(dtype=...)`` keeps the
     checkpoint's float32 (checked on transformers 5.24), a cast to fp16 is exact, and a cast that
-    would round them (``.bfloat16()``) leaves them float32 (``BackendChoice._apply``).
+    would round them (``.bfloat16()``) leaves them float32 (``QuantizedBuffers._apply``).
     """
 
     KIND = "w8a8_linear"
@@ -175,7 +175,7 @@ class W8A8Linear(BackendChoice, nn.Module):
                    dtype=dtype, device=device)
 
     def activation_dtype_hint(self) -> torch.dtype:
-        # the bias follows the model's dtype; the scales do not (BackendChoice._apply)
+        # the bias follows the model's dtype; the scales do not (QuantizedBuffers._apply)
         return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
 
     def spec(self, x: torch.Tensor) -> W8A8Spec:
