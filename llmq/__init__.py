@@ -5,7 +5,7 @@
 modules. Import it before loading a checkpoint.
 """
 
-__version__ = "0.1.0"
+from llmq._version import __version__  # noqa: F401  (modules inside llmq import it from llmq._version)
 
 import importlib.machinery as _machinery  # noqa: E402
 import importlib.util as _util  # noqa: E402

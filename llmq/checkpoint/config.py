@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from llmq._version import __version__
 from llmq.recipes import FORMAT_VERSION, WeightRecipe, check_format_version
 
 QUANT_METHOD = "llmq"
@@ -22,8 +23,6 @@ def build_quantization_config(
     so a loader rebuilds exactly these modules. ``extra`` adds top-level keys
     (activation / KV recipes, calibration details).
     """
-    from llmq import __version__
-
     modules = {name: m.to_config() for name, m in model.named_modules() if hasattr(m, "to_config")}
     cfg = {
         "quant_method": QUANT_METHOD,

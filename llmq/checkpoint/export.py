@@ -47,6 +47,7 @@ from safetensors import safe_open
 from torch import nn
 from safetensors.torch import save_file
 
+from llmq._version import __version__
 from llmq.checkpoint.config import read_quantization_config
 from llmq.checkpoint.export_moe import check_experts_exportable, expert_tensors, original_expert_names, original_names
 from llmq.checkpoint.save import atomic_output_dir, check_output_dir
@@ -129,8 +130,6 @@ class GPTQFormat:
                                      f"words, which GPTQ's qweight/qzeros need: use --format compressed-tensors")
 
     def config(self, modules: dict[str, dict], unquantized: list[str]) -> dict[str, Any]:
-        from llmq import __version__
-
         c = next(iter(modules.values()))
         return {"quant_method": "gptq", "bits": c["bits"], "group_size": c["group_size"] or -1,
                 "desc_act": False, "sym": True, "static_groups": False, "true_sequential": True,

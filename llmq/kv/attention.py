@@ -10,26 +10,63 @@ and this function reads the packed cache:
 * CUDA: the Triton split-K kernel (``llmq.kernels.kv_attention.kv_decode_attention``);
 * CPU (and anything else): the pure-torch reference, the same math.
 
-``LLMQ_KV_ATTENTION=torch|triton`` forces one (``triton`` on CPU needs
-``TRITON_INTERPRET=1``; tests use it). Every other call — prefill, chunks of several
-tokens, caches with nothing quantized, other caches — goes to sdpa unchanged.
+The choice is ``llmq.backend_choice.KV_ATTENTION``'s (op kind ``kv-attention``), made per
+decode step: ``LLMQ_BACKEND=torch|triton`` forces one, and ``LLMQ_BACKEND=triton-interpret``
+runs the Triton kernel on CPU under ``TRITON_INTERPRET=1`` (tests). Every other call —
+prefill, chunks of several tokens, caches with nothing quantized, other caches — goes to
+sdpa unchanged.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from llmq.backend_choice import INTERPRET, KV_ATTENTION, triton_device_check
 from llmq.kernels.kv_attention import kv_decode_attention, kv_decode_attention_reference
 from llmq.kv.cache import ATTN_IMPLEMENTATION, HANDLE_ATTR
 
-logger = logging.getLogger(__name__)
-_BACKENDS = ("torch", "triton")
+
+@dataclass(frozen=True)
+class KVAttentionSpec:
+    """What a decode-attention backend needs to know: where the query lives and its dtype."""
+
+    device_type: str  # "cpu", "cuda", ...
+    act_dtype: torch.dtype
+
+
+class TorchKVAttention:
+    """``kv_decode_attention_reference``: dequantize the packed cache and attend, in torch, anywhere."""
+
+    name = "torch"
+
+    def can_implement(self, spec: KVAttentionSpec) -> tuple[bool, str]:
+        return True, "pure-torch reference runs every decode step on every device"
+
+    attend = staticmethod(kv_decode_attention_reference)
+
+
+class TritonKVAttention:
+    """``kv_decode_attention``: the Triton split-K kernel reading the packed cache (CUDA, or forced
+    ``triton-interpret`` on CPU)."""
+
+    def __init__(self, interpret: bool = False) -> None:
+        self.interpret = interpret
+        self.name = INTERPRET if interpret else "triton"
+
+    def can_implement(self, spec: KVAttentionSpec) -> tuple[bool, str]:
+        return triton_device_check(spec.device_type, self.interpret) or (True, "split-K Triton decode kernel")
+
+    attend = staticmethod(kv_decode_attention)
+
+
+KV_ATTENTION.register(TritonKVAttention())
+KV_ATTENTION.register(TorchKVAttention())
+KV_ATTENTION.register(TritonKVAttention(interpret=True))
 
 
 def _decode_mask(attention_mask: torch.Tensor | None, batch: int, n_tokens: int) -> torch.Tensor | None:
@@ -47,13 +84,9 @@ def _decode_mask(attention_mask: torch.Tensor | None, batch: int, n_tokens: int)
     return None if bool(m.all()) else m
 
 
-def choose_kv_attention_backend(device: torch.device) -> str:
-    forced = os.environ.get("LLMQ_KV_ATTENTION")
-    if forced:
-        if forced not in _BACKENDS:
-            raise ValueError(f"LLMQ_KV_ATTENTION={forced!r}: choose one of {_BACKENDS}")
-        return forced
-    return "triton" if device.type == "cuda" else "torch"
+def choose_kv_attention_backend(query: torch.Tensor):
+    """The backend whose ``attend(query [B, H_q, D], kv, sm_scale, mask)`` runs this decode step."""
+    return KV_ATTENTION.choose(KVAttentionSpec(query.device.type, query.dtype))
 
 
 def kv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -76,10 +109,7 @@ def kv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     n_tokens = kv.n_quant + kv.k_res.shape[2]
     mask = _decode_mask(attention_mask, b, n_tokens)
     sm_scale = scaling if scaling is not None else d ** -0.5
-    if choose_kv_attention_backend(query.device) == "triton":
-        out = kv_decode_attention(query[:, :, 0], kv, sm_scale, mask)
-    else:
-        out = kv_decode_attention_reference(query[:, :, 0], kv, sm_scale, mask)
+    out = choose_kv_attention_backend(query).attend(query[:, :, 0], kv, sm_scale, mask)
     return out[:, None], None  # [B, 1, H_q, D], as sdpa returns it
 
 

@@ -9,7 +9,9 @@ empty slots and for positions transformers' mask hides. So it runs the same kern
 cache, unchanged:
 
 * CUDA: ``llmq.kernels.kv_attention.kv_decode_attention`` (the custom op while compiling);
-* elsewhere: ``kv_decode_attention_reference``, the same math.
+* elsewhere: ``kv_decode_attention_reference``, the same math
+
+(chosen by ``llmq.kv.attention.choose_kv_attention_backend``).
 
 The cost: every step reads every slot of the capacity, so size ``max_cache_len`` to the need.
 transformers' mask covers positions ``[0, Qc + R + F)``, position = token; quantized slot ``i`` is
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from llmq.kernels.kv_attention import kv_decode_attention, kv_decode_attention_reference
 from llmq.kv.attention import choose_kv_attention_backend
 from llmq.kv.static_cache import QuantizedStaticLayer
 
@@ -59,7 +60,5 @@ def static_decode_attention(query: torch.Tensor, layer: QuantizedStaticLayer, at
                            "the packed handle to single-token steps")
     sm_scale = scaling if scaling is not None else d ** -0.5
     keep = slot_mask(layer, static_mask(attention_mask, b), b)
-    attend = kv_decode_attention if choose_kv_attention_backend(query.device) == "triton" else \
-        kv_decode_attention_reference
-    out = attend(query[:, :, 0], layer.packed(), sm_scale, keep)
+    out = choose_kv_attention_backend(query).attend(query[:, :, 0], layer.packed(), sm_scale, keep)
     return out[:, None], None

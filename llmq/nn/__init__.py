@@ -1,9 +1,9 @@
-"""Quantized modules and the backends that run them."""
+"""Quantized modules and the backends that run them (chosen by ``llmq.backend_choice``)."""
 
 from llmq.nn.backends import LinearSpec, available_backends, choose_backend, register_backend
 from llmq.nn.quant_linear import QuantLinear
-import llmq.nn.cpu_backend  # noqa: E402,F401  registers the cpu backend (ahead of torch on CPU)
-import llmq.nn.triton_backend  # noqa: E402,F401  registers the Triton backends (ahead of torch on CUDA)
+import llmq.nn.cpu_backend  # noqa: E402,F401  registers the cpu backend (preferred over torch where it runs)
+import llmq.nn.triton_backend  # noqa: E402,F401  registers triton (preferred on CUDA) and triton-interpret
 from llmq.nn.w8a8_linear import W8A8Linear  # noqa: E402  registers module kind "w8a8_linear"
 from llmq.nn.quant_experts import QuantExperts  # noqa: E402  registers module kind "quant_experts" (MoE)
 import llmq.nn.triton_experts  # noqa: E402,F401  registers the grouped-experts Triton backends

@@ -1,4 +1,4 @@
-"""Matmul backends for ``QuantLinear`` and the rule that picks one.
+"""Weight-only matmul backends for ``QuantLinear`` (op kind ``weight-matmul`` of ``llmq.backend_choice``).
 
 A backend is an object with::
 
@@ -8,32 +8,28 @@ A backend is an object with::
     can_implement(spec: LinearSpec) -> tuple[bool, str]   # (ok, reason when not ok)
     forward(layer, x) -> Tensor     # y = x @ dequant(W).T + bias, qweight already in ``layout``
 
-Backends are tried in registration order (fastest first); the pure-torch backend
-is registered last and implements every spec on every device, so a choice always
-exists — but a *forced* backend that cannot implement a spec raises with every
-reason instead of silently falling back. Force one with ``QuantLinear(...,
-backend="torch")``, ``llmq.nn.set_backend(model, "torch")`` or the environment
-variable ``LLMQ_BACKEND``. The choice is logged once per (backend, reason).
+registered with ``register_backend`` into ``llmq.backend_choice.WEIGHT_MATMUL``, which picks one in
+the order triton (CUDA) -> cpu (torch's CPU kernels) -> torch (the reference, registered here, runs
+every spec on every device); ``triton-interpret`` only when forced. Force one with
+``QuantLinear(..., backend="torch")``, ``llmq.nn.set_backend(model, "torch")`` or ``LLMQ_BACKEND``;
+a forced backend that cannot run a spec raises with its reason (see ``llmq.backend_choice``).
+This module also holds ``BackendChoice``, what every quantized Linear shares: the cached choice,
+eager ``prepare``, and scales kept exact through dtype casts.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from llmq.backend_choice import BACKEND_ENV, WEIGHT_MATMUL, ChoosesBackend
 from llmq.nn.layouts import CANONICAL
 from llmq.quant.packing import unpack
 
 if TYPE_CHECKING:
     from llmq.nn.quant_linear import QuantLinear
-
-logger = logging.getLogger("llmq")
-
-BACKEND_ENV = "LLMQ_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -95,18 +91,12 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
     return w.view(n_groups * g, n)[:k]
 
 
-_REGISTRY: list[LinearBackend] = []
-
-
 # dtypes that hold every float16 value exactly
 EXACT_FOR_FP16 = (torch.float16, torch.float32, torch.float64)
 
 
-class BackendChoice:
-    """Mixin for quantized Linears: the backend is chosen per (device type, dtype) on first use and cached.
-
-    The module sets ``backend_name`` (a forced name, or ``None``) and ``_backend = {}`` in ``__init__``
-    and implements ``_choose_backend(x)``.
+class QuantizedBuffers:
+    """Mixin for modules holding quantized buffers (``QuantLinear``, ``W8A8Linear``, an experts stack).
 
     Buffers named in ``FP16_VALUED_BUFFERS`` hold fp16-representable quantization parameters
     (scales, float zeros): a dtype cast of the model that would round them (``.bfloat16()``) leaves
@@ -124,15 +114,16 @@ class BackendChoice:
                 self.register_buffer(name, before.to(device=after.device))
         return result
 
-    def _choose_backend(self, x: torch.Tensor):
-        raise NotImplementedError
+    def storage_bytes(self) -> int:
+        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def backend_for(self, x: torch.Tensor):
-        key = (x.device.type, x.dtype)
-        backend = self._backend.get(key)
-        if backend is None:
-            backend = self._backend[key] = self._choose_backend(x)
-        return backend
+
+class BackendChoice(QuantizedBuffers, ChoosesBackend):
+    """Mixin for quantized Linears: quantized buffers (``QuantizedBuffers``) and a backend chosen per
+    (device type, dtype) on first use and cached (``llmq.backend_choice.ChoosesBackend``: the class sets
+    ``BACKENDS`` and defines ``spec(x)``), or eagerly with ``prepare``.
+    """
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for activations of ``dtype`` on this module's device now, eagerly.
@@ -154,61 +145,13 @@ class BackendChoice:
     def _hold_inputs_of(self, backend) -> None:
         """Put the buffers in the form ``backend`` reads (nothing to do unless a module overrides it)."""
 
-    def set_backend(self, name: str | None) -> None:
-        """Force a backend by name (``None`` = automatic choice); takes effect at the next forward."""
-        self.backend_name = name
-        self._backend.clear()
 
-    def storage_bytes(self) -> int:
-        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def register_backend(backend: LinearBackend, *, first: bool = True) -> None:
-    """Add a backend; ``first=True`` puts it ahead of the existing ones (preferred)."""
-    if any(b.name == backend.name for b in _REGISTRY):
-        raise ValueError(f"a backend named {backend.name!r} is already registered")
-    if first:
-        _REGISTRY.insert(0, backend)
-    else:
-        _REGISTRY.append(backend)
-
-
-def available_backends() -> list[str]:
-    return [b.name for b in _REGISTRY]
-
-
-def get_backend(name: str) -> LinearBackend:
-    for b in _REGISTRY:
-        if b.name == name:
-            return b
-    raise ValueError(f"unknown backend {name!r}: available backends are {available_backends()}")
-
-
-_logged: set[tuple[str, str]] = set()
-
-
-def choose_backend(spec: LinearSpec, forced: str | None = None) -> LinearBackend:
-    """The first registered backend that can implement ``spec`` (or the forced one).
-
-    Raises ``ValueError`` listing every backend's reason when none fits, or when the
-    forced backend cannot implement the spec.
-    """
-    forced = forced or os.environ.get(BACKEND_ENV) or None
-    candidates = [get_backend(forced)] if forced else list(_REGISTRY)
-    reasons = []
-    for backend in candidates:
-        ok, reason = backend.can_implement(spec)
-        if ok:
-            key = (backend.name, reason)
-            # not while torch.compile traces (dynamo cannot trace logging); ``prepare`` logs it eagerly
-            if key not in _logged and not torch.compiler.is_compiling():
-                _logged.add(key)
-                logger.info("llmq: QuantLinear backend %r (%s)", backend.name, reason)
-            return backend
-        reasons.append(f"{backend.name}: {reason}")
-    how = f"forced backend {forced!r}" if forced else "no registered backend"
-    raise ValueError(f"{how} cannot run {spec}: " + "; ".join(reasons))
-
+# the weight-matmul registry's own methods, under the names llmq.nn has always exported
+register_backend = WEIGHT_MATMUL.register  # (backend, *, first=True): a new name goes first in the preference
+available_backends = WEIGHT_MATMUL.names
+get_backend = WEIGHT_MATMUL.get
+choose_backend = WEIGHT_MATMUL.choose  # (spec, forced=None) -> backend; raises ValueError with the reasons
 
 register_backend(TorchBackend())
+__all__ = ["BACKEND_ENV", "BackendChoice", "LinearBackend", "LinearSpec", "QuantizedBuffers", "TorchBackend",
+           "available_backends", "choose_backend", "dequantize_packed", "get_backend", "register_backend"]

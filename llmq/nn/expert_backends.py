@@ -1,4 +1,4 @@
-"""Backends that run ``QuantExperts`` and the rule that picks one (the ``QuantLinear`` pattern, for MoE).
+"""Backends that run ``QuantExperts`` (op kind ``experts`` of ``llmq.backend_choice``).
 
 A backend is an object with::
 
@@ -6,27 +6,23 @@ A backend is an object with::
     can_implement(spec: ExpertsSpec) -> tuple[bool, str]
     forward(module, x [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
 
-Tried in registration order (fastest first); the pure-torch backend is last and runs every
-spec everywhere. A forced backend (``QuantExperts(..., backend=)``, ``set_backend``, or the
-``LLMQ_BACKEND`` environment variable when it names an experts backend) that cannot run a spec
+registered into ``llmq.backend_choice.EXPERTS``, which tries triton (CUDA, ``llmq.nn.triton_experts``)
+then the pure-torch reference below (every spec, everywhere). A forced backend
+(``QuantExperts(..., backend=)``, ``set_backend``, or ``LLMQ_BACKEND``) that cannot run a spec
 raises with its reason instead of falling back.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from llmq.nn.backends import BACKEND_ENV
+from llmq.backend_choice import EXPERTS
 
 if TYPE_CHECKING:
     from llmq.nn.quant_experts import QuantExperts
-
-logger = logging.getLogger("llmq")
 
 
 @dataclass(frozen=True)
@@ -64,8 +60,6 @@ class TorchExpertsBackend:
         return True, "pure-torch reference runs every expert stack on every device"
 
     def forward(self, module, x, top_k_index, top_k_weights):
-        from llmq.nn.quant_experts import route_tokens
-
         k = top_k_index.shape[1]
         order, counts, offsets = route_tokens(top_k_index, module.num_experts)
         flat_w = top_k_weights.reshape(-1)
@@ -81,38 +75,22 @@ class TorchExpertsBackend:
         return out
 
 
-_REGISTRY: list[ExpertsBackend] = []
-_logged: set[tuple[str, str]] = set()
+EXPERTS.register(TorchExpertsBackend())
 
 
-def register_experts_backend(backend: ExpertsBackend, *, first: bool = True) -> None:
-    if any(b.name == backend.name for b in _REGISTRY):
-        raise ValueError(f"an experts backend named {backend.name!r} is already registered")
-    _REGISTRY.insert(0, backend) if first else _REGISTRY.append(backend)
+def route_tokens(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the (token, slot) pairs of ``top_k_index`` ``[T, k]`` by expert.
 
-
-def available_experts_backends() -> list[str]:
-    return [b.name for b in _REGISTRY]
-
-
-def choose_experts_backend(spec: ExpertsSpec, forced: str | None = None) -> ExpertsBackend:
-    """The first registered backend that can run ``spec`` (or the forced one); raises with every reason."""
-    env = os.environ.get(BACKEND_ENV) or None
-    forced = forced or (env if env in available_experts_backends() else None)
-    if forced is not None and forced not in available_experts_backends():
-        raise ValueError(f"unknown experts backend {forced!r}: available are {available_experts_backends()}")
-    candidates = [b for b in _REGISTRY if b.name == forced] if forced else list(_REGISTRY)
-    reasons = []
-    for backend in candidates:
-        ok, reason = backend.can_implement(spec)
-        if ok:
-            if (backend.name, reason) not in _logged and not torch.compiler.is_compiling():
-                _logged.add((backend.name, reason))
-                logger.info("llmq: QuantExperts backend %r (%s)", backend.name, reason)
-            return backend
-        reasons.append(f"{backend.name}: {reason}")
-    how = f"forced experts backend {forced!r}" if forced else "no registered experts backend"
-    raise ValueError(f"{how} cannot run {spec}: " + "; ".join(reasons))
-
-
-register_experts_backend(TorchExpertsBackend())
+    Returns ``(order, counts, offsets)``: ``order`` ``[T·k]`` int64 flat (token·k + slot) indices
+    sorted by expert (stable, so tokens keep their order within an expert; indices outside
+    ``[0, E)`` sort last and are not counted), ``counts`` ``[E]`` int64 pairs per expert, ``offsets``
+    ``[E + 1]`` int64 start of each expert's run in ``order``.
+    """
+    flat = top_k_index.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, counts, offsets

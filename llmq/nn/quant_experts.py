@@ -12,15 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.nn.backends import BackendChoice
-from llmq.nn.expert_backends import ExpertsSpec, choose_experts_backend
+from llmq.backend_choice import EXPERTS, ChoosesBackend
+from llmq.nn.backends import QuantizedBuffers
+from llmq.nn.expert_backends import ExpertsSpec, route_tokens  # noqa: F401  (route_tokens: public here too)
 from llmq.nn.registry import register_module_kind
 from llmq.quant.packing import pack, packed_rows, unpack
 from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
 from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
 
 
-class QuantExpertLinear(BackendChoice, nn.Module):
+class QuantExpertLinear(QuantizedBuffers, nn.Module):
     """E quantized Linears ``K -> N`` stacked on a leading expert axis, each in ``QuantLinear``'s layout.
 
     Buffers (E = experts, P = codes per int32 word, G = ceil(K / group_size), or 1 per channel)::
@@ -31,7 +32,7 @@ class QuantExpertLinear(BackendChoice, nn.Module):
         zeros    [E, G, N]            float16  float zero points instead (zero_point="float", HQQ-style)
 
     ``W_e[n, k] = (code[e, k, n] - zero[e, k // g, n]) * scales[e, k // g, n]``. Scales and float
-    zeros keep their fp16 values through a ``.bfloat16()`` cast (``BackendChoice._apply``).
+    zeros keep their fp16 values through a ``.bfloat16()`` cast (``QuantizedBuffers._apply``).
     """
 
     FP16_VALUED_BUFFERS = ("scales", "zeros")
@@ -112,7 +113,7 @@ class QuantExpertLinear(BackendChoice, nn.Module):
 
 
 @register_module_kind
-class QuantExperts(nn.Module):
+class QuantExperts(ChoosesBackend, nn.Module):
     """Quantized fused experts: ``y[t] = Σ_j w[t,j] · down_e(act(gate_e(x[t])) · up_e(x[t]))``.
 
     Submodules::
@@ -122,11 +123,13 @@ class QuantExperts(nn.Module):
 
     ``forward(hidden_states [T, H], top_k_index [T, k] int, top_k_weights [T, k]) -> [T, H]`` in the
     dtype of ``hidden_states``; indices outside ``[0, E)`` are skipped (transformers' expert-parallel
-    convention for experts another rank holds). The backend (``llmq.nn.expert_backends``) is chosen per
-    (device, dtype) on first use; ``backend=`` / ``set_backend`` force one.
+    convention for experts another rank holds). The backend (``llmq.backend_choice.EXPERTS``: triton ->
+    torch, ``llmq.nn.expert_backends``) is chosen per (device, dtype) on first use; ``backend=`` /
+    ``set_backend`` / ``LLMQ_BACKEND`` force one.
     """
 
     KIND = "quant_experts"
+    BACKENDS = EXPERTS
 
     def __init__(self, gate_up: QuantExpertLinear, down: QuantExpertLinear, act_fn: nn.Module,
                  experts_class: str, backend: str | None = None) -> None:
@@ -180,16 +183,6 @@ class QuantExperts(nn.Module):
         return ExpertsSpec(self.num_experts, self.hidden_dim, self.intermediate_dim, g.bits, g.group_size,
                            g.symmetric, g.zero_point, x.device.type, x.dtype)
 
-    def backend_for(self, x: torch.Tensor):
-        key = (x.device.type, x.dtype)
-        if key not in self._backend:
-            self._backend[key] = choose_experts_backend(self.spec(x), forced=self.backend_name)
-        return self._backend[key]
-
-    def set_backend(self, name: str | None) -> None:
-        self.backend_name = name
-        self._backend.clear()
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_dim:
@@ -205,21 +198,3 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts_class={self.experts_class}"
-
-
-def route_tokens(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort the (token, slot) pairs of ``top_k_index`` ``[T, k]`` by expert.
-
-    Returns ``(order, counts, offsets)``: ``order`` ``[T·k]`` int64 flat (token·k + slot) indices
-    sorted by expert (stable, so tokens keep their order within an expert; indices outside
-    ``[0, E)`` sort last and are not counted), ``counts`` ``[E]`` int64 pairs per expert, ``offsets``
-    ``[E + 1]`` int64 start of each expert's run in ``order``.
-    """
-    flat = top_k_index.reshape(-1).long()
-    valid = (flat >= 0) & (flat < num_experts)
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return order, counts, offsets

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.nn.backends import BackendChoice, LinearBackend, LinearSpec, choose_backend
+from llmq.backend_choice import WEIGHT_MATMUL
+from llmq.nn.backends import BackendChoice, LinearBackend, LinearSpec
 from llmq.nn.layouts import CANONICAL, from_canonical, to_canonical
 from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.packing import pack, packed_rows
@@ -35,11 +36,11 @@ class QuantLinear(BackendChoice, nn.Module):
 
     Scales and float zeros hold fp16 values and keep them exactly: a cast of the model to a dtype
     that cannot represent every fp16 value (``.bfloat16()``) leaves them float16
-    (``BackendChoice._apply``) — a bf16 zero of an 8-bit group would be off by up to half a step.
+    (``QuantizedBuffers._apply``) — a bf16 zero of an 8-bit group would be off by up to half a step.
     Casts to fp32 and back are exact and apply.
 
     ``forward`` runs through a backend chosen once per (device, dtype) by
-    ``llmq.nn.backends.choose_backend``; ``backend=`` forces one. ``prepare(dtype)`` makes that choice
+    ``llmq.backend_choice.WEIGHT_MATMUL`` (triton -> cpu -> torch); ``backend=`` forces one. ``prepare(dtype)`` makes that choice
     (and the layout conversion below) eagerly; ``.to()`` and ``from_pretrained`` run it, so the first
     forward may be inside ``torch.compile``.
 
@@ -50,6 +51,7 @@ class QuantLinear(BackendChoice, nn.Module):
     """
 
     KIND = "quant_linear"
+    BACKENDS = WEIGHT_MATMUL
     FP16_VALUED_BUFFERS = ("scales", "zeros")
 
     def __init__(
@@ -146,9 +148,6 @@ class QuantLinear(BackendChoice, nn.Module):
     def spec(self, x: torch.Tensor) -> LinearSpec:
         return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
                           x.device.type, x.dtype)
-
-    def _choose_backend(self, x: torch.Tensor) -> LinearBackend:
-        return choose_backend(self.spec(x), forced=self.backend_name)
 
     def canonical_qweight(self) -> torch.Tensor:
         """``[ceil(K / P), N]`` int32 words in the canonical layout, whatever layout is held."""

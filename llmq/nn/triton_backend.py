@@ -2,13 +2,13 @@
 
 Two registered names, one implementation:
 
-* ``"triton"`` — CUDA (compute capability >= 8.0). Registered *ahead of* the torch backend, so
-  ``QuantLinear`` picks it automatically on CUDA (the choice is logged once by ``choose_backend``).
+* ``"triton"`` — CUDA (compute capability >= 8.0). First in ``WEIGHT_MATMUL``'s preference, so
+  ``QuantLinear`` picks it automatically on CUDA (the choice is logged once).
 * ``"triton-interpret"`` — the same kernels on CPU through Triton's interpreter, only when
-  ``TRITON_INTERPRET=1``. Registered *after* the torch backend, so automatic choice never lands on
-  it (torch implements every CPU spec first): it runs only when forced (``backend=
-  "triton-interpret"`` or ``LLMQ_BACKEND=triton-interpret``). It exists for tests and debugging —
-  the interpreter is orders of magnitude slower than the torch backend.
+  ``TRITON_INTERPRET=1``. Forced-only in ``llmq.backend_choice`` (automatic choice never lands on
+  it): it runs only when forced (``backend="triton-interpret"`` or
+  ``LLMQ_BACKEND=triton-interpret``). It exists for tests and debugging — the interpreter is
+  orders of magnitude slower than the torch backend.
 
 Forcing ``"triton"`` on a CPU input raises ``ValueError`` with the reason (and the hint above)
 instead of falling back.
@@ -29,10 +29,10 @@ except ImportError as e:  # triton is a hard dependency of llmq
     raise ImportError("llmq needs triton for its kernels: pip install 'triton>=3.6' "
                       "(Linux; on other platforms use a Linux machine or container)") from e
 
+from llmq.backend_choice import INTERPRET, WEIGHT_MATMUL, triton_device_check
 from llmq.kernels._launch import ACT_DTYPES
-from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_matmul import dequant_matmul
-from llmq.nn.backends import LinearSpec, register_backend
+from llmq.nn.backends import LinearSpec
 from llmq.nn.layouts import TILED
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots and cp.async pipelining
@@ -52,9 +52,9 @@ class TritonBackend:
     def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
-        if spec.device_type != "cuda":
-            return False, (f"needs a CUDA device, got {spec.device_type!r} (to run the kernels on CPU for "
-                           "testing, set TRITON_INTERPRET=1 and force backend='triton-interpret')")
+        declined = triton_device_check(spec.device_type, interpret=False)
+        if declined:
+            return declined
         cap = cuda_capability()
         if cap < MIN_CAPABILITY:
             return False, f"needs compute capability >= {MIN_CAPABILITY}, this GPU has {cap}"
@@ -68,17 +68,13 @@ class TritonBackend:
 class TritonInterpreterBackend(TritonBackend):
     """The same kernels on CPU under ``TRITON_INTERPRET=1``; only ever used when forced."""
 
-    name = "triton-interpret"
+    name = INTERPRET
 
     def can_implement(self, spec: LinearSpec) -> tuple[bool, str]:
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
-        if spec.device_type != "cpu":
-            return False, f"runs on CPU only, got {spec.device_type!r} (use backend='triton' on CUDA)"
-        if not interpreting():
-            return False, "needs TRITON_INTERPRET=1 set before llmq is imported"
-        return True, "Triton interpreter on CPU (testing only, slow)"
+        return triton_device_check(spec.device_type, interpret=True)
 
 
-register_backend(TritonBackend(), first=True)
-register_backend(TritonInterpreterBackend(), first=False)
+WEIGHT_MATMUL.register(TritonBackend())
+WEIGHT_MATMUL.register(TritonInterpreterBackend())

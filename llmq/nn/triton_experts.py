@@ -1,6 +1,7 @@
 """Triton backends for ``QuantExperts``: the grouped dequantize-matmul (``llmq.kernels.moe_grouped``).
 
-* ``"triton"`` — CUDA (compute capability >= 8.0), tried before the torch backend.
+* ``"triton"`` — CUDA (compute capability >= 8.0), tried before the torch backend
+  (``llmq.backend_choice.EXPERTS``).
 * ``"triton-interpret"`` — the same kernel on CPU under ``TRITON_INTERPRET=1``, only when forced
   (tests and debugging).
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from llmq.backend_choice import EXPERTS, INTERPRET, triton_device_check
 from llmq.kernels._launch import ACT_DTYPES
-from llmq.kernels.interpreter import interpreting
 from llmq.kernels.moe_grouped import align_block_size, moe_grouped_matmul
-from llmq.nn.expert_backends import ExpertsSpec, register_experts_backend
+from llmq.nn.expert_backends import ExpertsSpec
 from llmq.nn.triton_backend import MIN_CAPABILITY, cuda_capability
 from llmq.quant.primitives import effective_group_size
 
@@ -29,9 +30,9 @@ class TritonExpertsBackend:
     def can_implement(self, spec: ExpertsSpec) -> tuple[bool, str]:
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
-        if spec.device_type != "cuda":
-            return False, (f"needs a CUDA device, got {spec.device_type!r} (to run the kernel on CPU for testing, "
-                           "set TRITON_INTERPRET=1 and force backend='triton-interpret')")
+        declined = triton_device_check(spec.device_type, interpret=False)
+        if declined:
+            return declined
         cap = cuda_capability()
         if cap < MIN_CAPABILITY:
             return False, f"needs compute capability >= {MIN_CAPABILITY}, this GPU has {cap}"
@@ -55,17 +56,13 @@ class TritonExpertsBackend:
 
 
 class TritonInterpreterExpertsBackend(TritonExpertsBackend):
-    name = "triton-interpret"
+    name = INTERPRET
 
     def can_implement(self, spec: ExpertsSpec) -> tuple[bool, str]:
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float16, bfloat16 or float32, got {spec.act_dtype}"
-        if spec.device_type != "cpu":
-            return False, f"runs on CPU only, got {spec.device_type!r} (use backend='triton' on CUDA)"
-        if not interpreting():
-            return False, "needs TRITON_INTERPRET=1 set before llmq is imported"
-        return True, "Triton interpreter on CPU (testing only, slow)"
+        return triton_device_check(spec.device_type, interpret=True)
 
 
-register_experts_backend(TritonExpertsBackend(), first=True)
-register_experts_backend(TritonInterpreterExpertsBackend(), first=False)
+EXPERTS.register(TritonExpertsBackend())
+EXPERTS.register(TritonInterpreterExpertsBackend())

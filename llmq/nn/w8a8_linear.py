@@ -12,31 +12,27 @@ per-tensor ``act_scale`` from calibration (``llmq.observers``). Then
 ``y = int8_gemm(q, qweight, a_scale, weight_scale, bias)`` with exact int32
 accumulation.
 
-Backends follow ``llmq.nn.backends``' seam: ``can_implement(spec) -> (ok, reason)``,
-tried in order (``triton`` on CUDA first, ``torch`` reference after); ``backend=`` /
-``LLMQ_BACKEND`` forces one, and a forced backend that cannot run raises with its
-reason (no silent fallback). ``triton-interpret`` runs the same kernels on CPU under
-``TRITON_INTERPRET=1`` when forced (tests) — never picked automatically.
+Backends register into ``llmq.backend_choice.W8A8_MATMUL`` (op kind ``w8a8-matmul``), which
+tries ``triton`` (CUDA) then the ``torch`` reference; ``backend=`` / ``LLMQ_BACKEND`` forces one,
+and a forced backend that cannot run raises with its reason (no silent fallback).
+``triton-interpret`` runs the same kernels on CPU under ``TRITON_INTERPRET=1`` when forced
+(tests) — never picked automatically.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from llmq.backend_choice import INTERPRET, W8A8_MATMUL, triton_device_check
 from llmq.kernels.act_quant import act_quant, act_quant_reference
-from llmq.kernels.interpreter import interpreting
 from llmq.kernels.int8_gemm import int8_gemm, int8_gemm_reference
-from llmq.nn.backends import BACKEND_ENV, BackendChoice
+from llmq.nn.backends import BackendChoice
 from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.primitives import quantize_weight, symmetric_zero
 from llmq.recipes import ActScheme
-
-logger = logging.getLogger("llmq")
 
 
 @dataclass(frozen=True)
@@ -68,47 +64,21 @@ class TritonW8A8Backend:
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = interpret
-        self.name = "triton-interpret" if interpret else "triton"
+        self.name = INTERPRET if interpret else "triton"
 
     def can_implement(self, spec: W8A8Spec) -> tuple[bool, str]:
         if spec.act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"activations {spec.act_dtype} are not float16/bfloat16/float32"
-        if self.interpret:
-            if spec.device_type == "cpu" and interpreting():
-                return True, "Triton interpreter on CPU (forced; for tests, very slow)"
-            return False, "needs CPU tensors and TRITON_INTERPRET=1"
-        if spec.device_type == "cuda":
-            return True, "CUDA int8 tensor-core GEMM"
-        return False, (f"needs CUDA, got {spec.device_type} (on CPU, force 'triton-interpret' under "
-                       f"TRITON_INTERPRET=1 to run the kernels in the interpreter)")
+        return triton_device_check(spec.device_type, self.interpret) or (True, "CUDA int8 tensor-core GEMM")
 
     def forward(self, layer: "W8A8Linear", x: torch.Tensor) -> torch.Tensor:
         q, a_scale = act_quant(x, layer.act_scale_fp32())
         return int8_gemm(q, layer.qweight, a_scale, layer.weight_scale.float(), layer.bias, x.dtype)
 
 
-# tried in this order; "triton-interpret" only when forced
-W8A8_BACKENDS = [TritonW8A8Backend(), TorchW8A8Backend(), TritonW8A8Backend(interpret=True)]
-_FORCED_ONLY = {"triton-interpret"}
-_logged: set[tuple[str, str]] = set()
-
-
-def choose_w8a8_backend(spec: W8A8Spec, forced: str | None):
-    names = [b.name for b in W8A8_BACKENDS]
-    if forced is not None and forced not in names:
-        raise ValueError(f"unknown W8A8 backend {forced!r}: available backends are {names}")
-    candidates = [b for b in W8A8_BACKENDS if (b.name == forced if forced else b.name not in _FORCED_ONLY)]
-    reasons = []
-    for backend in candidates:
-        ok, reason = backend.can_implement(spec)
-        if ok:
-            if (backend.name, reason) not in _logged and not torch.compiler.is_compiling():  # see choose_backend
-                _logged.add((backend.name, reason))
-                logger.info("llmq: W8A8Linear backend %r (%s)", backend.name, reason)
-            return backend
-        reasons.append(f"{backend.name}: {reason}")
-    how = f"forced backend {forced!r}" if forced else "no W8A8 backend"
-    raise ValueError(f"{how} cannot run {spec}: " + "; ".join(reasons))
+W8A8_MATMUL.register(TritonW8A8Backend())
+W8A8_MATMUL.register(TorchW8A8Backend())
+W8A8_MATMUL.register(TritonW8A8Backend(interpret=True))
 
 
 @register_module_kind
@@ -124,10 +94,11 @@ class W8A8Linear(BackendChoice, nn.Module):
 
     Scales are fp16-representable and stay exact: ``from_pretrained(dtype=...)`` keeps the
     checkpoint's float32 (checked on transformers 5.24), a cast to fp16 is exact, and a cast that
-    would round them (``.bfloat16()``) leaves them float32 (``BackendChoice._apply``).
+    would round them (``.bfloat16()``) leaves them float32 (``QuantizedBuffers._apply``).
     """
 
     KIND = "w8a8_linear"
+    BACKENDS = W8A8_MATMUL
     FP16_VALUED_BUFFERS = ("weight_scale", "act_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -204,13 +175,11 @@ class W8A8Linear(BackendChoice, nn.Module):
                    dtype=dtype, device=device)
 
     def activation_dtype_hint(self) -> torch.dtype:
-        # the bias follows the model's dtype; the scales do not (BackendChoice._apply)
+        # the bias follows the model's dtype; the scales do not (QuantizedBuffers._apply)
         return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
 
-    def _choose_backend(self, x: torch.Tensor):
-        forced = self.backend_name or os.environ.get(BACKEND_ENV) or None
-        spec = W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype)
-        return choose_w8a8_backend(spec, forced)
+    def spec(self, x: torch.Tensor) -> W8A8Spec:
+        return W8A8Spec(self.in_features, self.out_features, self.static, x.device.type, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

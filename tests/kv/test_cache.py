@@ -74,7 +74,7 @@ def test_triton_kernel_in_generate(monkeypatch):
     ids = torch.randint(0, 128, (1, 10))
     ref, ref_logits = _generate(model, ids, QuantizedKVCache(model.config, bits=4, group_size=16,
                                                              residual_length=2), 8)
-    monkeypatch.setenv("LLMQ_KV_ATTENTION", "triton")
+    monkeypatch.setenv("LLMQ_BACKEND", "triton-interpret")
     tokens, logits = _generate(model, ids, QuantizedKVCache(model.config, bits=4, group_size=16,
                                                             residual_length=2), 8)
     assert torch.equal(tokens, ref)
@@ -339,7 +339,7 @@ def test_cuda_generate_with_triton_kernel(monkeypatch):
         return _generate(model, ids, QuantizedKVCache(model.config, bits=4, group_size=32, residual_length=16), 16)
 
     t_tokens, t_logits = int4_run()
-    monkeypatch.setenv("LLMQ_KV_ATTENTION", "torch")
+    monkeypatch.setenv("LLMQ_BACKEND", "torch")
     r_tokens, r_logits = int4_run()
     # logits of step i depend on the tokens before it: compare up to the first step where greedy picks differ
     same = int((t_tokens == r_tokens).all(0).long().cumprod(0).sum())

@@ -173,9 +173,9 @@ def test_static_attention_triton_matches_reference(recipe, monkeypatch):
     mask[:, :, :, :n] = True
     mask[1, :, :, :5] = False  # row 1 is left-padded by 5 tokens
     outs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("LLMQ_KV_ATTENTION", backend)
+    for backend in ("torch", "triton-interpret"):
+        monkeypatch.setenv("LLMQ_BACKEND", backend)
         outs[backend] = static_decode_attention(q, layer_st, mask, None)[0][:, 0]
-    torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["triton-interpret"], outs["torch"], atol=1e-4, rtol=1e-4)
     ref = kv_decode_attention_reference(q[:, :, 0], layer_dyn.packed(), d ** -0.5, mask[:, 0, 0, :n])
     torch.testing.assert_close(outs["torch"], ref, atol=1e-5, rtol=1e-5)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from llmq.nn import QuantLinear, available_backends, set_backend
-from llmq.nn.backends import LinearSpec, choose_backend, dequantize_packed
+from llmq.backend_choice import WEIGHT_MATMUL
+from llmq.nn.backends import LinearSpec, choose_backend, dequantize_packed, register_backend
 from llmq.quant.primitives import quantize_weight
 
 
@@ -116,9 +117,7 @@ def test_forced_backend_that_cannot_run_raises_with_reason():
         def can_implement(self, spec):
             return False, "never runs anything"
 
-    from llmq.nn import backends
-
-    backends._REGISTRY.insert(0, NeverBackend())
+    register_backend(NeverBackend())  # a name outside the preference order goes first
     try:
         spec = LinearSpec(64, 8, 4, 32, False, "cpu", torch.float32)
         with pytest.raises(ValueError, match="forced backend 'never' cannot run .* never runs anything"):
@@ -126,7 +125,8 @@ def test_forced_backend_that_cannot_run_raises_with_reason():
         # automatic choice skips it and takes a backend that can run the layer
         assert choose_backend(spec).name != "never"
     finally:
-        backends._REGISTRY.pop(0)
+        WEIGHT_MATMUL.unregister("never")
+    assert "never" not in available_backends()
 
 
 def test_env_var_forces_backend(monkeypatch):

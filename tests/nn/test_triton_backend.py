@@ -82,14 +82,15 @@ def test_interpreter_backend_reasons(monkeypatch):
     assert not b.can_implement(spec("cpu", torch.int8))[0]
     ok, reason = b.can_implement(spec("cuda"))
     assert not ok and "CPU only" in reason
-    monkeypatch.setattr("llmq.nn.triton_backend.interpreting", lambda: False)
+    monkeypatch.setattr("llmq.kernels.interpreter.interpreting", lambda: False)
     ok, reason = b.can_implement(spec("cpu"))
     assert not ok and "TRITON_INTERPRET=1" in reason
 
 
-def test_choice_is_logged_once(caplog):
-    import llmq.nn.backends as backends
-    backends._logged.discard(("triton-interpret", "Triton interpreter on CPU (testing only, slow)"))
+def test_choice_is_logged_once(caplog, monkeypatch):
+    import llmq.backend_choice
+
+    monkeypatch.setattr(llmq.backend_choice, "_logged", set())
     with caplog.at_level(logging.INFO, logger="llmq"):
         for _ in range(2):
             make_layer(backend="triton-interpret")(torch.randn(1, 200))
