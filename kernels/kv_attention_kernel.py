@@ -1,0 +1,237 @@
+"""The Triton kernels of the quantized-KV decode attention (launcher, reference and layout: ``kv_attention``).
+
+    grid = (B * H_kv, n_splits)           program (b, kv head, split)
+      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
+      │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
+      │   load the [BLOCK_W, D] K and V words once; for each field f < P:    │
+      │   the tokens w*P + f are one online-softmax step                     │
+      │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
+      │        group; per-token keys (q_j · codes_fᵀ - Σq_j · z_j) * s_j     │
+      │     V: (p * s_j) · codes_f - Σ_t p s_j z_j, j = channel group        │
+      │ residual part: load fp [BLOCK_N, D] tiles                            │
+      │ online softmax for all n_rep query heads of this kv head             │
+      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ───────────────────┘
+    reduce grid = (B * H_q,): out = Σ e^(m_s-M) acc_s / Σ e^(m_s-M) l_s
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from llmq.kernels.dequant_tile import codes_minus_zero
+
+@triton.jit
+def _low_field_codes(words, BITS: tl.constexpr):
+    """The low ``BITS`` of each word of a ``[BLOCK_W, D]`` block as exact float32 codes."""
+    # the caller shifts the words right by BITS per field (arithmetic shift: the mask drops the sign bits)
+    return codes_minus_zero(words & ((1 << BITS) - 1), 0.0)  # no int->float conversion (kernels.dequant_tile)
+
+
+@triton.jit
+def _channel_folded_q(q_f32, S, Z, row_off, first_token, q_end, offs_d, BITS: tl.constexpr,
+                      SYMMETRIC: tl.constexpr):
+    """Per-channel keys of one token group: ``q · ((c - z) · s)ᵀ = (q∘s) · cᵀ - (q∘s) · z``.
+
+    Returns ``q∘s`` ``[BLOCK_H, D]`` fp32 and ``(q∘s) · z`` ``[BLOCK_H]`` for the scale/zero row at ``row_off``
+    (zeros for a group starting at or past ``q_end``: its row may not exist).
+    """
+    row_ok = (offs_d * 0 + first_token) < q_end  # a [D] mask: the interpreter rejects a scalar mask here
+    sc = tl.load(S + row_off + offs_d, mask=row_ok, other=0.0).to(tl.float32)
+    q_g = q_f32 * sc[None, :]
+    if SYMMETRIC:
+        qz = tl.sum(q_g, 1) * (1 << (BITS - 1))
+    else:
+        qz = tl.sum(q_g * tl.load(Z + row_off + offs_d, mask=row_ok, other=0).to(tl.float32)[None, :], 1)
+    return q_g, qz
+
+
+@triton.jit
+def _token_params(S, Z, tok, valid, j, stride_st, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale and zero ``[BLOCK_W]`` fp32 of channel group ``j`` for tokens ``tok`` (per-token groups)."""
+    sc = tl.load(S + tok * stride_st + j, mask=valid, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = tl.full(sc.shape, 1 << (BITS - 1), tl.float32)
+    else:
+        z = tl.load(Z + tok * stride_st + j, mask=valid, other=0).to(tl.float32)
+    return sc, z
+
+
+@triton.jit
+def _field_step(q_f32, k_words, v_words, tok, w0, rows, q_end, KS, KZ, VS, VZ, MASK, stride_kst, stride_vst,
+                m_i, l_i, acc, sm_scale, offs_d,
+                BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over the tokens ``tok = rows*P + f`` of a block of words whose field ``f``
+    sits in the low ``BITS`` bits of ``k_words`` / ``v_words`` ``[BLOCK_W, D]``; returns ``(m_i, l_i, acc)``.
+
+    Scores come from the exact codes; scales and zeros act on q (per-channel keys: ``(q∘s)·cᵀ - (q∘s)·z``)
+    or on the scores (per-token keys) and on ``p`` (values: ``(p∘s)·c - Σ p s z``), never on a
+    ``[BLOCK_W, D]`` tile.
+    """
+    P: tl.constexpr = 32 // BITS
+    N_GROUPS: tl.constexpr = HEAD_DIM // GROUP  # channel groups of per-token scales
+    G_T: tl.constexpr = max(1, BLOCK_W * P // GROUP)  # token groups of per-channel keys in one block
+    d_group = offs_d // GROUP
+    valid = tok < q_end
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + tok, mask=valid, other=0) != 0)
+    k_codes = tl.trans(_low_field_codes(k_words, BITS).to(DOT_DTYPE))  # [D, BLOCK_W]
+    s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    if KEY_PER_CHANNEL:  # a word row's P tokens share one key group (P divides GROUP)
+        for gr in tl.static_range(G_T):
+            g = (w0 * P) // GROUP + gr
+            q_g, qz = _channel_folded_q(q_f32, KS, KZ, g * stride_kst, g * GROUP, q_end, offs_d, BITS, SYMMETRIC)
+            part = tl.dot(q_g.to(DOT_DTYPE), k_codes) - qz[:, None]
+            if G_T == 1:
+                s += part
+            else:
+                s += tl.where((((rows - w0) * P) // GROUP == gr)[None, :], part, 0.0)
+    else:
+        for j in tl.static_range(N_GROUPS):
+            q_j = tl.where((d_group == j)[None, :], q_f32, 0.0)
+            sc, z = _token_params(KS, KZ, tok, valid, j, stride_kst, BITS, SYMMETRIC)
+            s += (tl.dot(q_j.to(DOT_DTYPE), k_codes) - tl.sum(q_j, 1)[:, None] * z[None, :]) * sc[None, :]
+    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # values: acc[:, group j] += (p * s_j) · codes - Σ_t p s_j z_j
+    v_codes = _low_field_codes(v_words, BITS).to(DOT_DTYPE)
+    for j in tl.static_range(N_GROUPS):
+        sc, z = _token_params(VS, VZ, tok, valid, j, stride_vst, BITS, SYMMETRIC)
+        p_j = p * sc[None, :]
+        part = tl.dot(p_j.to(DOT_DTYPE), v_codes) - tl.sum(p_j * z[None, :], 1)[:, None]
+        if N_GROUPS == 1:
+            acc += part
+        else:
+            acc += tl.where((d_group == j)[None, :], part, 0.0)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N] block; rows of all -inf stay finite (m_safe)."""
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * sm_scale  # [BLOCK_H, BLOCK_N] fp32
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kv_decode_split_kernel(
+    # pointers
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, O_PART, M_PART, L_PART,
+    # sizes
+    n_quant, n_res, n_kv_heads, n_rep, tokens_per_split, n_splits, sm_scale,
+    # strides (elements; the last dim of every tensor is contiguous)
+    stride_qb, stride_qh,
+    stride_cb, stride_ch, stride_ct,  # K and V codes (and nothing else)
+    stride_ksb, stride_ksh, stride_kst,  # K scales and K zeros
+    stride_vsb, stride_vsh, stride_vst,  # V scales and V zeros
+    stride_rb, stride_rh, stride_rt,  # K and V residual
+    stride_mb,
+    # meta
+    BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, UNROLL_FIELDS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < n_rep
+    q = tl.load(Q + b * stride_qb + (hk * n_rep + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0).to(DOT_DTYPE)
+
+    total = n_quant + n_res
+    start = pid_s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, total)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+
+    # quantized tokens [start, min(end, n_quant)): BLOCK_W word rows of P tokens per step
+    P: tl.constexpr = 32 // BITS
+    kc = KC + b * stride_cb + hk * stride_ch
+    vc = VC + b * stride_cb + hk * stride_ch
+    ks_off = b * stride_ksb + hk * stride_ksh
+    vs_off = b * stride_vsb + hk * stride_vsh
+    q_end = tl.minimum(end, n_quant)
+    q_f32 = q.to(tl.float32)
+    for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
+        rows = w0 + tl.arange(0, BLOCK_W)
+        row_ok = rows * P < q_end
+        w_off = rows[:, None] * stride_ct + offs_d[None, :]
+        k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
+        v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
+        if UNROLL_FIELDS:
+            # constant shifts: the compiler unpacks straight into the dots' operand layouts (no fp16
+            # code tile through shared memory), but 8 or 16 unrolled fields spill registers
+            for f in tl.static_range(P):
+                m_i, l_i, acc = _field_step(
+                    q_f32, k_words >> (f * BITS), v_words >> (f * BITS), rows * P + f, w0, rows, q_end,
+                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
+                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
+                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+        else:
+            # a runtime loop (the default): field f is in the low bits after f shifts; the fp16 code
+            # tiles pass through shared memory, no spills (docs/kv_cache.md, "Kernel layout")
+            for f in range(P):
+                m_i, l_i, acc = _field_step(
+                    q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
+                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
+                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
+                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+                k_words = k_words >> BITS
+                v_words = v_words >> BITS
+
+    # full-precision residual tokens [max(start, n_quant), end)
+    kr = KR + b * stride_rb + hk * stride_rh
+    vr = VR + b * stride_rb + hk * stride_rh
+    for n0 in range(tl.maximum(start, n_quant), end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
+        r_off = (offs_n - n_quant)[:, None] * stride_rt + offs_d[None, :]
+        k = tl.load(kr + r_off, mask=valid[:, None], other=0.0)
+        v = tl.load(vr + r_off, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
+
+    # partials [B * H_q, n_splits, (D)] fp32
+    row = (pid_bh * n_rep + offs_h) * n_splits + pid_s
+    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
+    tl.store(M_PART + row, m_i, mask=h_mask)
+    tl.store(L_PART + row, l_i, mask=h_mask)
+
+
+@triton.jit
+def _kv_decode_reduce_kernel(O_PART, M_PART, L_PART, OUT, n_splits, n_q_heads, stride_ob, stride_oh,
+                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)  # b * H_q + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < n_splits
+    m = tl.load(M_PART + pid * n_splits + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(L_PART + pid * n_splits + offs_s, mask=s_mask, other=0.0)
+    o = tl.load(O_PART + (pid * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # splits with no tokens weigh 0
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    b = pid // n_q_heads
+    h = pid % n_q_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
