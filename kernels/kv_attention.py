@@ -130,9 +130,6 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 3
-# The loop over the P fields of a word: a runtime loop (no spills) or unrolled (no shared-memory staging of
-# the code tiles, but spills); untimed, so the spill-free form is the default.
-UNROLL_FIELDS = False
 # Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
 # dot, so at least 16 (tl.dot); not timed on a GPU yet.
 BLOCK_W = 16
@@ -158,7 +155,7 @@ class KVPlan:
 def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n_res: int, bits: int,
          group_size: int, key_per_channel: bool, symmetric: bool, has_mask: bool, dtype: torch.dtype,
          sms: int | None, interpret: bool = False, num_splits: int | None = None, block_n: int = BLOCK_N,
-         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> KVPlan:
+         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> KVPlan:
     """The launch arithmetic of ``kv_decode_attention_launch`` (pure: no tensors, no device queries), so the
     cost report (``kernels/kv_cost.py``) compiles exactly what the launcher launches.
 
@@ -178,7 +175,7 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
     constexprs = dict(BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
                       HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W,
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
-                      DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype], UNROLL_FIELDS=unroll_fields)
+                      DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype])
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
                   num_stages, BLOCK_W * (32 // bits))
@@ -201,7 +198,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
                                mask: torch.Tensor | None, n_quant: int, bits: int, group_size: int,
                                key_per_channel: bool, symmetric: bool, sm_scale: float,
                                num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                               num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
+                               num_stages: int = NUM_STAGES) -> torch.Tensor:
     """The launcher, on the flattened ``PackedKV`` (shapes above); also ``torch.ops.llmq.kv_decode_attention``.
 
     Call it through ``kv_decode_attention(q, kv, ...)``; the arguments are those of ``PackedKV`` and of
@@ -240,7 +237,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
 
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else None
     pl = plan(b, hq, hkv, d, n_quant, n_res, bits, group_size, key_per_channel, symmetric, mask is not None, q.dtype,
-              sms, interpreting(), num_splits, block_n, num_warps, num_stages, unroll_fields)
+              sms, interpreting(), num_splits, block_n, num_warps, num_stages)
     num_splits = pl.grid[1]
     o_part = torch.empty(b * hq, num_splits, d, device=q.device, dtype=torch.float32)
     m_part = torch.empty(b * hq, num_splits, device=q.device, dtype=torch.float32)
@@ -276,13 +273,13 @@ kv_decode_attention_op = torch.library.custom_op("llmq::kv_decode_attention", kv
 @kv_decode_attention_op.register_fake
 def _(q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros, k_res, v_res, mask, n_quant, bits, group_size,
       key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS,
-      num_stages=NUM_STAGES, unroll_fields=UNROLL_FIELDS):
+      num_stages=NUM_STAGES):
     return q.new_empty(q.shape)  # contiguous, like the real output (q itself may be strided)
 
 
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
                         num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                        num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
+                        num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache ``kv`` (shapes above).
 
     Unpacks ``kv`` into the custom op ``torch.ops.llmq.kv_decode_attention`` while ``torch.compile``
@@ -298,8 +295,6 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
             part steps over ``BLOCK_W`` word rows (``BLOCK_W * 32 // bits`` tokens).
         num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
-        unroll_fields: unroll the loop over the fields of a word (``UNROLL_FIELDS``): a launch option for
-            ``scripts/bench_kv_attention.py --sweep`` to time; unrolled, most configs spill registers.
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.
     Raises:
@@ -310,4 +305,4 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
     return launch(
         q, kv.k_codes, kv.k_scales, kv.k_zeros, kv.v_codes, kv.v_scales, kv.v_zeros, kv.k_res, kv.v_res, mask,
         kv.n_quant, kv.bits, kv.group_size, kv.key_per_channel, kv.symmetric, sm_scale, num_splits, block_n,
-        num_warps, num_stages, unroll_fields)
+        num_warps, num_stages)

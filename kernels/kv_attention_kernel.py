@@ -22,10 +22,17 @@ import triton.language as tl
 from llmq.kernels.dequant_tile import codes_minus_zero
 
 @triton.jit
-def _low_field_codes(words, BITS: tl.constexpr):
-    """The low ``BITS`` of each word of a ``[BLOCK_W, D]`` block as exact float32 codes."""
-    # the caller shifts the words right by BITS per field (arithmetic shift: the mask drops the sign bits)
-    return codes_minus_zero(words & ((1 << BITS) - 1), 0.0)  # no int->float conversion (kernels.dequant_tile)
+def _field_codes(words, f, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Field ``f`` (bits ``f*BITS`` up) of each word of a ``[BLOCK_W, D]`` block as exact ``DOT_DTYPE`` codes.
+
+    No int->float conversion: fp16 gets the code in the mantissa of 1024 (``0x6400 | code``, exact for codes
+    < 1024) minus 1024, other dtypes the fp32 form of ``kernels.dequant_tile.codes_minus_zero``.
+    """
+    c = (words >> (f * BITS)) & ((1 << BITS) - 1)  # arithmetic shift: the mask drops the sign bits
+    if DOT_DTYPE == tl.float16:
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return codes_minus_zero(c, 0.0).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -58,26 +65,19 @@ def _token_params(S, Z, tok, valid, j, stride_st, BITS: tl.constexpr, SYMMETRIC:
 
 
 @triton.jit
-def _field_step(q_f32, k_words, v_words, tok, w0, rows, q_end, KS, KZ, VS, VZ, MASK, stride_kst, stride_vst,
-                m_i, l_i, acc, sm_scale, offs_d,
-                BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-    """One online-softmax step over the tokens ``tok = rows*P + f`` of a block of words whose field ``f``
-    sits in the low ``BITS`` bits of ``k_words`` / ``v_words`` ``[BLOCK_W, D]``; returns ``(m_i, l_i, acc)``.
+def _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, KS, KZ, stride_kst, sm_scale, offs_d,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Scaled scores ``[BLOCK_H, BLOCK_W]`` fp32 of the tokens ``tok = rows*P + f`` (field ``f`` of the words
+    ``[BLOCK_W, D]``), ``-inf`` where not ``valid``.
 
     Scores come from the exact codes; scales and zeros act on q (per-channel keys: ``(q∘s)·cᵀ - (q∘s)·z``)
-    or on the scores (per-token keys) and on ``p`` (values: ``(p∘s)·c - Σ p s z``), never on a
-    ``[BLOCK_W, D]`` tile.
+    or on the scores (per-token keys: ``(q_j·cᵀ - Σq_j·z_j)·s_j``), never on a ``[BLOCK_W, D]`` tile.
     """
     P: tl.constexpr = 32 // BITS
     N_GROUPS: tl.constexpr = HEAD_DIM // GROUP  # channel groups of per-token scales
     G_T: tl.constexpr = max(1, BLOCK_W * P // GROUP)  # token groups of per-channel keys in one block
-    d_group = offs_d // GROUP
-    valid = tok < q_end
-    if HAS_MASK:
-        valid = valid & (tl.load(MASK + tok, mask=valid, other=0) != 0)
-    k_codes = tl.trans(_low_field_codes(k_words, BITS).to(DOT_DTYPE))  # [D, BLOCK_W]
+    k_codes = tl.trans(_field_codes(k_words, f, BITS, DOT_DTYPE))  # [D, BLOCK_W]
     s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
     if KEY_PER_CHANNEL:  # a word row's P tokens share one key group (P divides GROUP)
         for gr in tl.static_range(G_T):
@@ -89,28 +89,40 @@ def _field_step(q_f32, k_words, v_words, tok, w0, rows, q_end, KS, KZ, VS, VZ, M
             else:
                 s += tl.where((((rows - w0) * P) // GROUP == gr)[None, :], part, 0.0)
     else:
+        d_group = offs_d // GROUP
         for j in tl.static_range(N_GROUPS):
             q_j = tl.where((d_group == j)[None, :], q_f32, 0.0)
             sc, z = _token_params(KS, KZ, tok, valid, j, stride_kst, BITS, SYMMETRIC)
             s += (tl.dot(q_j.to(DOT_DTYPE), k_codes) - tl.sum(q_j, 1)[:, None] * z[None, :]) * sc[None, :]
-    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    # values: acc[:, group j] += (p * s_j) · codes - Σ_t p s_j z_j
-    v_codes = _low_field_codes(v_words, BITS).to(DOT_DTYPE)
+    return tl.where(valid[None, :], s * sm_scale, float("-inf"))
+
+
+@triton.jit
+def _field_values(p, v_words, f, tok, valid, VS, VZ, stride_vst, offs_d, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``Σ_t p[:, t] v[t, :]`` ``[BLOCK_H, D]`` fp32 over the tokens of field ``f`` of the value words:
+    ``(p∘s_j)·codes - Σ_t p s_j z_j`` per channel group ``j``."""
+    N_GROUPS: tl.constexpr = HEAD_DIM // GROUP
+    v_codes = _field_codes(v_words, f, BITS, DOT_DTYPE)
+    d_group = offs_d // GROUP
+    out = tl.zeros([p.shape[0], HEAD_DIM], tl.float32)
     for j in tl.static_range(N_GROUPS):
         sc, z = _token_params(VS, VZ, tok, valid, j, stride_vst, BITS, SYMMETRIC)
         p_j = p * sc[None, :]
         part = tl.dot(p_j.to(DOT_DTYPE), v_codes) - tl.sum(p_j * z[None, :], 1)[:, None]
         if N_GROUPS == 1:
-            acc += part
+            out += part
         else:
-            acc += tl.where((d_group == j)[None, :], part, 0.0)
-    return m_new, l_i, acc
+            out += tl.where((d_group == j)[None, :], part, 0.0)
+    return out
+
+
+@triton.jit
+def _field_valid(tok, q_end, MASK, HAS_MASK: tl.constexpr):
+    valid = tok < q_end
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + tok, mask=valid, other=0) != 0)
+    return valid
 
 
 @triton.jit
@@ -143,7 +155,7 @@ def _kv_decode_split_kernel(
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, UNROLL_FIELDS: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -160,7 +172,6 @@ def _kv_decode_split_kernel(
     start = pid_s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, total)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
 
     # quantized tokens [start, min(end, n_quant)): BLOCK_W word rows of P tokens per step
@@ -171,32 +182,40 @@ def _kv_decode_split_kernel(
     vs_off = b * stride_vsb + hk * stride_vsh
     q_end = tl.minimum(end, n_quant)
     q_f32 = q.to(tl.float32)
+    ks, kz, vs, vz, mk = KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb
+    l_q = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)  # Σ p per column, reduced once after the loop
     for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
         rows = w0 + tl.arange(0, BLOCK_W)
         row_ok = rows * P < q_end
         w_off = rows[:, None] * stride_ct + offs_d[None, :]
         k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
         v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
-        if UNROLL_FIELDS:
-            # constant shifts: the compiler unpacks straight into the dots' operand layouts (no fp16
-            # code tile through shared memory), but 8 or 16 unrolled fields spill registers
-            for f in tl.static_range(P):
-                m_i, l_i, acc = _field_step(
-                    q_f32, k_words >> (f * BITS), v_words >> (f * BITS), rows * P + f, w0, rows, q_end,
-                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
-                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
-                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-        else:
-            # a runtime loop (the default): field f is in the low bits after f shifts; the fp16 code
-            # tiles pass through shared memory, no spills (docs/kv_cache.md, "Kernel layout")
-            for f in range(P):
-                m_i, l_i, acc = _field_step(
-                    q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
-                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
-                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
-                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-                k_words = k_words >> BITS
-                v_words = v_words >> BITS
+        # one online-softmax step for all BLOCK_W * P tokens: the block max first (elementwise over the
+        # fields, one row reduction), then p, Σ p and the value dots of every field against it. The
+        # second pass recomputes the same scores: the compiler merges the two (common subexpressions).
+        mx = tl.full([BLOCK_H, BLOCK_W], float("-inf"), tl.float32)
+        for f in tl.static_range(P):
+            tok = rows * P + f
+            valid = _field_valid(tok, q_end, mk, HAS_MASK)
+            mx = tl.maximum(mx, _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst,
+                                              sm_scale, offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM,
+                                              BLOCK_W, BLOCK_H, DOT_DTYPE))
+        m_new = tl.maximum(m_i, tl.max(mx, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        l_q = l_q * alpha[:, None]
+        acc = acc * alpha[:, None]
+        for f in tl.static_range(P):
+            tok = rows * P + f
+            valid = _field_valid(tok, q_end, mk, HAS_MASK)
+            s = _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst, sm_scale, offs_d,
+                              BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
+            p = tl.exp(s - m_safe[:, None])
+            l_q += p
+            acc += _field_values(p, v_words, f, tok, valid, vs, vz, stride_vst, offs_d, BITS, GROUP, SYMMETRIC,
+                                 HEAD_DIM, DOT_DTYPE)
+        m_i = m_new
+    l_i = tl.sum(l_q, 1)
 
     # full-precision residual tokens [max(start, n_quant), end)
     kr = KR + b * stride_rb + hk * stride_rh
