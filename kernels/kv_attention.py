@@ -129,10 +129,13 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 # 24 bytes on sm_90a; every config in tests/kernels/test_kv_attention_aot.py compiles without spills at 8.
 BLOCK_N = 32
 NUM_WARPS = 8
-NUM_STAGES = 3
+NUM_STAGES = 2
 # Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
 # dot, so at least 16 (tl.dot); not timed on a GPU yet.
 BLOCK_W = 16
+# Fields of a word per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens): their score tiles stay in
+# registers between the step's max and its exponentials, so more fields spill (int2's 16 did, on sm_90a).
+MAX_FIELDS_PER_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
     constexprs = dict(BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
                       HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W,
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
-                      DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype])
+                      DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
+                      FIELDS_PER_STEP=min(32 // bits, MAX_FIELDS_PER_STEP), HAS_QUANT=n_quant > 0)
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
                   num_stages, BLOCK_W * (32 // bits))

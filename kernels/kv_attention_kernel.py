@@ -155,7 +155,7 @@ def _kv_decode_split_kernel(
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, FIELDS_PER_STEP: tl.constexpr, HAS_QUANT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -184,37 +184,47 @@ def _kv_decode_split_kernel(
     q_f32 = q.to(tl.float32)
     ks, kz, vs, vz, mk = KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb
     l_q = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)  # Σ p per column, reduced once after the loop
-    for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
-        rows = w0 + tl.arange(0, BLOCK_W)
-        row_ok = rows * P < q_end
-        w_off = rows[:, None] * stride_ct + offs_d[None, :]
-        k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
-        v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
-        # one online-softmax step for all BLOCK_W * P tokens: the block max first (elementwise over the
-        # fields, one row reduction), then p, Σ p and the value dots of every field against it. The
-        # second pass recomputes the same scores: the compiler merges the two (common subexpressions).
-        mx = tl.full([BLOCK_H, BLOCK_W], float("-inf"), tl.float32)
-        for f in tl.static_range(P):
-            tok = rows * P + f
-            valid = _field_valid(tok, q_end, mk, HAS_MASK)
-            mx = tl.maximum(mx, _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst,
-                                              sm_scale, offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM,
-                                              BLOCK_W, BLOCK_H, DOT_DTYPE))
-        m_new = tl.maximum(m_i, tl.max(mx, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        l_q = l_q * alpha[:, None]
-        acc = acc * alpha[:, None]
-        for f in tl.static_range(P):
-            tok = rows * P + f
-            valid = _field_valid(tok, q_end, mk, HAS_MASK)
-            s = _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst, sm_scale, offs_d,
-                              BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-            p = tl.exp(s - m_safe[:, None])
-            l_q += p
-            acc += _field_values(p, v_words, f, tok, valid, vs, vz, stride_vst, offs_d, BITS, GROUP, SYMMETRIC,
-                                 HEAD_DIM, DOT_DTYPE)
-        m_i = m_new
+    if HAS_QUANT:  # a specialization without the quantized loop keeps the fp16-cache kernel's registers low
+        for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
+            rows = w0 + tl.arange(0, BLOCK_W)
+            row_ok = rows * P < q_end
+            w_off = rows[:, None] * stride_ct + offs_d[None, :]
+            k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
+            v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
+            # one online-softmax step per FIELDS_PER_STEP fields (BLOCK_W * FIELDS_PER_STEP tokens): the block
+            # max first (elementwise over the fields, one row reduction), then p, Σ p and the value dots of
+            # every field against it. The second pass recomputes the same scores: the compiler merges the two
+            # (common subexpressions), so the step's score tiles stay in registers, which bounds FIELDS_PER_STEP.
+            # The steps are a runtime loop (a field's codes are in the low bits after its shifts): unrolled,
+            # the compiler hoists work across steps and runs out of registers (int2 spilled, the rest 248).
+            kw = k_words
+            vw = v_words
+            for f0 in range(0, P, FIELDS_PER_STEP):
+                mx = tl.full([BLOCK_H, BLOCK_W], float("-inf"), tl.float32)
+                for f in tl.static_range(FIELDS_PER_STEP):
+                    tok = rows * P + f0 + f
+                    valid = _field_valid(tok, q_end, mk, HAS_MASK)
+                    mx = tl.maximum(mx, _field_scores(q_f32, kw, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst,
+                                                      sm_scale, offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC,
+                                                      HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE))
+                m_new = tl.maximum(m_i, tl.max(mx, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                l_q = l_q * alpha[:, None]
+                acc = acc * alpha[:, None]
+                for f in tl.static_range(FIELDS_PER_STEP):
+                    tok = rows * P + f0 + f
+                    valid = _field_valid(tok, q_end, mk, HAS_MASK)
+                    s = _field_scores(q_f32, kw, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst, sm_scale,
+                                      offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_W, BLOCK_H,
+                                      DOT_DTYPE)
+                    p = tl.exp(s - m_safe[:, None])
+                    l_q += p
+                    acc += _field_values(p, vw, f, tok, valid, vs, vz, stride_vst, offs_d, BITS, GROUP, SYMMETRIC,
+                                         HEAD_DIM, DOT_DTYPE)
+                m_i = m_new
+                kw = kw >> (FIELDS_PER_STEP * BITS)
+                vw = vw >> (FIELDS_PER_STEP * BITS)
     l_i = tl.sum(l_q, 1)
 
     # full-precision residual tokens [max(start, n_quant), end)

@@ -8,7 +8,8 @@ split partials, read back by the reduce kernel, and the output).
 
 The quantized formats count the quantized loop (the kernel's largest); ``fp16`` (every token in the
 residual window, how ``scripts/bench_kv_attention.py`` times the kernel's fp16 path) counts the residual
-loop instead: the other outer loop with tensor-core instructions.
+loop instead (the only loop of the ``HAS_QUANT = False`` specialization; in a kernel without that
+constexpr, the other outer loop with tensor-core instructions).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def evaluate(w: KVWorkload, device: Device, capability: int = 90) -> KVRecord:
     instrs, use = _compile(pl, mock_args(w, pl), capability)
     tps = pl.ints["tokens_per_split"]
     if w.bits == 16:
-        loop = _residual_loop(instrs)
+        # without quantized tokens the launcher compiles no quantized loop (HAS_QUANT): the residual loop is hot
+        loop = _residual_loop(instrs) if pl.constexprs.get("HAS_QUANT", True) else sass.hot_loop(instrs)
         tokens = pl.constexprs["BLOCK_N"]
         trips = -(-min(tps, w.n_res) // tokens)
         counts = sass.count_range(instrs, loop.start, loop.end)
@@ -168,8 +170,10 @@ def evaluate(w: KVWorkload, device: Device, capability: int = 90) -> KVRecord:
         trips = -(-min(tps, w.n_quant) // tokens)
         loop = sass.hot_loop(instrs)
         nested = [lp for lp in sass.find_loops(instrs) if lp != loop and loop.start <= lp.start and lp.end <= loop.end]
-        # a runtime loop over the fields of a word nested in the quantized loop runs P times per iteration
-        counts = sass.count_range(instrs, loop.start, loop.end, 32 // w.bits, nested)
+        # a runtime loop over the softmax steps of a word's fields, nested in the quantized loop, runs
+        # P / FIELDS_PER_STEP times per iteration
+        steps = (32 // w.bits) // pl.constexprs["FIELDS_PER_STEP"]
+        counts = sass.count_range(instrs, loop.start, loop.end, steps, nested)
     outside = sum(1 for i, ins in enumerate(instrs) if not (loop.start <= i <= loop.end) and ins.opcode != "NOP")
     cache = w.cache_bytes()
     splits = pl.grid[1]

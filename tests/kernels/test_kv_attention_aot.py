@@ -45,7 +45,7 @@ def split_signature(act):
                  "stride_mb"):
         sig[name] = "i32"
     for name in ("BITS", "GROUP", "KEY_PER_CHANNEL", "SYMMETRIC", "HAS_MASK", "HEAD_DIM", "BLOCK_N", "BLOCK_W",
-                 "BLOCK_H", "DOT_DTYPE"):
+                 "BLOCK_H", "DOT_DTYPE", "FIELDS_PER_STEP", "HAS_QUANT"):
         sig[name] = "constexpr"
     return sig
 
@@ -57,7 +57,7 @@ for target, cap in TARGETS:
         # the launcher's default launch options; Llama-7B head_dim 128, up to 16 q heads per kv head
         c = compile_kernel(_kv_decode_split_kernel, split_signature(act),
                            dict(meta, HEAD_DIM=128, BLOCK_N=DEFAULTS["block_n"], BLOCK_W=BLOCK_W, BLOCK_H=16,
-                                DOT_DTYPE=dot), cap,
+                                DOT_DTYPE=dot, FIELDS_PER_STEP=min(32 // meta["BITS"], 4), HAS_QUANT=True), cap,
                            num_warps=DEFAULTS["num_warps"], num_stages=DEFAULTS["num_stages"])
         out[f"{name}-{target}"] = resource_usage(c).__dict__
     sig = {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "OUT": "*fp16", "n_splits": "i32",
