@@ -133,9 +133,10 @@ NUM_STAGES = 2
 # Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
 # dot, so at least 16 (tl.dot); not timed on a GPU yet.
 BLOCK_W = 16
-# Fields of a word per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens): their score tiles stay in
-# registers between the step's max and its exponentials, so more fields spill (int2's 16 did, on sm_90a).
-MAX_FIELDS_PER_STEP = 4
+# Fields of a word per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens), per bit width: their score
+# tiles stay in registers between the step's max and its exponentials. On sm_90a (cost report, AOT test):
+# 4 beats 8 and 2 for int4 (2,403 instructions per 128 tokens vs 2,804 / 2,553); int2 spills at 4.
+FIELDS_PER_STEP = {8: 4, 4: 4, 2: 2}
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
                       HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W,
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
                       DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
-                      FIELDS_PER_STEP=min(32 // bits, MAX_FIELDS_PER_STEP), HAS_QUANT=n_quant > 0)
+                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0)
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
                   num_stages, BLOCK_W * (32 // bits))
