@@ -15,8 +15,8 @@ SHAPES = [
     pytest.param(2, 4, 2, 160, 3, 5, 16, id="quant-len-not-block-multiple"),
     pytest.param(1, 2, 1, 32, 0, 4, 16, id="no-residual-more-splits-than-blocks"),
     pytest.param(1, 4, 2, 0, 1, 1, 16, id="length-1"),
-    pytest.param(2, 2, 2, 16, 0, 1, 16, id="one-int2-word-row-only"),
-    pytest.param(1, 4, 1, 272, 9, 1, 16, id="several-steps-one-split"),
+    pytest.param(2, 2, 2, 32, 0, 1, 16, id="one-key-group-quantized-only"),
+    pytest.param(1, 4, 1, 288, 9, 1, 16, id="several-steps-one-split"),
 ]
 
 
