@@ -7,26 +7,19 @@ full precision. The kernel reads the codes directly — nothing is dequantized t
 memory — which is the point: at long context a decode step is bound by how many
 bytes of KV cache it reads.
 
-    grid = (B * H_kv, n_splits)           program (b, kv head, split)
-      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
-      │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
-      │   load the [BLOCK_W, D] K and V words once; for each field f < P:    │
-      │   the tokens w*P + f are one online-softmax step                     │
-      │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
-      │        group; per-token keys (q_j · codes_fᵀ - Σq_j · z_j) * s_j     │
-      │     V: (p * s_j) · codes_f - Σ_t p s_j z_j, j = channel group        │
-      │ residual part: load fp [BLOCK_N, D] tiles                            │
-      │ online softmax for all n_rep query heads of this kv head             │
-      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ───────────────────┘
-    reduce grid = (B * H_q,): out = Σ e^(m_s-M) acc_s / Σ e^(m_s-M) l_s
+A split kernel per (batch, KV head, split) and a reduce kernel over the splits: the diagram is in
+``kernels/kv_attention_kernel.py``. This module holds the cache record, the reference, the launch
+plan and the launcher.
 
 Why fields: the codes are packed along the tokens (``llmq.quant.kv``), so field f of a
 block of words is a ``[BLOCK_W, D]`` tile reached by a shift and a mask, and the exact codes
 go into the dots as they are: scales and zeros act on q, on the scores or on p (the diagram),
 never on a ``[BLOCK_W, D]`` tile. The first version packed along D, rebuilt ``[BLOCK_N, D]``
 tiles with a ``[BLOCK_N, D/P, P]`` reshape and dequantized every code; on an H200 its time
-followed the number of codes unpacked, not the bytes read (BENCHMARKS.md). Untimed since;
-what the compiler does with both is in docs/kv_cache.md ("Kernel layout").
+followed the number of codes unpacked, not the bytes read (BENCHMARKS.md). The second made each
+16-token field a whole online-softmax step (115 barriers and 200 shuffles per 128 int4 tokens on
+sm_90a); this one takes one step per FIELDS_PER_STEP fields. Untimed on a GPU since; its SASS and
+the model's prediction: ``scripts/kernel_cost.py --kv`` (``kernels/kv_cost.py``, docs/kv_cache.md).
 
 Grouped-query attention: the ``n_rep = H_q / H_kv`` query heads sharing a KV head
 are the rows of one ``[BLOCK_H, D]`` tile (padded to 16 for ``tl.dot``), so each
@@ -124,9 +117,10 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 
 # Launch defaults. For the first kernel (codes packed along D) (block_n 32, 4 warps, 3 stages) timed 2x
 # faster than (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py
-# --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed: it uses
-# 8 warps because with 4 the per-token-key config with 4 channel groups (int2, g32, bf16, mask) spilled
-# 24 bytes on sm_90a; every config in tests/kernels/test_kv_attention_aot.py compiles without spills at 8.
+# --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed on a GPU.
+# 8 warps: with 4 it spills on sm_90a (cost report: 45-136 bytes of local memory per 128 int4 tokens).
+# 2 stages: the quantized loop compiles the same with 3 (its loads are not pipelined); the fp16-cache
+# specialization (HAS_QUANT false) is predicted at its DRAM floor with 2 (docs/benchmarks/kv_cost_h200.json).
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 2

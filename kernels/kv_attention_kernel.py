@@ -3,8 +3,10 @@
     grid = (B * H_kv, n_splits)           program (b, kv head, split)
       ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
       │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
-      │   load the [BLOCK_W, D] K and V words once; for each field f < P:    │
-      │   the tokens w*P + f are one online-softmax step                     │
+      │   load the [BLOCK_W, D] K and V words once; field f < P holds the    │
+      │   tokens w*P + f; FIELDS_PER_STEP fields are one online-softmax step │
+      │   (max over all their scores, one reduction; Σp per column, reduced  │
+      │   once after the loop); for each field:                              │
       │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
       │        group; per-token keys (q_j · codes_fᵀ - Σq_j · z_j) * s_j     │
       │     V: (p * s_j) · codes_f - Σ_t p s_j z_j, j = channel group        │
