@@ -124,13 +124,15 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 2
-# Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
-# dot, so at least 16 (tl.dot); not timed on a GPU yet.
-BLOCK_W = 16
-# Fields of a word per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens), per bit width: their score
-# tiles stay in registers between the step's max and its exponentials. On sm_90a (cost report, AOT test):
-# 4 beats 8 and 2 for int4 (2,403 instructions per 128 tokens vs 2,804 / 2,553); int2 spills at 4.
-FIELDS_PER_STEP = {8: 4, 4: 4, 2: 2}
+# Per bit width: word rows per quantized step (BLOCK_W * P tokens: the N of the score dot and the K of the
+# value dot, so at least 16) and fields per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens; their score
+# tiles stay in registers between the step's max and its exponentials). Chosen on the cost report (sm_90a,
+# 7B shape, 32k, B = 8; docs/kv_cache.md): int8 is predicted 2.62x its DRAM floor at (16, 4), 1.65x at
+# (32, 2). int4: 4.47x at (16, 4), 4.03x at (32, 2), but (32, 2) spills 16 bytes when compiled without the
+# launch's divisibility hints (tests/kernels/test_kv_attention_aot.py), too close to the edge; (32, 4) spills.
+# int2 spills at BLOCK_W 32 and at (16, 4). Untimed on a GPU.
+BLOCK_W = {8: 32, 4: 16, 2: 16}
+FIELDS_PER_STEP = {8: 2, 4: 4, 2: 2}
 
 
 @dataclass(frozen=True)
@@ -164,20 +166,20 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, total, sms)
     # splits start on whole quantized steps (and residual blocks): both are powers of two
-    step = max(block_n, BLOCK_W * (32 // bits))
+    step = max(block_n, BLOCK_W[bits] * (32 // bits))
     tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
     num_splits = triton.cdiv(total, tokens_per_split)
     rep = q_heads // kv_heads
     ints = dict(n_quant=n_quant, n_res=n_res, n_kv_heads=kv_heads, n_rep=rep, tokens_per_split=tokens_per_split,
                 n_splits=num_splits)
     constexprs = dict(BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
-                      HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W,
+                      HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W[bits],
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
                       DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
                       FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0)
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
-                  num_stages, BLOCK_W * (32 // bits))
+                  num_stages, BLOCK_W[bits] * (32 // bits))
 
 
 # The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
@@ -292,7 +294,7 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
         block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
-            part steps over ``BLOCK_W`` word rows (``BLOCK_W * 32 // bits`` tokens).
+            part steps over ``BLOCK_W[bits]`` word rows (``BLOCK_W[bits] * 32 // bits`` tokens).
         num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.

@@ -43,11 +43,12 @@ def records():
 def test_int4_one_softmax_step_per_block_of_fields(records):
     r = records["int4"]
     assert not r["error"], r["error"]
-    assert r["tokens_per_iter"] == kv_attention.BLOCK_W * 8 == 128
+    assert r["tokens_per_iter"] == kv_attention.BLOCK_W[4] * 8
     assert r["stack_bytes"] == 0
-    # 2 softmax steps per 128 tokens (4 fields each) instead of 8. The per-field kernel had 115 barriers and
-    # 200 shuffles (triton 3.9; 147 and 168 with 3.6); this one 87 / 116 (3.9) and 105 / 98 (3.6)
-    assert r["barriers_per_iter"] <= 110 and r["shuffles_per_iter"] <= 150, r["by_class"]
+    # per 128 tokens: the per-field kernel had 115 barriers and 200 shuffles (triton 3.9; 147 and 168 with
+    # 3.6); this one takes a softmax step per 64 tokens (4 fields of 16 word rows)
+    per128 = 128 / r["tokens_per_iter"]
+    assert r["barriers_per_iter"] * per128 <= 110 and r["shuffles_per_iter"] * per128 <= 150, r["by_class"]
     assert r["mma_per_iter"] > 0 and r["dram_us"] > 0 and r["predicted_us"] >= r["dram_us"]
 
 
