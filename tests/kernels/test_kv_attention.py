@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kv_helpers import make_packed_kv
 
 from llmq.kernels.kv_attention import kv_decode_attention, kv_decode_attention_reference
+from llmq.kernels.kv_attention_kernel import _field_codes
 
 # (batch, q heads, kv heads, quantized tokens, residual tokens, splits, block_n)
 SHAPES = [
@@ -126,3 +129,24 @@ def test_cuda_long_sequence_gqa(bits, per_channel, symmetric, dtype, kernel_tol)
     mask[1, :1000] = False
     out = kv_decode_attention(q, kv, d ** -0.5, mask=mask)
     torch.testing.assert_close(out, kv_decode_attention_reference(q, kv, d ** -0.5, mask=mask), **kernel_tol[dtype])
+
+
+@triton.jit
+def _unpack_kernel(W, OUT, F: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(OUT + offs, _field_codes(tl.load(W + offs), F, BITS, DOT).to(tl.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dot", ["fp16", "fp32"])
+def test_field_codes_exact(bits, dot):
+    """Every field of random words, in both unpackings the kernel uses (fp16 by the 0x6400 mantissa trick: the
+    compiled kernel's fp16 path, which the interpreted launcher never takes since it dots in fp32)."""
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (64,), dtype=torch.int64).to(torch.int32)
+    words[:2] = torch.tensor([-1, 0], dtype=torch.int32)  # all ones (sign bit set), all zeros
+    dtype = {"fp16": tl.float16, "fp32": tl.float32}[dot]
+    for f in range(32 // bits):
+        out = torch.empty(64)
+        _unpack_kernel[(1,)](words, out, F=f, BITS=bits, DOT=dtype, N=64)
+        expect = ((words.to(torch.int64) & 0xFFFFFFFF) >> (f * bits)) & ((1 << bits) - 1)
+        assert torch.equal(out, expect.float()), f"field {f}"
