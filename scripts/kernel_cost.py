@@ -5,7 +5,7 @@ its hot loop's SASS and predict its time on an H200 / H100 (no GPU needed; docs/
     python scripts/kernel_cost.py                                  # 4-bit g128 fp16, 8192x8192 and 8192x28672, M 1/16/4096
     python scripts/kernel_cost.py --bits 2 4 8 --ms 1 16 --device h100 --out cost.json
     python scripts/kernel_cost.py --fit                            # the model against BENCHMARKS.md's H200 run 1
-    python scripts/kernel_cost.py --kv --out docs/benchmarks/kv_cost_h200.json   # KV decode, 7B shape, 32k, B = 8
+    python scripts/kernel_cost.py --kv --out docs/benchmarks/kv_cost_h200.json     # the KV decode kernel
 
 One JSON record per (kernel, config, shape, M): ``instr_per_code``, ``dram_us``, ``issue_us``,
 ``predicted_us``, ``bound``, the per-class counts and the rest (``llmq.kernels.cost_cases.Record``).

@@ -57,8 +57,9 @@ for target, cap in TARGETS:
         dot = {"fp16": tl.float16, "bf16": tl.bfloat16}[act]
         # the launcher's default launch options; Llama-7B head_dim 128, up to 16 q heads per kv head
         c = compile_kernel(_kv_decode_split_kernel, split_signature(act),
-                           dict(meta, HEAD_DIM=128, BLOCK_N=DEFAULTS["block_n"], BLOCK_W=BLOCK_W[meta["BITS"]], BLOCK_H=16,
-                                DOT_DTYPE=dot, FIELDS_PER_STEP=FIELDS_PER_STEP[meta["BITS"]], HAS_QUANT=True), cap,
+                           dict(meta, HEAD_DIM=128, BLOCK_N=DEFAULTS["block_n"], BLOCK_W=BLOCK_W[meta["BITS"]],
+                                BLOCK_H=16, DOT_DTYPE=dot, FIELDS_PER_STEP=FIELDS_PER_STEP[meta["BITS"]],
+                                HAS_QUANT=True), cap,
                            num_warps=DEFAULTS["num_warps"], num_stages=DEFAULTS["num_stages"])
         out[f"{name}-{target}"] = resource_usage(c).__dict__
     sig = {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "OUT": "*fp16", "n_splits": "i32",
