@@ -7,26 +7,19 @@ full precision. The kernel reads the codes directly — nothing is dequantized t
 memory — which is the point: at long context a decode step is bound by how many
 bytes of KV cache it reads.
 
-    grid = (B * H_kv, n_splits)           program (b, kv head, split)
-      ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
-      │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
-      │   load the [BLOCK_W, D] K and V words once; for each field f < P:    │
-      │   the tokens w*P + f are one online-softmax step                     │
-      │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
-      │        group; per-token keys (q_j · codes_fᵀ - Σq_j · z_j) * s_j     │
-      │     V: (p * s_j) · codes_f - Σ_t p s_j z_j, j = channel group        │
-      │ residual part: load fp [BLOCK_N, D] tiles                            │
-      │ online softmax for all n_rep query heads of this kv head             │
-      └──▶ partial (acc [n_rep, D], max m, sum l) in fp32 ───────────────────┘
-    reduce grid = (B * H_q,): out = Σ e^(m_s-M) acc_s / Σ e^(m_s-M) l_s
+A split kernel per (batch, KV head, split) and a reduce kernel over the splits: the diagram is in
+``kernels/kv_attention_kernel.py``. This module holds the cache record, the reference, the launch
+plan and the launcher.
 
 Why fields: the codes are packed along the tokens (``llmq.quant.kv``), so field f of a
 block of words is a ``[BLOCK_W, D]`` tile reached by a shift and a mask, and the exact codes
 go into the dots as they are: scales and zeros act on q, on the scores or on p (the diagram),
 never on a ``[BLOCK_W, D]`` tile. The first version packed along D, rebuilt ``[BLOCK_N, D]``
 tiles with a ``[BLOCK_N, D/P, P]`` reshape and dequantized every code; on an H200 its time
-followed the number of codes unpacked, not the bytes read (BENCHMARKS.md). Untimed since;
-what the compiler does with both is in docs/kv_cache.md ("Kernel layout").
+followed the number of codes unpacked, not the bytes read (BENCHMARKS.md). The second made each
+16-token field a whole online-softmax step (115 barriers and 200 shuffles per 128 int4 tokens on
+sm_90a); this one takes one step per FIELDS_PER_STEP fields. Untimed on a GPU since; its SASS and
+the model's prediction: ``scripts/kernel_cost.py --kv`` (``kernels/kv_cost.py``, docs/kv_cache.md).
 
 Grouped-query attention: the ``n_rep = H_q / H_kv`` query heads sharing a KV head
 are the rows of one ``[BLOCK_H, D]`` tile (padded to 16 for ``tl.dot``), so each
@@ -50,8 +43,8 @@ import triton.language as tl
 
 from llmq.quant.kv import QuantizedKVBlock, dequantize_kv
 from llmq.kernels._launch import through_op
-from llmq.kernels.dequant_tile import codes_minus_zero
 from llmq.kernels.interpreter import interpreting
+from llmq.kernels.kv_attention_kernel import _kv_decode_reduce_kernel, _kv_decode_split_kernel
 
 
 @dataclass
@@ -110,249 +103,83 @@ def kv_decode_attention_reference(q: torch.Tensor, kv: PackedKV, sm_scale: float
     return o.reshape(b, h * rep, d).to(q.dtype)
 
 
-@triton.jit
-def _low_field_codes(words, BITS: tl.constexpr):
-    """The low ``BITS`` of each word of a ``[BLOCK_W, D]`` block as exact float32 codes."""
-    # the caller shifts the words right by BITS per field (arithmetic shift: the mask drops the sign bits)
-    return codes_minus_zero(words & ((1 << BITS) - 1), 0.0)  # no int->float conversion (kernels.dequant_tile)
-
-
-@triton.jit
-def _channel_folded_q(q_f32, S, Z, row_off, first_token, q_end, offs_d, BITS: tl.constexpr,
-                      SYMMETRIC: tl.constexpr):
-    """Per-channel keys of one token group: ``q · ((c - z) · s)ᵀ = (q∘s) · cᵀ - (q∘s) · z``.
-
-    Returns ``q∘s`` ``[BLOCK_H, D]`` fp32 and ``(q∘s) · z`` ``[BLOCK_H]`` for the scale/zero row at ``row_off``
-    (zeros for a group starting at or past ``q_end``: its row may not exist).
-    """
-    row_ok = (offs_d * 0 + first_token) < q_end  # a [D] mask: the interpreter rejects a scalar mask here
-    sc = tl.load(S + row_off + offs_d, mask=row_ok, other=0.0).to(tl.float32)
-    q_g = q_f32 * sc[None, :]
-    if SYMMETRIC:
-        qz = tl.sum(q_g, 1) * (1 << (BITS - 1))
-    else:
-        qz = tl.sum(q_g * tl.load(Z + row_off + offs_d, mask=row_ok, other=0).to(tl.float32)[None, :], 1)
-    return q_g, qz
-
-
-@triton.jit
-def _token_params(S, Z, tok, valid, j, stride_st, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Scale and zero ``[BLOCK_W]`` fp32 of channel group ``j`` for tokens ``tok`` (per-token groups)."""
-    sc = tl.load(S + tok * stride_st + j, mask=valid, other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        z = tl.full(sc.shape, 1 << (BITS - 1), tl.float32)
-    else:
-        z = tl.load(Z + tok * stride_st + j, mask=valid, other=0).to(tl.float32)
-    return sc, z
-
-
-@triton.jit
-def _field_step(q_f32, k_words, v_words, tok, w0, rows, q_end, KS, KZ, VS, VZ, MASK, stride_kst, stride_vst,
-                m_i, l_i, acc, sm_scale, offs_d,
-                BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-                HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-    """One online-softmax step over the tokens ``tok = rows*P + f`` of a block of words whose field ``f``
-    sits in the low ``BITS`` bits of ``k_words`` / ``v_words`` ``[BLOCK_W, D]``; returns ``(m_i, l_i, acc)``.
-
-    Scores come from the exact codes; scales and zeros act on q (per-channel keys: ``(q∘s)·cᵀ - (q∘s)·z``)
-    or on the scores (per-token keys) and on ``p`` (values: ``(p∘s)·c - Σ p s z``), never on a
-    ``[BLOCK_W, D]`` tile.
-    """
-    P: tl.constexpr = 32 // BITS
-    N_GROUPS: tl.constexpr = HEAD_DIM // GROUP  # channel groups of per-token scales
-    G_T: tl.constexpr = max(1, BLOCK_W * P // GROUP)  # token groups of per-channel keys in one block
-    d_group = offs_d // GROUP
-    valid = tok < q_end
-    if HAS_MASK:
-        valid = valid & (tl.load(MASK + tok, mask=valid, other=0) != 0)
-    k_codes = tl.trans(_low_field_codes(k_words, BITS).to(DOT_DTYPE))  # [D, BLOCK_W]
-    s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-    if KEY_PER_CHANNEL:  # a word row's P tokens share one key group (P divides GROUP)
-        for gr in tl.static_range(G_T):
-            g = (w0 * P) // GROUP + gr
-            q_g, qz = _channel_folded_q(q_f32, KS, KZ, g * stride_kst, g * GROUP, q_end, offs_d, BITS, SYMMETRIC)
-            part = tl.dot(q_g.to(DOT_DTYPE), k_codes) - qz[:, None]
-            if G_T == 1:
-                s += part
-            else:
-                s += tl.where((((rows - w0) * P) // GROUP == gr)[None, :], part, 0.0)
-    else:
-        for j in tl.static_range(N_GROUPS):
-            q_j = tl.where((d_group == j)[None, :], q_f32, 0.0)
-            sc, z = _token_params(KS, KZ, tok, valid, j, stride_kst, BITS, SYMMETRIC)
-            s += (tl.dot(q_j.to(DOT_DTYPE), k_codes) - tl.sum(q_j, 1)[:, None] * z[None, :]) * sc[None, :]
-    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    # values: acc[:, group j] += (p * s_j) · codes - Σ_t p s_j z_j
-    v_codes = _low_field_codes(v_words, BITS).to(DOT_DTYPE)
-    for j in tl.static_range(N_GROUPS):
-        sc, z = _token_params(VS, VZ, tok, valid, j, stride_vst, BITS, SYMMETRIC)
-        p_j = p * sc[None, :]
-        part = tl.dot(p_j.to(DOT_DTYPE), v_codes) - tl.sum(p_j * z[None, :], 1)[:, None]
-        if N_GROUPS == 1:
-            acc += part
-        else:
-            acc += tl.where((d_group == j)[None, :], part, 0.0)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N] block; rows of all -inf stay finite (m_safe)."""
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * sm_scale  # [BLOCK_H, BLOCK_N] fp32
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _kv_decode_split_kernel(
-    # pointers
-    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, O_PART, M_PART, L_PART,
-    # sizes
-    n_quant, n_res, n_kv_heads, n_rep, tokens_per_split, n_splits, sm_scale,
-    # strides (elements; the last dim of every tensor is contiguous)
-    stride_qb, stride_qh,
-    stride_cb, stride_ch, stride_ct,  # K and V codes (and nothing else)
-    stride_ksb, stride_ksh, stride_kst,  # K scales and K zeros
-    stride_vsb, stride_vsh, stride_vst,  # V scales and V zeros
-    stride_rb, stride_rh, stride_rt,  # K and V residual
-    stride_mb,
-    # meta
-    BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, UNROLL_FIELDS: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    hk = pid_bh % n_kv_heads
-
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
-    h_mask = offs_h < n_rep
-    q = tl.load(Q + b * stride_qb + (hk * n_rep + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None], other=0.0).to(DOT_DTYPE)
-
-    total = n_quant + n_res
-    start = pid_s * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, total)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-
-    # quantized tokens [start, min(end, n_quant)): BLOCK_W word rows of P tokens per step
-    P: tl.constexpr = 32 // BITS
-    kc = KC + b * stride_cb + hk * stride_ch
-    vc = VC + b * stride_cb + hk * stride_ch
-    ks_off = b * stride_ksb + hk * stride_ksh
-    vs_off = b * stride_vsb + hk * stride_vsh
-    q_end = tl.minimum(end, n_quant)
-    q_f32 = q.to(tl.float32)
-    for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
-        rows = w0 + tl.arange(0, BLOCK_W)
-        row_ok = rows * P < q_end
-        w_off = rows[:, None] * stride_ct + offs_d[None, :]
-        k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
-        v_words = tl.load(vc + w_off, mask=row_ok[:, None], other=0)
-        if UNROLL_FIELDS:
-            # constant shifts: the compiler unpacks straight into the dots' operand layouts (no fp16
-            # code tile through shared memory), but 8 or 16 unrolled fields spill registers
-            for f in tl.static_range(P):
-                m_i, l_i, acc = _field_step(
-                    q_f32, k_words >> (f * BITS), v_words >> (f * BITS), rows * P + f, w0, rows, q_end,
-                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
-                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
-                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-        else:
-            # a runtime loop (the default): field f is in the low bits after f shifts; the fp16 code
-            # tiles pass through shared memory, no spills (docs/kv_cache.md, "Kernel layout")
-            for f in range(P):
-                m_i, l_i, acc = _field_step(
-                    q_f32, k_words, v_words, rows * P + f, w0, rows, q_end,
-                    KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb, stride_kst,
-                    stride_vst, m_i, l_i, acc, sm_scale, offs_d,
-                    BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HAS_MASK, HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE)
-                k_words = k_words >> BITS
-                v_words = v_words >> BITS
-
-    # full-precision residual tokens [max(start, n_quant), end)
-    kr = KR + b * stride_rb + hk * stride_rh
-    vr = VR + b * stride_rb + hk * stride_rh
-    for n0 in range(tl.maximum(start, n_quant), end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + b * stride_mb + offs_n, mask=valid, other=0) != 0)
-        r_off = (offs_n - n_quant)[:, None] * stride_rt + offs_d[None, :]
-        k = tl.load(kr + r_off, mask=valid[:, None], other=0.0)
-        v = tl.load(vr + r_off, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, sm_scale, DOT_DTYPE)
-
-    # partials [B * H_q, n_splits, (D)] fp32
-    row = (pid_bh * n_rep + offs_h) * n_splits + pid_s
-    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
-    tl.store(M_PART + row, m_i, mask=h_mask)
-    tl.store(L_PART + row, l_i, mask=h_mask)
-
-
-@triton.jit
-def _kv_decode_reduce_kernel(O_PART, M_PART, L_PART, OUT, n_splits, n_q_heads, stride_ob, stride_oh,
-                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)  # b * H_q + h
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < n_splits
-    m = tl.load(M_PART + pid * n_splits + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(L_PART + pid * n_splits + offs_s, mask=s_mask, other=0.0)
-    o = tl.load(O_PART + (pid * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_mask[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # splits with no tokens weigh 0
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-    b = pid // n_q_heads
-    h = pid % n_q_heads
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
-
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def default_num_splits(batch: int, kv_heads: int, n_tokens: int, device: torch.device,
+def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None,
                        min_tokens_per_split: int = 256) -> int:
-    """Enough programs to fill the GPU (~2 per SM) without splits shorter than ``min_tokens_per_split``."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8
+    """Enough programs to fill the GPU (~2 per SM; 8 without one) without splits shorter than
+    ``min_tokens_per_split``. ``sms``: the device's multiprocessor count, None off a GPU."""
+    target = 2 * sms if sms else 8
     return max(1, min(triton.cdiv(target, batch * kv_heads), triton.cdiv(n_tokens, min_tokens_per_split)))
 
 
 # Launch defaults. For the first kernel (codes packed along D) (block_n 32, 4 warps, 3 stages) timed 2x
 # faster than (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py
-# --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed: it uses
-# 8 warps because with 4 the per-token-key config with 4 channel groups (int2, g32, bf16, mask) spilled
-# 24 bytes on sm_90a; every config in tests/kernels/test_kv_attention_aot.py compiles without spills at 8.
+# --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed on a GPU.
+# 8 warps: with 4 it spills on sm_90a (cost report: 45-136 bytes of local memory per 128 int4 tokens).
+# 2 stages: the quantized loop compiles the same with 3 (its loads are not pipelined); the fp16-cache
+# specialization (HAS_QUANT false) is predicted at its DRAM floor with 2 (docs/benchmarks/kv_cost_h200.json).
 BLOCK_N = 32
 NUM_WARPS = 8
-NUM_STAGES = 3
-# The loop over the P fields of a word: a runtime loop (no spills) or unrolled (no shared-memory staging of
-# the code tiles, but spills); untimed, so the spill-free form is the default.
-UNROLL_FIELDS = False
-# Word rows per quantized step (BLOCK_W * P tokens): the N of the score dot and the K of the value
-# dot, so at least 16 (tl.dot); not timed on a GPU yet.
-BLOCK_W = 16
+NUM_STAGES = 2
+# Per bit width: word rows per quantized step (BLOCK_W * P tokens: the N of the score dot and the K of the
+# value dot, so at least 16) and fields per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens; their score
+# tiles stay in registers between the step's max and its exponentials). Chosen on the cost report (sm_90a,
+# 7B shape, 32k, B = 8; docs/kv_cache.md): int8 is predicted 2.62x its DRAM floor at (16, 4), 1.65x at
+# (32, 2). int4: 4.47x at (16, 4), 4.03x at (32, 2), but (32, 2) spills 16 bytes when compiled without the
+# launch's divisibility hints (tests/kernels/test_kv_attention_aot.py), too close to the edge; (32, 4) spills.
+# int2 spills at BLOCK_W 32 and at (16, 4). Untimed on a GPU.
+BLOCK_W = {8: 32, 4: 16, 2: 16}
+FIELDS_PER_STEP = {8: 2, 4: 4, 2: 2}
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """One launch of the split kernel and the reduce kernel, as ``kv_decode_attention_launch`` makes it.
+
+    ``ints``: the split kernel's size arguments (strides excluded: they come from the tensors);
+    ``constexprs``: every constexpr of the split kernel; ``reduce_constexprs`` those of the reduce kernel.
+    """
+
+    grid: tuple[int, int]  # (B * H_kv, n_splits)
+    ints: dict
+    constexprs: dict
+    reduce_constexprs: dict
+    num_warps: int
+    num_stages: int
+    quant_tokens_per_iter: int  # tokens one iteration of the quantized loop covers
+
+
+def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n_res: int, bits: int,
+         group_size: int, key_per_channel: bool, symmetric: bool, has_mask: bool, dtype: torch.dtype,
+         sms: int | None, interpret: bool = False, num_splits: int | None = None, block_n: int = BLOCK_N,
+         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> KVPlan:
+    """The launch arithmetic of ``kv_decode_attention_launch`` (pure: no tensors, no device queries), so the
+    cost report (``kernels/kv_cost.py``) compiles exactly what the launcher launches.
+
+    ``sms``: multiprocessor count of the GPU (None: not on a GPU); ``interpret``: Triton's CPU interpreter
+    (dots in fp32: its bf16 arithmetic is wrong). Other arguments as ``kv_decode_attention_launch``.
+    """
+    total = n_quant + n_res
+    if num_splits is None:
+        num_splits = default_num_splits(batch, kv_heads, total, sms)
+    # splits start on whole quantized steps (and residual blocks): both are powers of two
+    step = max(block_n, BLOCK_W[bits] * (32 // bits))
+    tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
+    num_splits = triton.cdiv(total, tokens_per_split)
+    rep = q_heads // kv_heads
+    ints = dict(n_quant=n_quant, n_res=n_res, n_kv_heads=kv_heads, n_rep=rep, tokens_per_split=tokens_per_split,
+                n_splits=num_splits)
+    constexprs = dict(BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
+                      HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W[bits],
+                      BLOCK_H=max(16, triton.next_power_of_2(rep)),
+                      DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
+                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0)
+    return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
+                  dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
+                  num_stages, BLOCK_W[bits] * (32 // bits))
 
 
 # The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
@@ -372,7 +199,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
                                mask: torch.Tensor | None, n_quant: int, bits: int, group_size: int,
                                key_per_channel: bool, symmetric: bool, sm_scale: float,
                                num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                               num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
+                               num_stages: int = NUM_STAGES) -> torch.Tensor:
     """The launcher, on the flattened ``PackedKV`` (shapes above); also ``torch.ops.llmq.kv_decode_attention``.
 
     Call it through ``kv_decode_attention(q, kv, ...)``; the arguments are those of ``PackedKV`` and of
@@ -409,13 +236,10 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
             raise ValueError(f"mask must be [batch, n_tokens] = {(b, total)}, got {tuple(mask.shape)}")
         mask = mask.to(torch.int8).contiguous()
 
-    if num_splits is None:
-        num_splits = default_num_splits(b, hkv, total, q.device)
-    # splits start on whole quantized steps (and residual blocks): both are powers of two
-    step = max(block_n, BLOCK_W * (32 // bits))
-    tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
-    num_splits = triton.cdiv(total, tokens_per_split)
-    rep = hq // hkv
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else None
+    pl = plan(b, hq, hkv, d, n_quant, n_res, bits, group_size, key_per_channel, symmetric, mask is not None, q.dtype,
+              sms, interpreting(), num_splits, block_n, num_warps, num_stages)
+    num_splits = pl.grid[1]
     o_part = torch.empty(b * hq, num_splits, d, device=q.device, dtype=torch.float32)
     m_part = torch.empty(b * hq, num_splits, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
@@ -424,25 +248,20 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
     kz = k_zeros if k_zeros is not None else k_scales
     vz = v_zeros if v_zeros is not None else v_scales
     mask_t = mask if mask is not None else o_part
-    dot_dtype = tl.float32 if interpreting() else _DOT_DTYPES[q.dtype]  # bf16 math is broken when interpreting
-
-    _kv_decode_split_kernel[(b * hkv, num_splits)](
-        q, k_codes, k_scales, kz, v_codes, v_scales, vz, k_res, v_res, mask_t,
-        o_part, m_part, l_part,
-        n_quant, n_res, hkv, rep, tokens_per_split, num_splits, float(sm_scale),
+    _kv_decode_split_kernel[pl.grid](
+        q, k_codes, k_scales, kz, v_codes, v_scales, vz, k_res, v_res, mask_t, o_part, m_part, l_part,
+        *pl.ints.values(), float(sm_scale),
         q.stride(0), q.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
         v_scales.stride(0), v_scales.stride(1), v_scales.stride(2),
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         mask.stride(0) if mask is not None else 0,
-        BITS=bits, GROUP=group_size, KEY_PER_CHANNEL=key_per_channel, SYMMETRIC=symmetric,
-        HAS_MASK=mask is not None, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_W=BLOCK_W, BLOCK_H=max(16, triton.next_power_of_2(rep)),
-        DOT_DTYPE=dot_dtype, UNROLL_FIELDS=unroll_fields, num_warps=num_warps, num_stages=num_stages,
+        **pl.constexprs, num_warps=pl.num_warps, num_stages=pl.num_stages,
     )
     _kv_decode_reduce_kernel[(b * hq,)](
-        o_part, m_part, l_part, out, num_splits, hq, out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        o_part, m_part, l_part, out, num_splits, hq, out.stride(0), out.stride(1), **pl.reduce_constexprs,
+        num_warps=4,
     )
     return out
 
@@ -455,13 +274,13 @@ kv_decode_attention_op = torch.library.custom_op("llmq::kv_decode_attention", kv
 @kv_decode_attention_op.register_fake
 def _(q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros, k_res, v_res, mask, n_quant, bits, group_size,
       key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS,
-      num_stages=NUM_STAGES, unroll_fields=UNROLL_FIELDS):
+      num_stages=NUM_STAGES):
     return q.new_empty(q.shape)  # contiguous, like the real output (q itself may be strided)
 
 
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
                         num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                        num_stages: int = NUM_STAGES, unroll_fields: bool = UNROLL_FIELDS) -> torch.Tensor:
+                        num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache ``kv`` (shapes above).
 
     Unpacks ``kv`` into the custom op ``torch.ops.llmq.kv_decode_attention`` while ``torch.compile``
@@ -475,10 +294,8 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         mask: ``[B, T]`` bool, False = masked out (left padding); ``None`` = attend to all.
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
         block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
-            part steps over ``BLOCK_W`` word rows (``BLOCK_W * 32 // bits`` tokens).
+            part steps over ``BLOCK_W[bits]`` word rows (``BLOCK_W[bits] * 32 // bits`` tokens).
         num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
-        unroll_fields: unroll the loop over the fields of a word (``UNROLL_FIELDS``): a launch option for
-            ``scripts/bench_kv_attention.py --sweep`` to time; unrolled, most configs spill registers.
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.
     Raises:
@@ -489,4 +306,4 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
     return launch(
         q, kv.k_codes, kv.k_scales, kv.k_zeros, kv.v_codes, kv.v_scales, kv.v_zeros, kv.k_res, kv.v_res, mask,
         kv.n_quant, kv.bits, kv.group_size, kv.key_per_channel, kv.symmetric, sm_scale, num_splits, block_n,
-        num_warps, num_stages, unroll_fields)
+        num_warps, num_stages)

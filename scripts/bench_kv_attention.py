@@ -12,7 +12,7 @@ attention with head_dim 128, contexts ``--contexts`` and batches ``--batches``, 
 For each it reports the bytes one step must read (codes + scales + zeros + residual + q/out), the
 achieved GB/s and its percentage of the device's nominal peak and of a measured device-to-device copy.
 Every llmq output is checked against the pure-torch reference first. ``--sweep`` also times the
-kernel's launch options (field loop unrolled or not, warps, stages) for int4 at the largest context. Writes JSON and a plot.
+kernel's launch options (warps, stages) for int4 at the largest context. Writes JSON and a plot.
 
 Without CUDA it runs small shapes through the Triton interpreter for correctness only and says so.
 
@@ -140,21 +140,20 @@ def bench_cuda(args) -> dict:
             kv = random_cache(b, hkv, t, d, 4, "cuda")
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.float16)
             # the residual window is 128 of t tokens, so block_n (its step) barely matters: the quantized
-            # loop's options are swept (the field loop unrolled or not, warps, stages)
-            for unroll in (False, True):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        launch = dict(unroll_fields=unroll, num_warps=warps, num_stages=stages)
-                        try:
-                            check(q, kv, **launch)
-                            ms = timeit(lambda: kv_decode_attention(q, kv, d ** -0.5, **launch))
-                            gbs = (bytes_read(kv) + 4 * q.numel()) / ms / 1e6
-                            sweep.append(dict(model=model, context=t, batch=b, **launch, ms=ms, gbs=gbs,
-                                              pct_peak=100 * gbs / peak))
-                            print(f"sweep int4 {model} B={b} T={t} {launch}: {ms:.4f} ms {gbs:.0f} GB/s "
-                                  f"({100 * gbs / peak:.0f}% of peak)", flush=True)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"sweep FAILED {launch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            # loop's options are swept (warps, stages)
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    launch = dict(num_warps=warps, num_stages=stages)
+                    try:
+                        check(q, kv, **launch)
+                        ms = timeit(lambda: kv_decode_attention(q, kv, d ** -0.5, **launch))
+                        gbs = (bytes_read(kv) + 4 * q.numel()) / ms / 1e6
+                        sweep.append(dict(model=model, context=t, batch=b, **launch, ms=ms, gbs=gbs,
+                                          pct_peak=100 * gbs / peak))
+                        print(f"sweep int4 {model} B={b} T={t} {launch}: {ms:.4f} ms {gbs:.0f} GB/s "
+                              f"({100 * gbs / peak:.0f}% of peak)", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"sweep FAILED {launch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             kv = None
             torch.cuda.empty_cache()
     return dict(device=dev, peak_gbs=peak, copy_gbs=copy_gbs, rows=rows, sweep=sweep)
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2], choices=[8, 4, 2])
-    p.add_argument("--sweep", action="store_true", help="also time the launch options (unroll_fields / warps / stages) for int4")
+    p.add_argument("--sweep", action="store_true", help="also time the launch options (warps / stages) for int4")
     p.add_argument("--out", default="results/bench_kv_attention")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -6,6 +6,7 @@ its hot loop's SASS and predict its time on an H200 / H100 (no GPU needed; docs/
     python scripts/kernel_cost.py --bits 2 4 8 --ms 1 16 --device h100 --out cost.json
     python scripts/kernel_cost.py --fit                            # the model against BENCHMARKS.md's H200 run 1
     python scripts/kernel_cost.py --moe --ms 1 16 64               # the grouped MoE kernel (kernels/moe_cost.py)
+    python scripts/kernel_cost.py --kv --out docs/benchmarks/kv_cost_h200.json     # the KV decode kernel
 
 One JSON record per (kernel, config, shape, M): ``instr_per_code``, ``dram_us``, ``issue_us``,
 ``predicted_us``, ``bound``, the per-class counts and the rest (``llmq.kernels.cost_cases.Record``).
@@ -124,9 +125,17 @@ def main(argv=None) -> int:
                     "--ms = tokens per decode step (cublas_fp16_us = the touched experts' fp16 weight at bandwidth)")
     ap.add_argument("--crossover", metavar="JSON", help="write the predicted crossover table (llmq/data/kernel_crossover.json "
                     "format) for --bits on h200 and h100 (default device: --device)")
+    ap.add_argument("--kv", action="store_true", help="the quantized-KV decode kernel (kernels/kv_cost.py): fp16, "
+                    "int8, int4, int2 KV on the 7B shape (32/32 heads, head_dim 128) at --kv-context, B = --kv-batch")
+    ap.add_argument("--kv-batch", type=int, default=8)
+    ap.add_argument("--kv-context", type=int, default=32768)
     a = ap.parse_args(argv)
     device = DEVICES[a.device]
-    if a.crossover:
+    if a.kv:
+        from llmq.kernels import kv_cost
+        records = kv_cost.report(device, batch=a.kv_batch, context=a.kv_context, capability=a.capability)
+        print(kv_cost.table(records))
+    elif a.crossover:
         devs = [device] + [d for name, d in sorted(DEVICES.items()) if name != a.device]
         tab, rows = crossover_table(devs, a.bits, a.capability)
         write_json(a.crossover, tab)

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kv_helpers import make_packed_kv
 
 from llmq.kernels.kv_attention import kv_decode_attention, kv_decode_attention_reference
+from llmq.kernels.kv_attention_kernel import _field_codes
 
 # (batch, q heads, kv heads, quantized tokens, residual tokens, splits, block_n)
 SHAPES = [
@@ -14,6 +17,9 @@ SHAPES = [
     pytest.param(1, 4, 2, 128, 1, 1, 16, id="residual-one-token-single-split"),
     pytest.param(2, 4, 2, 160, 3, 5, 16, id="quant-len-not-block-multiple"),
     pytest.param(1, 2, 1, 32, 0, 4, 16, id="no-residual-more-splits-than-blocks"),
+    pytest.param(1, 4, 2, 0, 1, 1, 16, id="length-1"),
+    pytest.param(2, 2, 2, 32, 0, 1, 16, id="one-key-group-quantized-only"),
+    pytest.param(1, 4, 1, 288, 9, 1, 16, id="several-steps-one-split"),
 ]
 
 
@@ -38,17 +44,16 @@ def test_matches_reference(b, hq, hkv, n_quant, n_res, splits, block_n, bits, pe
     pytest.param(2, False, True, 32, id="int2-token-sym"),
     pytest.param(8, True, False, 32, id="int8-channel-asym"),
 ])
-def test_unrolled_fields_match_reference(bits, per_channel, symmetric, group, kernel_tol):
-    """The launch option that unrolls the field loop (constant shifts) computes the same attention."""
+def test_masked_groups_match_reference(bits, per_channel, symmetric, group, kernel_tol):
+    """Small key groups (several per quantized step), a mask cutting into the quantized part, two splits."""
     d, dtype = 64, torch.float16
     kv = make_packed_kv(2, 2, 160, 7, d, bits, group, per_channel, symmetric, dtype, spare=32)
     q = torch.randn(2, 6, d).to(dtype)
     mask = torch.ones(2, 167, dtype=torch.bool)
     mask[1, :50] = False
     ref = kv_decode_attention_reference(q, kv, d ** -0.5, mask=mask)
-    for unroll in (False, True):
-        out = kv_decode_attention(q, kv, d ** -0.5, mask=mask, num_splits=2, block_n=16, unroll_fields=unroll)
-        torch.testing.assert_close(out, ref, **kernel_tol[dtype])
+    out = kv_decode_attention(q, kv, d ** -0.5, mask=mask, num_splits=2, block_n=16)
+    torch.testing.assert_close(out, ref, **kernel_tol[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
@@ -124,3 +129,24 @@ def test_cuda_long_sequence_gqa(bits, per_channel, symmetric, dtype, kernel_tol)
     mask[1, :1000] = False
     out = kv_decode_attention(q, kv, d ** -0.5, mask=mask)
     torch.testing.assert_close(out, kv_decode_attention_reference(q, kv, d ** -0.5, mask=mask), **kernel_tol[dtype])
+
+
+@triton.jit
+def _unpack_kernel(W, OUT, F: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(OUT + offs, _field_codes(tl.load(W + offs), F, BITS, DOT).to(tl.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dot", ["fp16", "fp32"])
+def test_field_codes_exact(bits, dot):
+    """Every field of random words, in both unpackings the kernel uses (fp16 by the 0x6400 mantissa trick: the
+    compiled kernel's fp16 path, which the interpreted launcher never takes since it dots in fp32)."""
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (64,), dtype=torch.int64).to(torch.int32)
+    words[:2] = torch.tensor([-1, 0], dtype=torch.int32)  # all ones (sign bit set), all zeros
+    dtype = {"fp16": tl.float16, "fp32": tl.float32}[dot]
+    for f in range(32 // bits):
+        out = torch.empty(64)
+        _unpack_kernel[(1,)](words, out, F=f, BITS=bits, DOT=dtype, N=64)
+        expect = ((words.to(torch.int64) & 0xFFFFFFFF) >> (f * bits)) & ((1 << bits) - 1)
+        assert torch.equal(out, expect.float()), f"field {f}"
