@@ -39,7 +39,7 @@ ZEROS = ("none", "int", "float")
 COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
 # bf16 activations on the decode kernel: dequant_bf16x2 has its own sequence per bit width and zero kind
 # (the GEMM's bf16 dequantization is scale_codes, covered above)
-GEMV_ONLY = [(b, "bf16", z) for b in (2, 4, 8) for z in ZEROS if (b, z) != (4, "int")]
+GEMV_ONLY = [(b, "bf16", z) for b in (2, 3, 4, 8) for z in ZEROS if (b, z) != (4, "int")]
 SHAPE = (4096, 4096)  # (K, N): every int a multiple of 16, as in LLM layers
 
 

@@ -53,6 +53,13 @@ def _bf16x2_bits(v: float) -> int:
     return h | (h << 16)
 
 
+def supports(bits: int) -> bool:
+    """2, 3, 4 and 8 bits: every 2/3/4-bit field lies within one byte of ``words`` or of ``words >> 4`` at a
+    shift of at most 4 (int3: fields 2, 5 and 7 — the two that straddle a byte and the one ending at bit
+    7 — come from ``words >> 4``)."""
+    return bits in (2, 3, 4, 8)
+
+
 def field_source(bits: int, i: int) -> tuple[bool, int, int]:
     """``(from words >> 4, byte, bit shift in the byte)`` of field ``i``: the field must end at bit 6."""
     byte, sh = divmod(i * bits, 8)
@@ -93,16 +100,17 @@ def _asm8(byte: int, float_zeros: bool) -> str:
     return "".join(lines) + "mul.rn.f32 d0, d0, $3; mul.rn.f32 d1, d1, $4; cvt.rn.bf16x2.f32 $0, d1, d0; }"
 
 
-# indexed by (BITS // 4) * 16 + field: 2 bits → 0..15, 4 bits → 16..23, 8 bits → 32..35 (bytes)
-_ASM_INT: tl.constexpr = tl.constexpr(tuple((_asm8(i, False) if b == 8 else _asm(b, i, False)) if i < 32 // b else ""
-                                            for b in (2, 4, 8) for i in range(16)))
-_ASM_FLOAT: tl.constexpr = tl.constexpr(tuple((_asm8(i, True) if b == 8 else _asm(b, i, True)) if i < 32 // b else ""
-                                              for b in (2, 4, 8) for i in range(16)))
+# indexed by BITS * 16 + field (8 bits: + byte); fields past 32 // BITS are unused
+_BITS = range(9)
+_ASM_INT: tl.constexpr = tl.constexpr(tuple((_asm8(i, False) if b == 8 else _asm(b, i, False)) if supports(b) and
+                                            i < 32 // b else "" for b in _BITS for i in range(16)))
+_ASM_FLOAT: tl.constexpr = tl.constexpr(tuple((_asm8(i, True) if b == 8 else _asm(b, i, True)) if supports(b) and
+                                              i < 32 // b else "" for b in _BITS for i in range(16)))
 # (from words >> 4, shift) of each field, same indexing
-_SHIFTED: tl.constexpr = tl.constexpr(tuple(field_source(b, i)[0] if b != 8 and i < 32 // b else False
-                                            for b in (2, 4, 8) for i in range(16)))
-_SH: tl.constexpr = tl.constexpr(tuple(field_source(b, i)[2] if b != 8 and i < 32 // b else 0
-                                       for b in (2, 4, 8) for i in range(16)))
+_SHIFTED: tl.constexpr = tl.constexpr(tuple(field_source(b, i)[0] if b in (2, 3, 4) and i < 32 // b else False
+                                            for b in _BITS for i in range(16)))
+_SH: tl.constexpr = tl.constexpr(tuple(field_source(b, i)[2] if b in (2, 3, 4) and i < 32 // b else 0
+                                       for b in _BITS for i in range(16)))
 
 
 @triton.jit
@@ -140,7 +148,7 @@ def group_rows_bf16(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS: tl.constexpr, ZE
                     ASM: tl.constexpr):
     """Rows ``[1, BLOCK_N]`` of group ``grp``: ``s_hi``, ``s_lo`` (bf16 halves of the fp16 scale), the bf16
     ``off`` rows for in-byte shifts 0, 2, 4 (``-(128·2^-sh + zero)``; float zeros: ``-128·2^-sh``),
-    ``nzs = bf16(-zero·scale)``, and for 8-bit codes the fp32 scale, the fp32 zero and the fp32 ``off`` rows
+    ``nzs = bf16(-zero·scale)`` (off rows for shifts 1 and 3: int3), and for 8-bit codes the fp32 scale, the fp32 zero and the fp32 ``off`` rows
     ``-(2^23 + zero)``, ``-(2^15 + zero)`` (float zeros: without the zero)."""
     s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0)[None, :].to(tl.float32)
     if ZERO_KIND == _NONE:
@@ -154,10 +162,12 @@ def group_rows_bf16(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS: tl.constexpr, ZE
     else:  # integers below 256: every off is exact (bf16: ≤ 8 significant bits)
         zi = z
     o0 = to_bf16(-(zi + 128.0), ASM)
+    o1 = to_bf16(-(zi + 64.0), ASM)
     o2 = to_bf16(-(zi + 32.0), ASM)
+    o3 = to_bf16(-(zi + 16.0), ASM)
     o4 = to_bf16(-(zi + 8.0), ASM)
     nzs = to_bf16(-(z * s), ASM)  # exact product (≤ 11 + 11 bits), one rounding
-    return s_hi, s_lo, o0, o2, o4, nzs, s, z, -(zi + 8388608.0), -(zi + 32768.0)
+    return s_hi, s_lo, o0, o1, o2, o3, o4, nzs, s, z, -(zi + 8388608.0), -(zi + 32768.0)
 
 
 @triton.jit
@@ -165,7 +175,7 @@ def dequant_field_bf16(words, i, rows, BITS: tl.constexpr, ZERO_KIND: tl.constex
     """Field ``i`` (constexpr) of ``words`` ``[TILE, BLOCK_N]`` int32 → bf16 weights; ``rows`` =
     ``group_rows_bf16(...)``. The shifted words the fields read (``words >> 4`` / ``>> 16``) are formed here
     per field; the compiler computes each once per tile."""
-    s_hi, s_lo, o0, o2, o4, nzs, s32, z32, o8a, o8b = rows
+    s_hi, s_lo, o0, o1, o2, o3, o4, nzs, s32, z32, o8a, o8b = rows
     if BITS == 8:
         if i % 2 == 0:
             off = o8a
@@ -176,10 +186,10 @@ def dequant_field_bf16(words, i, rows, BITS: tl.constexpr, ZERO_KIND: tl.constex
         else:
             src = words
         if ASM and ZERO_KIND == _FLOAT:
-            w = tl.inline_asm_elementwise(_ASM_FLOAT[32 + i], "=r,r,r,r,r,r,r,r,r", [src, s32, off, z32],
+            w = tl.inline_asm_elementwise(_ASM_FLOAT[128 + i], "=r,r,r,r,r,r,r,r,r", [src, s32, off, z32],
                                           dtype=tl.bfloat16, is_pure=True, pack=2)
         elif ASM:
-            w = tl.inline_asm_elementwise(_ASM_INT[32 + i], "=r,r,r,r,r,r,r", [src, s32, off], dtype=tl.bfloat16,
+            w = tl.inline_asm_elementwise(_ASM_INT[128 + i], "=r,r,r,r,r,r,r", [src, s32, off], dtype=tl.bfloat16,
                                           is_pure=True, pack=2)
         else:
             c = ((words >> (i * 8)) & 0xFF).to(tl.float32)
@@ -189,14 +199,18 @@ def dequant_field_bf16(words, i, rows, BITS: tl.constexpr, ZERO_KIND: tl.constex
                 d = c + (o8a + 8388608.0)  # exact: code - zero
             w = round_bf16(d * s32)
     else:
-        SHIFTED: tl.constexpr = _SHIFTED[(BITS // 4) * 16 + i]
-        SH: tl.constexpr = _SH[(BITS // 4) * 16 + i]
+        SHIFTED: tl.constexpr = _SHIFTED[BITS * 16 + i]
+        SH: tl.constexpr = _SH[BITS * 16 + i]
         if SH == 0:
             off = o0
+        elif SH == 1:
+            off = o1
         elif SH == 2:
             off = o2
+        elif SH == 3:
+            off = o3
         else:
-            tl.static_assert(SH == 4, "2/4-bit fields start at bit 0, 2 or 4 of their source byte")
+            tl.static_assert(SH == 4, "2/3/4-bit fields start at bit 0..4 of their source byte")
             off = o4
         if ASM:
             if SHIFTED:
@@ -204,10 +218,10 @@ def dequant_field_bf16(words, i, rows, BITS: tl.constexpr, ZERO_KIND: tl.constex
             else:
                 src = words
             if ZERO_KIND == _FLOAT:
-                w = tl.inline_asm_elementwise(_ASM_FLOAT[(BITS // 4) * 16 + i], "=r,r,r,r,r,r,r",
+                w = tl.inline_asm_elementwise(_ASM_FLOAT[BITS * 16 + i], "=r,r,r,r,r,r,r",
                                               [src, s_hi, s_lo, off, nzs], dtype=tl.bfloat16, is_pure=True, pack=2)
             else:
-                w = tl.inline_asm_elementwise(_ASM_INT[(BITS // 4) * 16 + i], "=r,r,r,r,r,r",
+                w = tl.inline_asm_elementwise(_ASM_INT[BITS * 16 + i], "=r,r,r,r,r,r",
                                               [src, s_hi, s_lo, off], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
             c = ((words >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
@@ -233,7 +247,10 @@ def decode_tiles_bf16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_s
     for t in range(t_start, t_end):
         words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         for i in tl.static_range(P):
-            if i == 0 or i % GROUP_FIELDS == 0:
+            # a group starts at this field; when tiles and groups do not align (int3: P = 10 fields per
+            # tile) every field looks its group up
+            if i == 0 or (P % GROUP_FIELDS == 0 and i % GROUP_FIELDS == 0) or (P % GROUP_FIELDS != 0 and
+                                                                               GROUP_FIELDS % P != 0):
                 grp = tl.minimum((t * P + i) // GROUP_FIELDS, num_groups - 1)
                 rows = group_rows_bf16(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND, ASM)
             w = dequant_field_bf16(words, i, rows, BITS, ZERO_KIND, ASM)

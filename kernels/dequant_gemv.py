@@ -35,7 +35,7 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.dequant_bf16x2 import decode_tiles_bf16x2
+from llmq.kernels.dequant_bf16x2 import decode_tiles_bf16x2, supports as supports_bf16
 from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE, decode_tiles_f16x2, supports  # noqa: F401
 from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
                                        dequant_fields, dequant_matmul_reference, fields_per_dot)
@@ -205,16 +205,16 @@ class GemvPlan:
 
 def packed(bits: int, act_dtype: torch.dtype, scale_dtype: torch.dtype, group_size: int, m: int = 1,
            float_zeros: bool = False) -> bool:
-    """Whether the packed dequantization runs: fp16 scales, 2/4/8-bit codes (fields never straddle a byte), and
-    fp16 activations (``dequant_f16x2``: not int2 with 32-feature groups, which put a group boundary inside a
-    byte, nor int2 with float zeros at M > 1, whose dot configs spill 8 bytes on sm_90a) or bf16 activations
-    (``dequant_bf16x2``, any group: it dequantizes field by field). Otherwise (fp32 activations, other scale
-    dtypes, int3) the fp32 dequantization runs."""
-    if scale_dtype != torch.float16 or not supports(bits):
+    """Whether the packed dequantization runs: fp16 scales, and fp16 activations with 2/4/8-bit codes
+    (``dequant_f16x2``: fields never straddle a byte; not int2 with 32-feature groups, which put a group
+    boundary inside a byte, nor int2 with float zeros at M > 1, whose dot configs spill 8 bytes on sm_90a) or
+    bf16 activations with 2/3/4/8-bit codes (``dequant_bf16x2``, any group: it dequantizes field by field).
+    Otherwise (fp32 activations, other scale dtypes, fp16 int3) the fp32 dequantization runs."""
+    if scale_dtype != torch.float16:
         return False
     if act_dtype == torch.bfloat16:
-        return True
-    return (act_dtype == torch.float16 and not (bits == 2 and group_size < 64)
+        return supports_bf16(bits)
+    return (act_dtype == torch.float16 and supports(bits) and not (bits == 2 and group_size < 64)
             and not (bits == 2 and float_zeros and m > 1))
 
 

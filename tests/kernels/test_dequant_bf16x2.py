@@ -88,12 +88,12 @@ def test_round_bf16_is_round_to_nearest_even():
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_interpreter_twin_is_bit_exact(bits, kind):
     """Every field: the ASM = False code gives the PTX model's bits; for integer / no zeros that is the
     reference's fp32 weight rounded once to bf16."""
     words, s, z = _inputs(bits, kind)
-    for i in range(32 // bits):
+    for i in range(32 // bits):  # int3: 10 fields, 3 of them read from words >> 4
         out = torch.empty(16, 64, dtype=torch.bfloat16)
         _field_kernel[(1,)](words, s, z, out, 64, I=i, BITS=bits, ZERO_KIND=KINDS[kind], ASM=False, BLOCK_N=64)
         ref = _torch_model(words, i, bits, s, z, kind)
@@ -106,7 +106,7 @@ def test_interpreter_twin_is_bit_exact(bits, kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_inline_asm_is_bit_exact_on_gpu(bits, kind):
     words, s, z = _inputs(bits, kind)
     for i in range(32 // bits):
@@ -131,7 +131,7 @@ def _layer(k, n, bits, group, kind):
 @pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("group", [32, 128, None], ids=lambda g: "perchannel" if g is None else f"g{g}")
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_packed_bf16_decode_matches_reference(bits, kind, group, m, k, n, kernel_tol):
     layer = _layer(k, n, bits, group, kind)
     pl = dequant_gemv.plan(m, n, k, bits, layer.effective_group_size, layer.scales.shape[0], torch.bfloat16,
@@ -147,8 +147,7 @@ def test_packed_bf16_decode_matches_reference(bits, kind, group, m, k, n, kernel
 
 
 def test_path_choice():
-    """bf16 activations with fp16 scales and 2/4/8 bits take the packed path, any group; int3 does not."""
-    for bits in (2, 4, 8):
+    """bf16 activations with fp16 scales and 2/3/4/8 bits take the packed path, any group."""
+    for bits in (2, 3, 4, 8):
         assert dequant_gemv.packed(bits, torch.bfloat16, torch.float16, 32)
-    assert not dequant_gemv.packed(3, torch.bfloat16, torch.float16, 128)
     assert not dequant_gemv.packed(4, torch.bfloat16, torch.float32, 128)
