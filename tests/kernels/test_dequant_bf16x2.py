@@ -127,8 +127,8 @@ def _layer(k, n, bits, group, kind):
                                       backend="torch")
 
 
-@pytest.mark.parametrize("k,n", [(300, 70), (256, 129), (520, 200)], ids=["K300-N70", "K256-N129", "K520-N200"])
-@pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("k,n", [(300, 70), (520, 129)], ids=["K300-N70", "K520-N129"])
+@pytest.mark.parametrize("m", [1, 16], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("group", [32, 128, None], ids=lambda g: "perchannel" if g is None else f"g{g}")
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
