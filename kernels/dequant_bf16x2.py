@@ -5,7 +5,7 @@ fp32 reference's weight rounded to the activation dtype, as the other bf16 paths
 decode kernel multiplies them with tensor-core dots (fp32 accumulation) for every M ≤ 16, M = 1
 included (``decode_tiles_bf16x2``): a bf16 ``x · w`` chain rounds 8x coarser than fp16's.
 
-2- and 4-bit codes (``tl.inline_asm_elementwise(pack=2)``: words of columns ``n``, ``n + 1``)::
+2-, 3- and 4-bit codes (``tl.inline_asm_elementwise(pack=2)``: two words of one column pair)::
 
     PRMT  t = [src0.byte(b), -, src1.byte(b), -]        the byte holding field i, both columns
     LOP3  a = (t & (MASK << sh) x2) | 0x43004300       bf16 128 + code·2^sh, exactly (code·2^sh < 128)
@@ -13,8 +13,9 @@ included (``decode_tiles_bf16x2``): a bf16 ``x · w`` chain rounds 8x coarser th
     HFMA2 p = d · s_lo + (-0)                          exact (≤ 4 + 3 significant bits)
     HFMA2 w = d · s_hi + p                             = bf16((code - zero) · scale), one rounding
 
-bf16 has 7 mantissa bits: a field must end at bit 6 of its byte. The high nibble (int4) and the top
-field (int2) do not; they are read from ``words >> 4`` (one shift per word, shared by its fields).
+bf16 has 7 mantissa bits: a field must end at bit 6 of its byte. The high nibble (int4), the top field
+(int2) and int3's fields 2, 5, 7 (two straddle a byte) do not; they are read from ``words >> 4`` (one
+shift per word, shared by its fields), where each sits inside one byte at a shift ≤ 4.
 The fp16 scale has 11 significant bits, bf16 8: ``s_hi = bf16(scale)``, ``s_lo = scale - s_hi``
 (≤ 3 bits, exact), so ``d·s_hi + d·s_lo`` is the exact product and the last FMA rounds it once.
 Float zero points: ``d = code``, ``p = d·s_lo + bf16(-zero·scale)`` (rounded), ``w = d·s_hi + p``.
