@@ -210,12 +210,13 @@ def packed(bits: int, act_dtype: torch.dtype, scale_dtype: torch.dtype, group_si
     """Whether the packed dequantization runs: fp16 scales, and fp16 activations with 2/4/8-bit codes
     (``dequant_f16x2``: fields never straddle a byte; not int2 with 32-feature groups, which put a group
     boundary inside a byte, nor int2 with float zeros at M > 1, whose dot configs spill 8 bytes on sm_90a) or
-    bf16 activations with 2/3/4/8-bit codes (``dequant_bf16x2``, any group: it dequantizes field by field).
+    bf16 activations with 2/3/4/8-bit codes (``dequant_bf16x2``, any group: it dequantizes field by field;
+    not int8 with float zeros).
     Otherwise (fp32 activations, other scale dtypes, fp16 int3) the fp32 dequantization runs."""
     if scale_dtype != torch.float16:
         return False
-    if act_dtype == torch.bfloat16:
-        return supports_bf16(bits)
+    if act_dtype == torch.bfloat16:  # int8 float zeros: an 8-byte stack frame on sm_90a under triton 3.6
+        return supports_bf16(bits) and not (bits == 8 and float_zeros)
     return (act_dtype == torch.float16 and supports(bits) and not (bits == 2 and group_size < 64)
             and not (bits == 2 and float_zeros and m > 1))
 
