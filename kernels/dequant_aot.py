@@ -37,6 +37,9 @@ ZEROS = ("none", "int", "float")
 # (each is another dequantization sequence: dequant_f16x2 for 2/4/8 bits, dequant_tile.scale_codes for
 # int3, which also covers bf16 / fp32); bf16 / fp32 activations at 4 bits with integer zeros
 COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
+# bf16 activations on the decode kernel: dequant_bf16x2 has its own sequence per bit width and zero kind
+# (the GEMM's bf16 dequantization is scale_codes, covered above)
+GEMV_ONLY = [(b, "bf16", z) for b in (2, 3, 4, 8) for z in ZEROS if (b, z) != (4, "int")]
 SHAPE = (4096, 4096)  # (K, N): every int a multiple of 16, as in LLM layers
 
 
@@ -52,7 +55,7 @@ def _gemv_epilogues(bits: int, act: str, zeros: str):
 def cases():
     """(name, kernel, args, num_warps, num_stages) for every shipped config."""
     k, n = SHAPE
-    for bits, act, zeros in COMBOS:
+    for bits, act, zeros in COMBOS + GEMV_ONLY:
         tag = f"int{bits} {act} zeros={zeros}"
         for m in (1, 16):
             for epi, split_k, det in _gemv_epilogues(bits, act, zeros):
@@ -64,6 +67,8 @@ def cases():
                 for warps, stages in dequant_gemv.GPU_CONFIGS[pl.path]:
                     yield (f"gemv {tag} M={m} {pl.path} {epi} warps={warps} stages={stages}",
                            dequant_gemv.dequant_gemv_kernel, args, warps, stages)
+        if (bits, act, zeros) in GEMV_ONLY:
+            continue
         w = Workload(k, n, 512, bits, 128, zeros, act, bias=True)
         ints, constexprs = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
         rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS

@@ -44,7 +44,7 @@ def gemv_cases(w: Workload):
         dram += w.m * w.n * 4 * 3
         launches = 3
     grid = pl.grid[0] * pl.grid[1] * pl.grid[2]
-    step = pl.constexprs["TILES_PER_STEP"] if pl.constexprs["PACKED"] and w.m == 1 else 1  # tiles per loop iteration
+    step = pl.constexprs["TILES_PER_STEP"] if pl.constexprs["PACKED"] and pl.constexprs["BLOCK_M"] == 1 else 1  # tiles per loop iteration
     for warps, stages in dequant_gemv.GPU_CONFIGS[pl.path]:
         yield Case("dequant-gemv", "gemv", f"{pl.path} split={pl.split} w{warps}s{stages}", w,
                    dequant_gemv.dequant_gemv_kernel, args, warps, stages, grid, pl.tiles_per_split // step,

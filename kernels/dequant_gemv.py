@@ -35,6 +35,7 @@ import triton.language as tl
 
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
+from llmq.kernels.dequant_bf16x2 import decode_tiles_bf16x2, supports as supports_bf16
 from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE, decode_tiles_f16x2, supports  # noqa: F401
 from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
                                        dequant_fields, dequant_matmul_reference, fields_per_dot)
@@ -50,8 +51,10 @@ PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps 
 # sm_90a, under triton 3.6 and 3.9, for any bit width (tests/kernels/test_aot_weight_kernels.py); deep
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
-# triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes).
-GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+# triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes); bf16 int3
+# (packed-dot-int3) runs 4 stages only (3: 8 bytes on sm_90a under 3.6).
+GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)],
+               "packed-dot-int3": [(4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -96,13 +99,18 @@ def dequant_gemv_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, TILE * P))
 
-    if PACKED:  # fp16 activations and scales, 2/4/8-bit codes: fp16x2 dequantization (dequant_f16x2)
+    if PACKED:  # fp16 scales, fp16 / bf16 activations, 2/4/8-bit codes: dequant_f16x2 / dequant_bf16x2
         if not HAS_ZEROS:
             ZERO_KIND: tl.constexpr = ZERO_NONE
         elif z_ptr.dtype.element_ty == tl.uint8:
             ZERO_KIND: tl.constexpr = ZERO_INT
         else:
             ZERO_KIND: tl.constexpr = ZERO_FLOAT
+    if PACKED and x_ptr.dtype.element_ty == tl.bfloat16:
+        acc = decode_tiles_bf16x2(x_ptr + pid_m * BLOCK_M * stride_xm, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask,
+                                  t_start, t_end, N, K, num_groups, stride_xm, BITS, P, TILE, GROUP_FIELDS, ZERO_KIND,
+                                  BLOCK_M, BLOCK_N, ASM)
+    elif PACKED:
         acc = decode_tiles_f16x2(x_ptr + pid_m * BLOCK_M * stride_xm, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_start, t_end, N, K,
                                  num_groups, stride_xm, BITS, P, TILE, GROUP_FIELDS, ZERO_KIND, BLOCK_M, BLOCK_N, EVEN_K,
                                  EVEN_N, TILES_PER_STEP, ASM)
@@ -164,8 +172,8 @@ def decode_path(block_m: int, bits: int, dtype: torch.dtype, is_packed: bool = F
     bits); tensor-core dots for 2-16 rows."""
     if block_m == 1:
         return "packed" if is_packed else "fma-int8" if bits == 8 else "fma"
-    if is_packed:
-        return "packed-dot"
+    if is_packed:  # bf16 int3 at 3 stages spills 8 bytes on sm_90a under triton 3.6 (not under 3.9)
+        return "packed-dot-int3" if bits == 3 else "packed-dot"
     return "dot-fp32" if fp32_dot(dtype) else "dot"
 
 
@@ -199,12 +207,18 @@ class GemvPlan:
 
 def packed(bits: int, act_dtype: torch.dtype, scale_dtype: torch.dtype, group_size: int, m: int = 1,
            float_zeros: bool = False) -> bool:
-    """Whether the fp16x2 dequantization runs (``dequant_f16x2``): fp16 activations and scales, fields that
-    never straddle a byte (2/4/8 bits), and no group boundary inside a byte (int2 with 32-feature groups
-    has one). Otherwise (bf16 / fp32 activations, other scale dtypes, int3) the fp32 dequantization runs.
-    int2 with float zeros at M > 1 stays on the fp32 path too: its dot configs spill 8 bytes on sm_90a."""
-    return (act_dtype == torch.float16 and scale_dtype == torch.float16 and supports(bits)
-            and not (bits == 2 and group_size < 64) and not (bits == 2 and float_zeros and m > 1))
+    """Whether the packed dequantization runs: fp16 scales, and fp16 activations with 2/4/8-bit codes
+    (``dequant_f16x2``: fields never straddle a byte; not int2 with 32-feature groups, which put a group
+    boundary inside a byte, nor int2 with float zeros at M > 1, whose dot configs spill 8 bytes on sm_90a) or
+    bf16 activations with 2/3/4/8-bit codes (``dequant_bf16x2``, any group: it dequantizes field by field;
+    not int8 with float zeros).
+    Otherwise (fp32 activations, other scale dtypes, fp16 int3) the fp32 dequantization runs."""
+    if scale_dtype != torch.float16:
+        return False
+    if act_dtype == torch.bfloat16:  # int8 float zeros: an 8-byte stack frame on sm_90a under triton 3.6
+        return supports_bf16(bits) and not (bits == 8 and float_zeros)
+    return (act_dtype == torch.float16 and supports(bits) and not (bits == 2 and group_size < 64)
+            and not (bits == 2 and float_zeros and m > 1))
 
 
 def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, act_dtype: torch.dtype,
@@ -214,12 +228,13 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
     ``n``-column weight on a GPU with ``num_sms`` SMs. Pure: no tensors, no device."""
     p = codes_per_word(bits)
     n_tiles = -(-k // (TILE_WORDS * p))
-    block_m = 1 if m == 1 else 16
     is_packed = packed(bits, act_dtype, scale_dtype, group_size, m, float_zeros)
-    block_n = (PACKED_BLOCK_N if m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
+    bf16_dots = is_packed and act_dtype == torch.bfloat16  # tensor-core dots at M = 1 too (dequant_bf16x2)
+    block_m = 1 if m == 1 and not bf16_dots else 16
+    block_n = (PACKED_BLOCK_N if block_m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
     split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
-    if is_packed and m == 1 and n_tiles % 2 == 0 and tiles_per_split % 2:
+    if is_packed and block_m == 1 and n_tiles % 2 == 0 and tiles_per_split % 2:
         tiles_per_split += 1  # even tile counts in every split: two tiles per fp16 partial sum (TILES_PER_STEP)
     split = -(-n_tiles // tiles_per_split)  # no empty splits
     mode = OUT_STORE if split == 1 else OUT_PARTIALS if deterministic else OUT_ATOMIC_ADD
