@@ -16,8 +16,9 @@ producer's ``num_kv_heads · head_dim`` channels take one copy (``reduce_heads``
 **Fold check.** ``fold`` runs ``probe()`` (the layer on one calibration batch, fp32) before and
 after and raises ``FoldError`` naming the layer and the producer when
 ``‖after − before‖ / ‖before‖ > FOLD_RTOL``. A correct fold changes the output only by fp32
-rounding (1e-8 … 1e-6 relative on SmolLM2); a wrong wiring (a producer that is not the consumers'
-input, a ``1 + w`` norm scaled as ``w``) changes it by the size of ``s − 1``, typically 1e-2 … 1.
+rounding (7e-9 … 3e-7 relative for SmoothQuant on SmolLM2-135M, docs/arch.md); a wrong wiring
+(a producer that is not the consumers' input, a ``1 + w`` norm scaled as ``w``) changes it by
+the size of ``s − 1``, typically 1e-2 … 1.
 """
 
 from __future__ import annotations
