@@ -139,7 +139,7 @@ class AWQ:
                 code's ``module2inspect``); ``None`` scores the Linears' own outputs through ``H``.
             tie: maps the mean ``|x|`` ``[K]`` to one whose channels are equal where the scales must be
                 (``v → o`` under grouped-query attention: the query heads of one KV head,
-                ``llmq.arch.fold.tie_heads``); ``s`` is elementwise in it, so it is tied alike.
+                ``llmq.arch.folding.tie_heads``); ``s`` is elementwise in it, so it is tied alike.
         """
         if self.nsamples == 0:
             raise ValueError(f"{self.names[0]}: AWQ needs calibration inputs; call add_batch() first")

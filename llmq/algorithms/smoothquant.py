@@ -15,7 +15,7 @@ op that *produces* ``X`` — a norm (``w`` or Gemma's ``1 + w``), ``v_proj`` for
 ``s``: factors are computed from the max over the group), ``up_proj`` for ``down_proj``.
 Which module produces which Linears' input is the layer's architecture map
 (``llmq.arch.maps``); the fold itself, and the check that the layer's float output did
-not change, is ``llmq.arch.fold``. A layer with no map is refused (``ValueError`` naming
+not change, is ``llmq.arch.folding``. A layer with no map is refused (``ValueError`` naming
 its class): guessing the wiring from module names silently changes Gemma-style layers.
 
 Tensors/modules in, modules modified in place; ``smooth_layer`` applies all of it to one
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from llmq.arch import MAPS, ArchMap, arch_for, check_map, fold
-from llmq.arch.fold import expand_heads, head_groups, reduce_heads
+from llmq.arch.folding import expand_heads, head_groups, reduce_heads
 
 EPS = 1e-5
 
@@ -120,7 +120,7 @@ def smooth_model(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: f
         act_absmax: per-input-channel ``max|X|`` ``[K]`` of each Linear, by module name
             (e.g. ``"model.layers.0.self_attn.q_proj"``), collected on the float model.
         check_ids: ``[b, T]`` token ids: each layer's inputs on them are captured first and every fold is
-            checked on them (``llmq.arch.fold``); ``None`` skips the check.
+            checked on them (``llmq.arch.folding``); ``None`` skips the check.
     Returns:
         names of the Linears whose inputs were smoothed.
     """

@@ -14,7 +14,7 @@ A *subgroup* is a set of Linears that read one tensor, and the module that produ
         qkv_proj rows of v (its last rows) ──▶ [o]      gate_up_proj rows of up (its last rows) ──▶ [down]
 
 Dividing the producer's output channels by ``s`` and multiplying the consumers' input
-columns by ``s`` leaves the layer's float function unchanged (``llmq.arch.fold``); AWQ and
+columns by ``s`` leaves the layer's float function unchanged (``llmq.arch.folding``); AWQ and
 SmoothQuant pick ``s``, GPTQ quantizes the subgroups in this order (true-sequential), and
 the layer pipeline replays the blocks in ``replay`` from cached inputs.
 

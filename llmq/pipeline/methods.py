@@ -27,7 +27,7 @@ from torch import nn
 from llmq.algorithms import AWQ, GPTQ, HQQ, RTNClip
 from llmq.arch import Subgroup as MapSubgroup
 from llmq.arch import arch_for, check_map, fold
-from llmq.arch.fold import fake_quantize_, head_groups, tie_heads
+from llmq.arch.folding import fake_quantize_, head_groups, tie_heads
 from llmq.pipeline.block_loss import BlockOutputLoss
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
 from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
@@ -129,7 +129,7 @@ class SubgroupQuantizer:
 
     ``add_batch(x)`` receives the sub-group's input ``[..., K]`` (GPTQ/AWQ only);
     ``quantize(layer, qweights, probe)`` returns ``{local name: QuantizedWeight}`` and,
-    for AWQ, folds the scales into the producer (``llmq.arch.fold``, checked with ``probe``).
+    for AWQ, folds the scales into the producer (``llmq.arch.folding``, checked with ``probe``).
     """
 
     def __init__(self, sub: Subgroup, layer: nn.Module, recipe: WeightRecipe, prefix: str) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from llmq.algorithms.smoothquant import smooth_llama_layers, smoothing_factors
 from llmq.arch import NormKind, Producer, Subgroup, fold
-from llmq.arch.fold import expand_heads, reduce_heads
+from llmq.arch.folding import expand_heads, reduce_heads
 from llmq.model.swap import find_linears
 from llmq.w8a8.quantize import collect_input_absmax, w8a8_weight_recipe
 

@@ -25,7 +25,7 @@ SQ = ActivationRecipe(scheme="dynamic", smoothquant_alpha=0.5)
 
 
 def folds(caplog) -> list[tuple]:
-    """``(layer, producer, consumers, relative change)`` of every fold logged by ``llmq.arch.fold``."""
+    """``(layer, producer, consumers, relative change)`` of every fold logged by ``llmq.arch.folding``."""
     return [r.args for r in caplog.records if r.name == "llmq.arch" and r.msg.startswith("%s: folded")]
 
 

@@ -1,4 +1,4 @@
-"""The one fold (``llmq.arch.fold``) on one decoder layer of every mapped family: exact for every
+"""The one fold (``llmq.arch.folding``) on one decoder layer of every mapped family: exact for every
 subgroup of the map, caught by the float check when the wiring is wrong."""
 
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmq.arch import FoldError, NormKind, Producer, arch_for, fold
-from llmq.arch.fold import expand_heads, head_groups, producer_channels
+from llmq.arch.folding import expand_heads, head_groups, producer_channels
 from llmq.pipeline.layerwise import capture_layer0_inputs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,7 +89,7 @@ def test_untied_gqa_scales_are_refused():
 
 def test_quantized_producer_keeps_codes_and_divides_scales():
     """A producer that is already quantized (v_proj before o_proj) has its per-row scales divided."""
-    from llmq.arch.fold import fake_quantize_
+    from llmq.arch.folding import fake_quantize_
     from llmq.quant.primitives import quantize_weight
 
     layer, probe = layer_and_probe("phi3")  # fused: only qkv_proj's last (v) rows are divided

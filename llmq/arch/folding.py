@@ -18,7 +18,7 @@ after and raises ``FoldError`` naming the layer and the producer when
 ``‖after − before‖ / ‖before‖ > FOLD_RTOL``. A correct fold changes the output only by fp32
 rounding (7e-9 … 3e-7 relative for SmoothQuant on SmolLM2-135M, docs/arch.md); a wrong wiring
 (a producer that is not the consumers' input, a ``1 + w`` norm scaled as ``w``) changes it by
-the size of ``s − 1``, typically 1e-2 … 1.
+the size of ``s − 1`` (0.5 … 4 for the wrong wirings of tests/arch/test_fold.py).
 """
 
 from __future__ import annotations
