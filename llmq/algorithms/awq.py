@@ -129,18 +129,24 @@ class AWQ:
         return loss
 
     @torch.no_grad()
-    def search_scales(self, output_loss: Callable[[list[torch.Tensor]], float] | None = None) -> torch.Tensor:
+    def search_scales(self, output_loss: Callable[[list[torch.Tensor]], float] | None = None,
+                      tie: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per-input-channel scales ``s`` ``[K]`` fp32 minimising ``L(α)`` (Eq. 5).
 
         Args:
             output_loss: scores the candidate weights ``[Q(W_i·s)/s]`` by the output of the
                 block that contains the Linears (``llmq.pipeline.block_loss``, the reference
                 code's ``module2inspect``); ``None`` scores the Linears' own outputs through ``H``.
+            tie: maps the mean ``|x|`` ``[K]`` to one whose channels are equal where the scales must be
+                (``v → o`` under grouped-query attention: the query heads of one KV head,
+                ``llmq.arch.folding.tie_heads``); ``s`` is elementwise in it, so it is tied alike.
         """
         if self.nsamples == 0:
             raise ValueError(f"{self.names[0]}: AWQ needs calibration inputs; call add_batch() first")
         score = self._loss if output_loss is None else (lambda s: output_loss(self.candidates(s)))
         x_mean = self.x_abs_sum / self.nsamples
+        if tie is not None:
+            x_mean = tie(x_mean)
         best_s = torch.ones_like(x_mean)
         best_loss = score(best_s)  # α = 0: plain RTN
         for i in range(1, self.n_grid):

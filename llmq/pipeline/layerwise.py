@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
 from llmq.model.rtn import QuantizationSummary, model_bytes
 from llmq.model.swap import find_experts_modules, set_submodule
 from llmq.nn.quant_experts import QuantExperts
@@ -39,7 +38,8 @@ from llmq.pipeline.experts import experts_statistics_mb, quantize_layer_experts
 from llmq.pipeline.lazy import (
     LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
 )
-from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups
+from llmq.arch import replay_block
+from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups, warn_clip_only
 from llmq.quant.primitives import QuantizedWeight
 from llmq.recipes import WeightMethod, WeightRecipe
 from llmq.resources import current_rss_mb, memory_postfix, peak_rss_mb, release_freed_memory
@@ -101,16 +101,13 @@ def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: to
     return captured
 
 
-# Blocks whose output is one Linear of a cached input: once that Linear's sub-group has
-# been calibrated, later passes replay the block from its cached input instead of
+# Blocks whose output is one Linear of a cached input (``llmq.arch.replay_block``): once that Linear's
+# sub-group has been calibrated, later passes replay the block from its cached input instead of
 # recomputing everything before it (the attention, or gate/up) — about half the work.
-# (container, how the container returns its last Linear's output)
-REPLAYABLE = {
-    "self_attn.o_proj": ("self_attn", lambda container, y: (y, None)),  # attention returns (out, weights)
-    "mlp.down_proj": ("mlp", lambda container, y: y),
+_WRAP = {  # how each kind of block returns its last Linear's output
+    "self_attn": lambda container, y: (y, None),  # attention returns (out, weights)
+    "mlp": lambda container, y: y,
 }
-# decoder layers known to apply exactly these blocks as ``x + block(norm(x))``
-_REPLAY_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 
 
 class _Replay(nn.Module):
@@ -134,10 +131,10 @@ def forward_all(layer, inputs, device, replays, state, advance: bool = False) ->
     """
     originals = {}
     for linear, cached in replays.items():
-        container, wrap = REPLAYABLE[linear]
+        container = replay_block(layer, linear)
         originals[container] = layer.get_submodule(container)
         local = linear[len(container) + 1:]
-        set_submodule(layer, container, _Replay(originals[container], local, wrap, cached, state))
+        set_submodule(layer, container, _Replay(originals[container], local, _WRAP[container], cached, state))
     try:
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             state["batch"] = b
@@ -168,10 +165,14 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     state = {"batch": 0, "device": device}
     # replay caches live with the calibration activations (on the host when --max-memory moved them there)
     store = inputs.hidden[0].device if inputs is not None and inputs.hidden else device
-    for sub in plan_subgroups(layer, selected):
+    plan = plan_subgroups(layer, selected, prefix)
+    if recipe.method is WeightMethod.AWQ:
+        warn_clip_only(layer, prefix, plan)
+    probe = None if inputs is None else (lambda: layer_output(layer, inputs, device))
+    for sub in plan:
         quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)
         first = sub.names[0]
-        cache = [] if first in REPLAYABLE and _replay_ok(layer, first) else None
+        cache = [] if replay_block(layer, first) is not None else None
         if quantizer.needs_data:
 
             def hook(module, args, q=quantizer, cache=cache):
@@ -191,7 +192,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
                     handle.remove()
             if cache is not None:
                 replays[first] = cache
-        qweights.update(quantizer.quantize(layer, qweights))
+        qweights.update(quantizer.quantize(layer, qweights, probe))
         if quantizer.folded is not None and sub.producer is not None:
             # AWQ divided the producer of this input by s: the cached inputs shrink alike
             for other, cached in replays.items():
@@ -214,10 +215,10 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     return len(selected), n_weights, n_bytes
 
 
-def _replay_ok(layer: nn.Module, linear: str) -> bool:
-    container = REPLAYABLE[linear][0]
-    modules = dict(layer.named_modules())
-    return container in modules and linear in modules and type(layer).__name__ in _REPLAY_LAYERS
+def layer_output(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> torch.Tensor:
+    """``layer``'s fp32 output on the first calibration batch (no replay): the fold check's probe."""
+    out = layer(inputs.hidden[0].to(device), **to_device(inputs.kwargs[0], device))
+    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 def _block_loss_mb(recipe: WeightRecipe, calibration_ids: torch.Tensor, hidden: int, batch_size: int) -> float:

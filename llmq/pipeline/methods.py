@@ -1,5 +1,5 @@
-"""Per-layer glue between the pipeline and the algorithms: which Linears share an input,
-where AWQ's scales fold, and one ``SubgroupQuantizer`` per method.
+"""Per-layer glue between the pipeline and the algorithms: the sequential sub-groups of a layer
+(from its architecture map, ``llmq.arch``) and one ``SubgroupQuantizer`` per method.
 
 A decoder layer is quantized *true-sequentially* in sub-groups of Linears that
 read the same input, in the order the forward pass reaches them; each
@@ -7,34 +7,30 @@ sub-group's statistics are collected with the earlier sub-groups already
 quantized, so later Linears compensate for earlier rounding::
 
     x ─ input_layernorm ─▶ [q_proj k_proj v_proj] ─ attn ─▶ [o_proj] ─(+)─ post_attention_layernorm
-      ─▶ [gate_proj up_proj] ─ act·mul ─▶ [down_proj] ─(+)─▶ next layer
+      ─▶ [gate_proj up_proj] ─ act·mul ─▶ [down_proj] ─(+)─▶ next layer        (Llama; other families:
+                                                                                  llmq.arch.maps)
 
-Linears of other architectures that this table does not know are quantized one
-by one after the known ones (still with statistics from the partly quantized
-layer) and AWQ only clips them (no scale folding).
+Linears the map does not cover (or every Linear of a layer with no map) are quantized
+one by one after the mapped ones (still with statistics from the partly quantized
+layer); AWQ only clips them, and says so with a warning naming each of them.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from llmq.algorithms import AWQ, GPTQ, HQQ, RTNClip
+from llmq.arch import Subgroup as MapSubgroup
+from llmq.arch import arch_for, check_map, fold
+from llmq.arch.folding import fake_quantize_, head_groups, tie_heads
 from llmq.pipeline.block_loss import BlockOutputLoss
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
 from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
-
-# (Linears reading one input, the module producing that input: AWQ folds 1/s into it,
-#  the block whose output scores AWQ's scales: None where that output is the Linear's own).
-LLAMA_SUBGROUPS: tuple[tuple[tuple[str, ...], str, str | None], ...] = (
-    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "self_attn"),
-    (("self_attn.o_proj",), "self_attn.v_proj", None),  # only when v_proj's outputs are o_proj's inputs (no GQA)
-    (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"),
-    (("mlp.down_proj",), "mlp.up_proj", None),  # act(gate(x)) * up(x) is linear in up's rows
-)
 
 # MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
 # calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
@@ -89,69 +85,55 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
 
 @dataclass
 class Subgroup:
-    names: tuple[str, ...]  # local names inside the decoder layer
-    producer: str | None  # module whose output is their input (AWQ folding), if foldable
-    block: str | None = None  # module whose output scores AWQ's scales, if not the Linears' own
+    names: tuple[str, ...]  # selected Linears reading one input (local names inside the decoder layer)
+    mapped: MapSubgroup | None = None  # its entry in the layer's architecture map (AWQ folds into its producer)
+
+    @property
+    def producer(self) -> str | None:
+        return None if self.mapped is None else self.mapped.producer.name
+
+    @property
+    def block(self) -> str | None:  # module whose output scores AWQ's scales, if not the Linears' own
+        return None if self.mapped is None else self.mapped.block
 
 
-def plan_subgroups(layer: nn.Module, selected: list[str]) -> list[Subgroup]:
-    """Split the selected Linears of ``layer`` (local names, module order) into sequential sub-groups."""
+def plan_subgroups(layer: nn.Module, selected: list[str], prefix: str = "layer") -> list[Subgroup]:
+    """Split the selected Linears of ``layer`` (local names, module order) into sequential sub-groups:
+    the map's sub-groups first (``llmq.arch.arch_for``), then every other Linear alone."""
     plan, covered = [], set()
-    modules = dict(layer.named_modules())
-    for names, producer, block in LLAMA_SUBGROUPS:
-        names = tuple(n for n in names if n in selected)
-        if not names:
-            continue
-        k = modules[names[0]].in_features
-        prod = modules.get(producer)
-        if isinstance(prod, nn.Linear) and prod.out_features != k:
-            prod = None  # e.g. v_proj -> o_proj under grouped-query attention
-        elif prod is not None and not isinstance(prod, nn.Linear):
-            w = getattr(prod, "weight", None)
-            prod = prod if isinstance(w, torch.Tensor) and w.shape == (k,) else None
-        block = block if isinstance(modules.get(block), nn.Module) else None
-        plan.append(Subgroup(names, producer if prod is not None else None, block))
-        covered.update(names)
-    plan += [Subgroup((n,), None) for n in selected if n not in covered]
+    arch = arch_for(layer)
+    if arch is not None:
+        check_map(arch, layer, prefix)
+        for mapped in arch.subgroups:
+            names = tuple(n for n in mapped.consumers if n in selected)
+            if names:
+                plan.append(Subgroup(names, mapped))
+                covered.update(names)
+    plan += [Subgroup((n,)) for n in selected if n not in covered]
     return plan
 
 
-def fake_quantize_(linear: nn.Linear, qw: QuantizedWeight) -> None:
-    """Put the dequantized weight into the float Linear (so the layer runs as quantized)."""
-    linear.weight.data = qw.dequantize().to(linear.weight.dtype)
-
-
-def fold_scales(layer: nn.Module, producer: str, s: torch.Tensor, qweights: dict[str, QuantizedWeight]) -> None:
-    """Divide the output channels of ``layer.<producer>`` by ``s`` ``[K]`` (AWQ's folding).
-
-    A norm has its weight (and bias) divided. A Linear that is already quantized
-    has its per-row scales divided (codes unchanged; scales re-rounded to fp16);
-    an unquantized Linear has its weight rows divided.
-    """
-    module = layer.get_submodule(producer)
-    with torch.no_grad():
-        if producer in qweights:
-            qw = qweights[producer]
-            scales = (qw.scales / s[:, None]).to(torch.float16).float()
-            qw.scales = scales.clamp(min=torch.finfo(torch.float16).tiny)
-            fake_quantize_(module, qw)
-        else:
-            w = module.weight
-            w.data = (w.float() / (s if w.dim() == 1 else s[:, None])).to(w.dtype)
-        if getattr(module, "bias", None) is not None:
-            module.bias.data = (module.bias.float() / s).to(module.bias.dtype)
+def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup]) -> None:
+    """AWQ on Linears with no producer to fold into only clips: say so, naming each of them."""
+    lone = [f"{prefix}.{n}" for sub in plan if sub.mapped is None for n in sub.names]
+    if lone:
+        arch = arch_for(layer)
+        why = (f"{type(layer).__name__} has no architecture map (llmq.arch.maps)" if arch is None
+               else f"the {arch.family} map has no producer for them")
+        warnings.warn(f"AWQ only clips (no activation-aware scales) {len(lone)} Linears because {why}: "
+                      f"{', '.join(lone)}", stacklevel=2)
 
 
 class SubgroupQuantizer:
     """Statistics and quantization for one sub-group of Linears that share an input.
 
     ``add_batch(x)`` receives the sub-group's input ``[..., K]`` (GPTQ/AWQ only);
-    ``quantize(layer, qweights)`` returns ``{local name: QuantizedWeight}`` and,
-    for AWQ, folds the scales into the producer.
+    ``quantize(layer, qweights, probe)`` returns ``{local name: QuantizedWeight}`` and,
+    for AWQ, folds the scales into the producer (``llmq.arch.folding``, checked with ``probe``).
     """
 
     def __init__(self, sub: Subgroup, layer: nn.Module, recipe: WeightRecipe, prefix: str) -> None:
-        self.sub, self.recipe, self.args = sub, recipe, method_args(recipe)
+        self.sub, self.recipe, self.args, self.prefix = sub, recipe, method_args(recipe), prefix
         self.folded: torch.Tensor | None = None  # AWQ scales divided out of the producer
         # AWQ with scale_loss="block": fed by a pre-hook on ``layer.<sub.block>`` during calibration
         self.block_loss: BlockOutputLoss | None = None
@@ -183,7 +165,9 @@ class SubgroupQuantizer:
             self.awq.add_batch(x)
 
     @torch.no_grad()
-    def quantize(self, layer: nn.Module, qweights: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    def quantize(self, layer: nn.Module, qweights: dict[str, QuantizedWeight],
+                 probe: Callable[[], torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+        """Quantize the sub-group; ``probe`` runs the float layer on one calibration batch (the fold check)."""
         r, a = self.recipe, self.args
         if r.method is WeightMethod.GPTQ:
             first = self.algos[0]
@@ -191,15 +175,20 @@ class SubgroupQuantizer:
                 other.H, other.nsamples = first.H, first.nsamples
             out = [g.quantize() for g in self.algos]
         elif r.method is WeightMethod.AWQ:
-            s = None
-            if self.sub.producer is not None:
+            s, mapped = None, self.sub.mapped
+            if mapped is not None:
                 if self.block_loss is not None:
                     self.block_loss.finish_recording()
-                s = self.awq.search_scales(self.block_loss)
+                tie = None
+                if mapped.heads:  # v -> o: one scale per KV-head channel (GQA)
+                    groups, head_dim = head_groups(layer, mapped)
+                    tie = lambda x: tie_heads(x, groups, head_dim)  # noqa: E731
+                s = self.awq.search_scales(self.block_loss, tie=tie)
                 self.block_loss = None  # frees the recorded block inputs
             out = self.awq.quantize(s)
             if s is not None:
-                fold_scales(layer, self.sub.producer, s, qweights)
+                # every consumer is compensated, quantized or excluded; AWQ keeps the unscaled weights
+                fold(layer, mapped, s, self.prefix, probe=probe, qweights=qweights)
                 self.folded = s
         elif r.method is WeightMethod.HQQ:
             out = [HQQ(lin.weight.data, r.bits, r.group_size, r.symmetric, iters=a["iters"],

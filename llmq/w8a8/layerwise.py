@@ -6,7 +6,8 @@
     for each decoder layer i:
         materialise layer i from the safetensors files (float32)
         SmoothQuant: run layer i on X_i, hooks record each Linear's max|x| per input channel;
-                     fold the factors into its norms / v_proj / up_proj   (its float outputs do not change)
+                     fold the factors into the producers its architecture map names (norms / v_proj /
+                     up_proj), each fold checked on one batch: its float outputs do not change
         static:      run the smoothed float layer on X_i, observers on its Linears' inputs → act scales
         swap the selected Linears for W8A8Linear
         X_{i+1} = quantized layer_i(X_i), in place of X_i                 (not needed after the last layer)
@@ -39,13 +40,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.algorithms.smoothquant import kv_groups, llama_layer_parts, smooth_llama_layer
+from llmq.algorithms import smoothquant
 from llmq.model.rtn import model_bytes
 from llmq.model.swap import set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.pipeline.layerwise import (
     LayerInputs, capture_layer0_inputs, check_memory_plan, check_selection, default_device, find_decoder_layers,
-    forward_all,
+    forward_all, layer_output,
 )
 from llmq.pipeline.conversion import ConvertedCheckpoint
 from llmq.pipeline.lazy import (
@@ -86,18 +87,19 @@ def _calibration_inputs(model, layers, batches, batch_size, device, store) -> La
 
 
 @torch.no_grad()
-def smooth_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, device: torch.device, alpha: float,
-                 num_kv_heads: int, groups: int) -> list[str]:
+def smooth_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, device: torch.device,
+                 alpha: float) -> list[str]:
     """SmoothQuant one float decoder ``layer`` in place from its calibration ``inputs``.
 
     Runs the layer on ``inputs`` with hooks recording every Linear's per-input-channel
-    ``max|x|``, then folds the factors (``smooth_llama_layer``): the layer's float
-    outputs do not change. Returns the smoothed Linears' local names.
+    ``max|x|``, then folds the factors (``llmq.algorithms.smoothquant.smooth_layer``), each
+    fold checked on the first batch: the layer's float outputs do not change (else
+    ``llmq.arch.FoldError``). Returns the smoothed Linears' local names.
     """
     names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     with absmax_hooks(layer, names) as stats:
         forward_all(layer, inputs, device, {}, {"batch": 0, "device": device})
-    return smooth_llama_layer(layer, stats, alpha, num_kv_heads, groups, prefix)
+    return smoothquant.smooth_layer(layer, stats, alpha, prefix, probe=lambda: layer_output(layer, inputs, device))
 
 
 @torch.no_grad()
@@ -116,8 +118,8 @@ def observe_layer(layer: nn.Module, prefix: str, names: list[str], inputs: Layer
 
 @torch.no_grad()
 def quantize_layer_w8a8(layer: nn.Module, prefix: str, recipe: ActivationRecipe, weight_recipe: WeightRecipe,
-                        inputs: LayerInputs | None, device: torch.device, num_kv_heads: int, groups: int,
-                        advance_inputs: bool, backend: str | None = None) -> tuple[int, int]:
+                        inputs: LayerInputs | None, device: torch.device, advance_inputs: bool,
+                        backend: str | None = None) -> tuple[int, int]:
     """Smooth, observe and swap the selected Linears of one float decoder ``layer`` for ``W8A8Linear``.
 
     With ``advance_inputs``, ``inputs`` then become the quantized layer's outputs (the next
@@ -126,7 +128,7 @@ def quantize_layer_w8a8(layer: nn.Module, prefix: str, recipe: ActivationRecipe,
     names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and weight_recipe.matches(f"{prefix}.{n}")]
     smoothed = []
     if recipe.smoothquant_alpha is not None:
-        smoothed = smooth_layer(layer, prefix, inputs, device, recipe.smoothquant_alpha, num_kv_heads, groups)
+        smoothed = smooth_layer(layer, prefix, inputs, device, recipe.smoothquant_alpha)
     scales = observe_layer(layer, prefix, names, inputs, device, recipe) if recipe.scheme is ActScheme.STATIC else {}
     for name in names:
         linear = layer.get_submodule(name)
@@ -163,7 +165,7 @@ def quantize_layerwise_w8a8(
 
     Returns:
         the model (``W8A8Linear`` in the decoder layers, everything else materialised on the host in
-        fp32) and a summary. Calibration problems (no data, a non-Llama layer with SmoothQuant, a recipe
+        fp32) and a summary. Calibration problems (no data, SmoothQuant on a layer with no architecture map, a recipe
         selecting Linears outside the decoder, a plan over ``max_memory_mb``) raise before any layer is read.
     """
     start = time.perf_counter()
@@ -176,8 +178,7 @@ def quantize_layerwise_w8a8(
     check_selection(model, prefix, weight_recipe)
     if recipe.smoothquant_alpha is not None:
         for i, layer in enumerate(layers):
-            llama_layer_parts(layer, f"{prefix}.{i}")  # on meta: the structure is known before any work
-    n_kv, groups = kv_groups(model.config)
+            smoothquant.layer_map(layer, f"{prefix}.{i}")  # on meta: the structure is known before any work
     data = batches if needs_calibration(recipe) else None
     store = _plan(model, ckpt, prefix, len(layers), data, batch_size, device, max_memory_mb)
 
@@ -192,7 +193,7 @@ def quantize_layerwise_w8a8(
         t0 = time.perf_counter()
         layer = materialise(model, f"{prefix}.{i}", ckpt, device)
         more = inputs is not None and i < len(layers) - 1
-        k, s = quantize_layer_w8a8(layer, f"{prefix}.{i}", recipe, weight_recipe, inputs, device, n_kv, groups,
+        k, s = quantize_layer_w8a8(layer, f"{prefix}.{i}", recipe, weight_recipe, inputs, device,
                                    advance_inputs=more, backend=backend)
         n_linears, n_smoothed = n_linears + k, n_smoothed + s
         if device.type == "cuda":

@@ -15,7 +15,7 @@ SmoothQuant folding:
 
 1. if ``recipe.smoothquant_alpha`` is set: one calibration pass with forward
    pre-hooks recording each selected Linear's per-input-channel ``max|x|``, then
-   ``llmq.algorithms.smoothquant.smooth_llama_layers`` folds the factors into the
+   ``llmq.algorithms.smoothquant.smooth_model`` folds the factors into the
    norms / ``v_proj`` / ``up_proj`` (the float model's outputs do not change);
 2. if the scheme is static: a second pass (on the smoothed model) feeding every
    Linear's input to an observer (``llmq.observers``, per tensor); Linears that
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.algorithms.smoothquant import smooth_model
 from llmq.model.swap import find_linears, set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import Observer, make_observer
@@ -208,7 +208,7 @@ def quantize_model_w8a8(model: nn.Module, recipe: ActivationRecipe, batches: lis
     smoothed: list[str] = []
     if recipe.smoothquant_alpha is not None:
         stats = collect_input_absmax(model, names, batches, progress)
-        smoothed = smooth_llama_layers(model, stats, recipe.smoothquant_alpha)
+        smoothed = smooth_model(model, stats, recipe.smoothquant_alpha, check_ids=batches[0])
     scales: dict[str, torch.Tensor] = {}
     if recipe.scheme is ActScheme.STATIC:
         scales = static_scales(observe_inputs(model, names, batches, recipe, progress), names)

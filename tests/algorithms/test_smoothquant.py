@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmq.algorithms.smoothquant import expand_kv, fold_into_linear, fold_into_norm, reduce_kv, smoothing_factors
-from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.algorithms.smoothquant import smooth_llama_layers, smoothing_factors
+from llmq.arch import NormKind, Producer, Subgroup, fold
+from llmq.arch.folding import expand_heads, reduce_heads
 from llmq.model.swap import find_linears
 from llmq.w8a8.quantize import collect_input_absmax, w8a8_weight_recipe
 
@@ -39,7 +40,7 @@ def test_fold_into_layernorm_exact():
     x = torch.randn(5, 16, dtype=torch.float64)
     ref = lin(ln(x))
     s = torch.rand(16, dtype=torch.float64) * 4 + 0.1
-    fold_into_norm(ln, [lin], s)
+    fold(nn.ModuleDict({"ln": ln, "lin": lin}), Subgroup(("lin",), Producer("ln", NormKind.W)), s, "m")
     torch.testing.assert_close(lin(ln(x)), ref, rtol=1e-12, atol=1e-12)
 
 
@@ -51,15 +52,16 @@ def test_fold_into_linear_through_gated_activation_exact():
         return down(nn.functional.silu(gate(x)) * up(x))
 
     ref = mlp()
-    fold_into_linear(up, down, torch.rand(12, dtype=torch.float64) + 0.2)
+    fold(nn.ModuleDict({"up": up, "down": down}), Subgroup(("down",), Producer("up")),
+         torch.rand(12, dtype=torch.float64) + 0.2, "mlp")
     torch.testing.assert_close(mlp(), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_kv_expand_reduce():
     s = torch.arange(6.0)  # 2 kv heads x head_dim 3
-    e = expand_kv(s, num_kv_heads=2, groups=2)
+    e = expand_heads(s, groups=2, head_dim=3)
     assert e.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
-    assert torch.equal(reduce_kv(e, 2, 2), s)
+    assert torch.equal(reduce_heads(e, 2, 3), s)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.85], ids=["a0.5", "a0.85"])
@@ -94,5 +96,5 @@ def test_smoothing_flattens_activation_outliers():
 
 
 def test_non_llama_model_rejected():
-    with pytest.raises(ValueError, match="Llama-style"):
+    with pytest.raises(ValueError, match="no model.layers"):
         smooth_llama_layers(nn.Sequential(nn.Linear(2, 2)), {}, 0.5)

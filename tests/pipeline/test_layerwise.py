@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import llmq
 from llmq.checkpoint import build_quantization_config, save_quantized
 from llmq.pipeline import quantize_layerwise, quantize_model
-from llmq.pipeline.methods import fold_scales
+from llmq.arch import MAPS, fold
 from llmq.recipes import WeightRecipe
 
 METHODS = ["rtn", "gptq", "awq", "hqq"]
@@ -113,13 +113,11 @@ def test_awq_folding_keeps_the_float_function():
     h = torch.randn(2, 5, 64)
     s = torch.rand(64) + 0.5
     ref = layer.mlp(layer.post_attention_layernorm(h))
-    fold_scales(layer, "post_attention_layernorm", s, {})
-    for name in ("gate_proj", "up_proj"):
-        getattr(layer.mlp, name).weight.data *= s
+    gate_up, down = MAPS[0].subgroups[2:]  # llama: post_attention_layernorm -> gate/up, up_proj -> down
+    fold(layer, gate_up, s, "layer")
     torch.testing.assert_close(layer.mlp(layer.post_attention_layernorm(h)), ref, atol=1e-5, rtol=1e-5)
     s2 = torch.rand(160) + 0.5
-    fold_scales(layer, "mlp.up_proj", s2, {})
-    layer.mlp.down_proj.weight.data *= s2
+    fold(layer, down, s2, "layer")
     torch.testing.assert_close(layer.mlp(layer.post_attention_layernorm(h)), ref, atol=1e-5, rtol=1e-5)
 
 

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 import llmq
 import llmq.w8a8.layerwise as lw
-from llmq.algorithms.smoothquant import kv_groups
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.pipeline.layerwise import LayerInputs, capture_layer0_inputs, forward_all
 from llmq.recipes import ActivationRecipe
@@ -140,8 +139,7 @@ def test_per_layer_fold_leaves_float_layer_outputs_unchanged(alpha):
 
     for i, layer in enumerate(layers):
         ref = outputs(layer)
-        smoothed = smooth_layer(layer, f"model.layers.{i}", inputs, torch.device("cpu"), alpha,
-                                *kv_groups(model.config))
+        smoothed = smooth_layer(layer, f"model.layers.{i}", inputs, torch.device("cpu"), alpha)
         assert len(smoothed) == 7
         for r, g in zip(ref, outputs(layer)):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
