@@ -91,7 +91,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_cpu_prefill.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     cols = ["kernel", "dequant_bf16", "fp32", "bf16", "torch_ref"]
-    lines = [f"threads {args.threads}, load average {load0:.1f} -> {meta['load_end']:.1f}, ms per call (fastest of {args.repeats})", "",
+    lines = [f"threads {args.threads}, load average {load0:.1f} -> {meta['load_end']:.1f}, "
+             f"ms per call (fastest of {args.repeats})", "",
              "| K x N | scheme | M | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
     for r in rows:
         cells = [f"{r[c + '_ms']:.3f}" if c + "_ms" in r else "–" for c in cols]

@@ -70,7 +70,8 @@ def use_dequant(layer, m: int, int8_kernel: bool) -> bool:
 
 
 def _dequant_chunk(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, d: int) -> torch.Tensor:
-    """``[Kp, c]`` uint8 codes, ``[Kp / d, c]`` fp32 scale and offset → ``[Kp, c]`` bf16 ``codes * scale + offset``."""
+    """``[Kp, c]`` uint8 codes, ``[Kp / d, c]`` fp32 scale and offset → ``[Kp, c]`` bf16
+    ``codes * scale + offset``."""
     kp, c = codes.shape
     w = codes.view(kp // d, d, c).to(torch.float32)
     w.mul_(scale[:, None]).add_(offset[:, None])
