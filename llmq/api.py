@@ -36,6 +36,7 @@ def quantize(
     calibration: CalibrationSpec | None = None,
     max_memory_mb: float | None = None,
     device: str | None = None,
+    lm_head: str = "float",
 ) -> QuantizeResult:
     """Quantize the float model ``model`` (folder, ``"smollm2-135m"`` or hub id) with ``recipe``.
 
@@ -50,8 +51,13 @@ def quantize(
     calibration problems are reported before any work starts. The method's full
     arguments and the calibration used are recorded in ``recipe.method_args``.
     ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; checked first) also sends RTN through the
-    pipeline, so that it runs where asked.
+    pipeline, so that it runs where asked. ``lm_head`` (``"float"``, ``"int8"``, ``"int4"``;
+    ``llmq.model.lm_head``) quantizes the output head too, round-to-nearest, untying a tied one
+    (the embedding stays float); it is recorded as ``quantization_config["lm_head"]``.
     """
+    from llmq.model.lm_head import lm_head_choice
+
+    lm_head = lm_head_choice(lm_head)  # an unknown choice fails before any work
     if device is not None:
         from llmq.devices import resolve_device
 
@@ -63,18 +69,27 @@ def quantize(
     if (recipe.method is not WeightMethod.RTN or recipe.method_args or max_memory_mb is not None
             or device is not None):
         return _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration,
-                                   max_memory_mb, device)
+                                   max_memory_mb, device, lm_head)
     fp_model, tokenizer, _ = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     summary = quantize_model_rtn(fp_model, recipe, progress=progress)
+    return _finish(fp_model, tokenizer, summary, recipe, lm_head, out_dir, force, source)
+
+
+def _finish(model, tokenizer, summary, recipe, lm_head, out_dir, force, source) -> QuantizeResult:
+    """Quantize the head if asked, and save the checkpoint when ``out_dir`` is given."""
+    from llmq.model.lm_head import LmHead, quantize_lm_head
+
+    summary = quantize_lm_head(model, lm_head, summary)
     saved = None
     if out_dir is not None:
-        qcfg = build_quantization_config(fp_model, recipe)
-        saved = save_quantized(fp_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(fp_model, tokenizer, summary, saved, recipe)
+        extra = None if lm_head is LmHead.FLOAT else {"lm_head": lm_head.value}
+        qcfg = build_quantization_config(model, recipe, extra)
+        saved = save_quantized(model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
+    return QuantizeResult(model, tokenizer, summary, saved, recipe)
 
 
 def _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_code, calibration, max_memory_mb,
-                        device) -> QuantizeResult:
+                        device, lm_head) -> QuantizeResult:
     from transformers import AutoTokenizer
 
     from llmq.calibration import calibration_batch, check_calibration_source
@@ -91,11 +106,7 @@ def _quantize_layerwise(source, recipe, out_dir, force, progress, trust_remote_c
     recipe = dataclasses.replace(recipe, method_args=args)
     model, summary = quantize_layerwise(source, recipe, ids, device=device, max_memory_mb=max_memory_mb,
                                         progress=progress, trust_remote_code=trust_remote_code)
-    saved = None
-    if out_dir is not None:
-        qcfg = build_quantization_config(model, recipe)
-        saved = save_quantized(model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(model, tokenizer, summary, saved, recipe)
+    return _finish(model, tokenizer, summary, recipe, lm_head, out_dir, force, source)
 
 
 def check_float_source(folder: Path) -> None:

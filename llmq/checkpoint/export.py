@@ -133,7 +133,8 @@ class GPTQFormat:
         c = next(iter(modules.values()))
         return {"quant_method": "gptq", "bits": c["bits"], "group_size": c["group_size"] or -1,
                 "desc_act": False, "sym": True, "static_groups": False, "true_sequential": True,
-                "checkpoint_format": "gptq", "lm_head": False, "meta": {"quantizer": [f"llmq:{__version__}"]}}
+                "checkpoint_format": "gptq", "lm_head": "lm_head" in modules,
+                "meta": {"quantizer": [f"llmq:{__version__}"]}}
 
     def tensors(self, name: str, c: dict, f) -> dict[str, torch.Tensor]:
         bits, k = c["bits"], c["in_features"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 KV_CHOICES = ("fp", "8", "4", "2")  # fp: DynamicCache in the model dtype (fp16 on CUDA)
-WEIGHT_CHOICES = ("fp", "bf16", "int4", "int4-g64", "int8")  # llmq.kv.bench.WEIGHT_RECIPES
+WEIGHT_CHOICES = ("fp", "bf16", "int4", "int4-g64", "int8",
+                  "int4-head8", "int4-g64-head8", "int8-head8")  # llmq.kv.bench.WEIGHT_RECIPES
 
 
 def _number(kind, minimum):
@@ -35,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", nargs="+", default=list(KV_CHOICES), choices=KV_CHOICES,
                    help="KV caches to compare: fp (full precision), 8, 4, 2 bits (default: all)")
     p.add_argument("--weights", nargs="+", default=None, choices=WEIGHT_CHOICES,
-                   help="model weights: fp (the model dtype), bf16, int4 (RTN, group 128), int4-g64, int8 (RTN, per channel) "
-                        "(default CUDA: fp int4; CPU: fp)")
+                   help="model weights: fp (the model dtype), bf16, int4 (RTN, group 128), int4-g64, int8 (RTN, per channel); "
+                        "-head8: the output head int8 too (quantize --lm-head int8) (default CUDA: fp int4; CPU: fp)")
     p.add_argument("--new-tokens", type=_number(int, 1), default=None,
                    help="decode steps timed (default CUDA 64, CPU 8)")
     p.add_argument("--residual", type=_number(int, 0), default=128,

@@ -19,7 +19,8 @@ _NOT_GIVEN = object()  # default of options whose None is a meaningful value (--
 # is refused (it would be silently ignored), see refuse_unread_options.
 CALIBRATION_OPTIONS = {"calib": "--calib", "nsamples": "--nsamples", "seqlen": "--seqlen", "seed": "--seed"}
 WEIGHT_OPTIONS = {"bits": "--bits", "group": "--group", "symmetric": "--sym/--asym", "zero_point": "--zero-point",
-                  "include": "--include", "method_arg": "--method-arg"}
+                  "include": "--include", "method_arg": "--method-arg", "lm_head": "--lm-head"}
+LM_HEAD_CHOICES = ("float", "int8", "int4")  # llmq.model.lm_head.LmHead (not imported: --help stays torch-free)
 W8A8_OPTIONS = {"act_bits": "--act-bits", "act_scheme": "--act-scheme", "observer": "--observer", "alpha": "--alpha",
                 "percentile": "--percentile", "momentum": "--momentum", "calib_samples": "--calib-samples"}
 
@@ -113,6 +114,10 @@ def register(sub) -> None:
                    f"{list(DEFAULT_EXCLUDE)}")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="only quantize Linears matching these patterns (default: all)")
+    p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default=None,
+                   help="also quantize the output head, round-to-nearest: int8 (per output row, symmetric; "
+                   "near-lossless) or int4 (groups of 64); a tied head is untied, the embedding stays float "
+                   "(default float: the head is kept as it is; docs/cpu_backend.md gives speed and quality)")
     w8a8 = p.add_argument_group(
         "W8A8 (--method smoothquant)",
         "int8 weights per output channel and int8 activations; --bits/--group/--sym do not apply")
@@ -223,10 +228,10 @@ def run(args: argparse.Namespace) -> int:
     # progress goes to stderr, so it stays on with --json (stdout is the one JSON object)
     result = quantize(args.model, recipe, args.out, force=args.force, progress=True,
                       trust_remote_code=args.trust_remote_code, calibration=calibration,
-                      max_memory_mb=args.max_memory, device=args.device)
+                      max_memory_mb=args.max_memory, device=args.device, lm_head=args.lm_head or "float")
     if args.json:  # the recipe as run: method_args resolved to the method's full arguments
         print(json.dumps({"out": str(result.out_dir), "recipe": result.recipe.to_dict(),
-                          **result.summary.to_dict()}))
+                          "lm_head": args.lm_head or "float", **result.summary.to_dict()}))
     else:
         print(result.summary)
         print(f"saved to {result.out_dir}")

@@ -40,9 +40,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --weights (llmq.cli.bench.WEIGHT_CHOICES): the model's float dtype, or RTN via llmq as (bits, group):
-# int4 = group 128, int8 per channel
-WEIGHT_RECIPES = {"fp": None, "bf16": None, "int4": (4, 128), "int4-g64": (4, 64), "int8": (8, None)}
+# --weights (llmq.cli.bench.WEIGHT_CHOICES): the model's float dtype, or RTN via llmq as (bits, group, lm_head):
+# int4 = group 128, int8 per channel; "-head8": the output head too, int8 (llmq.model.lm_head; untied if tied)
+WEIGHT_RECIPES = {"fp": None, "bf16": None, "int4": (4, 128, "float"), "int4-g64": (4, 64, "float"),
+                  "int8": (8, None, "float"), "int4-head8": (4, 128, "int8"), "int4-g64-head8": (4, 64, "int8"),
+                  "int8-head8": (8, None, "int8")}
 
 
 def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtype):
@@ -64,11 +66,13 @@ def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtyp
         model, _, _ = load_model(name, dtype=dtype, device=str(device))
     model.eval()
     if WEIGHT_RECIPES[weights] is not None:
+        from llmq.model.lm_head import quantize_lm_head
         from llmq.model.rtn import quantize_model_rtn
         from llmq.recipes import WeightRecipe
 
-        bits, group = WEIGHT_RECIPES[weights]
+        bits, group, head = WEIGHT_RECIPES[weights]
         quantize_model_rtn(model, WeightRecipe(bits=bits, group_size=group), progress=False)
+        quantize_lm_head(model, head)
         model.to(device)
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return model, nbytes

@@ -5,6 +5,10 @@
 * 8-bit with groups → two int4 calls, on the codes' high and low nibbles (the int8 kernel has one
   scale per output channel; ``code = 16 hi + lo``, so scales ``16 s`` and ``s`` per group are exact).
 
+From ``llmq.nn.cpu_dequant.INT4_MIN_M`` / ``INT8_MIN_M`` rows of x on (prefill), the same held weight is dequantized to
+bf16 in column chunks and multiplied with bf16 GEMMs instead, which measured faster there
+(``llmq.nn.cpu_dequant``); same conventions, same error bound.
+
 Registered between ``triton`` (CUDA) and ``torch`` (the reference), so it is the automatic choice
 for CPU tensors; it declines (with its reason, and the torch backend runs) N not a multiple of 16
 (the int4 pack needs it) and activations other than fp32/bf16/fp16.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from llmq.nn import cpu_dequant
 from llmq.nn.backends import LinearSpec, register_backend
 from llmq.nn.cpu_layout import INT8_OFFSET, padded_k
 from llmq.nn.layouts import CPU, CPU_SPLIT
@@ -95,6 +100,7 @@ class CpuBackend:
             return False, f"runs on CPU tensors only, got {spec.device_type!r}"
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float32, bfloat16 or float16, got {spec.act_dtype}"
+        cpu_dequant.block64_layout()  # probed here, eagerly: forward may run inside torch.compile
         if uses_int8_kernel(spec.bits, spec.group_size):
             return True, "torch int8 CPU kernel (_weight_int8pack_mm), bf16 compute"
         if spec.out_features % INT4_N_MULTIPLE:
@@ -111,15 +117,22 @@ class CpuBackend:
         if kp != k:  # padded input features meet zero activations
             xb = torch.nn.functional.pad(xb, (0, kp - k))
         xb = xb.contiguous()
+        # prefill: the kernels are tuned for small M; dequantize in chunks and run bf16 GEMMs (cpu_dequant)
+        large_m = cpu_dequant.use_dequant(layer, xb.shape[0], int8_kernel)
         if int8_kernel:
             scales, zero_term = _derived(layer, _int8_params)
-            y = torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, scales)
+            if large_m:
+                y = cpu_dequant.int8_matmul(xb, layer.qweight, scales)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, scales)
             if zero_term is not None:  # asymmetric: + rowsum(x) * (128 - zero) * s, in fp32
                 y = y.float() + xb.float().sum(-1, keepdim=True) * zero_term
         else:
             d = kernel_group(k, layer.group_size)
             scale_zeros = _derived(layer, int4_scale_zeros)
-            if len(scale_zeros) == 1:
+            if large_m:
+                y = cpu_dequant.int4_pack_matmul(xb, layer.qweight, scale_zeros, d)
+            elif len(scale_zeros) == 1:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight, d, scale_zeros[0])
             else:  # split 8-bit: rows :N hold the high nibbles, N: the low ones; partial sums added in fp32
                 y = (torch.ops.aten._weight_int4pack_mm_for_cpu(xb, layer.qweight[:n], d, scale_zeros[0]).float()

@@ -199,11 +199,13 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
                 if other in sub.names:
                     replays[other] = [c / quantizer.folded.to(c.device) for c in cached]
     n_weights = n_bytes = 0
+    # CPU: propagate through the fp32 reference (the cpu backend's bf16 path depends on the batch's row count)
+    propagate_with = "torch" if device.type == "cpu" else None
     for name in selected:
         linear = layer.get_submodule(name)
         n_weights += linear.weight.numel()
         n_bytes += linear.weight.numel() * 4
-        set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias))
+        set_submodule(layer, name, QuantLinear.from_quantized(qweights[name], linear.bias, backend=propagate_with))
     report = {} if moe_report is None else moe_report
     run = None if inputs is None else (lambda: forward_all(layer, inputs, device, replays, state))
     n_experts, e_weights = quantize_layer_experts(layer, prefix, recipe, method_args(recipe), run, _StopForward,
@@ -212,6 +214,9 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     n_weights, n_bytes = n_weights + e_weights, n_bytes + e_weights * 4
     if inputs is not None:
         forward_all(layer, inputs, device, replays, state, advance=True)
+    for module in [layer.get_submodule(name) for name in selected]:  # propagated: the automatic backend now
+        module.set_backend(None)
+        module.prepare()
     return len(selected), n_weights, n_bytes
 
 

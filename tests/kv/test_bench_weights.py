@@ -16,3 +16,16 @@ def test_bench_int8_and_int4_g64_weights_report_backend_and_threads(tiny_model_d
     assert report["quant_linear_backends"] == ["int4-g64: cpu", "int8: cpu"]
     assert {r["weights"] for r in report["runs"]} == {"int8", "int4-g64"}
     assert all(r["decode_tokens_per_s"] > 0 for r in report["runs"])
+
+
+def test_head8_weights_quantize_the_output_head_int8(tiny_model_dir):
+    import torch
+
+    from llmq.kv.bench import build_model
+    from llmq.nn import QuantLinear
+
+    plain, _ = build_model(str(tiny_model_dir), "int4", torch.device("cpu"), torch.float32)
+    model, nbytes = build_model(str(tiny_model_dir), "int4-head8", torch.device("cpu"), torch.float32)
+    assert type(plain.lm_head) is torch.nn.Linear
+    assert isinstance(model.lm_head, QuantLinear) and (model.lm_head.bits, model.lm_head.group_size) == (8, None)
+    assert model.model.layers[0].mlp.down_proj.bits == 4 and nbytes > 0
