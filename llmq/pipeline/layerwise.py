@@ -29,16 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmq.arch import replay_block
 from llmq.model.rtn import QuantizationSummary, model_bytes
 from llmq.model.swap import find_experts_modules, set_submodule
 from llmq.nn.quant_experts import QuantExperts
 from llmq.nn.quant_linear import QuantLinear
 from llmq.pipeline.conversion import ConvertedCheckpoint
 from llmq.pipeline.experts import experts_statistics_mb, quantize_layer_experts
-from llmq.pipeline.lazy import (
-    LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host,
-)
-from llmq.arch import replay_block
+from llmq.pipeline.lazy import LazyCheckpoint, empty_model, materialise, materialise_inputs_side, materialise_rest_on_host
 from llmq.pipeline.methods import NEEDS_CALIBRATION, SubgroupQuantizer, method_args, plan_subgroups, warn_clip_only
 from llmq.quant.primitives import QuantizedWeight
 from llmq.recipes import WeightMethod, WeightRecipe

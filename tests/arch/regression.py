@@ -30,7 +30,10 @@ EXPECTED: dict[str, str] = {
     'w8a8sq-layerwise-gqa': '1734b532cf786730892096e24e544adb1f9eebd32b7eb89cbe6917d7d6ddcd7e',
 }
 # cases whose result changed on purpose, and why
-CHANGED = {"awq-gqa": "AWQ now folds o_proj's scales into v_proj under grouped-query attention (was clip-only)"}
+_PROPAGATION = ("on the CPU the layer pipeline now feeds each quantized layer's outputs to the next through the fp32 "
+                "torch reference backend, not the bf16 cpu backend (merged with the maps; commit 9450dae)")
+CHANGED = {"awq-gqa": "AWQ now folds o_proj's scales into v_proj under grouped-query attention (was clip-only)",
+           "awq-mha": _PROPAGATION, "gptq-mha": _PROPAGATION, "gptq-gqa": _PROPAGATION}
 
 
 def _digest(model) -> str:
