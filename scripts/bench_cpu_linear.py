@@ -29,16 +29,22 @@ SCHEMES = {"int4-g128": (4, 128), "int4-g64": (4, 64), "int3-g64": (3, 64), "int
 SMOLLM2_SHAPES = ["576x576", "576x192", "576x1536", "1536x576"]  # K x N: q/o, k/v, gate/up, down
 
 
-def _time(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each fn, calls interleaved round-robin (after 3 warm-up rounds)."""
+def interleaved_samples(fns: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, the fns called round-robin (so load changes hit them alike), after
+    ``warmup`` untimed rounds. Also used by scripts/bench_cpu_prefill.py."""
     samples = {name: [] for name in fns}
-    for i in range(repeats + 3):
+    for i in range(repeats + warmup):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            if i >= 3:
+            if i >= warmup:
                 samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def _time(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each fn (``interleaved_samples``)."""
+    return {name: statistics.median(s) for name, s in interleaved_samples(fns, repeats).items()}
 
 
 @torch.no_grad()

@@ -15,24 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
+from bench_cpu_linear import (
+    interleaved_samples,  # scripts/ is sys.path[0] when run as a script
+)
 
 SCHEMES = {"int4-g128": (4, 128), "int8-chan": (8, None), "int8-g128": (8, 128)}
 SHAPES = ["576x576", "576x1536", "1536x576", "576x49152"]  # K x N: q/o, gate/up, down, lm_head
 
 
 def _time(fns: dict, repeats: int) -> dict:
-    samples = {name: [] for name in fns}
-    for i in range(repeats + 2):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= 2:
-                samples[name].append(time.perf_counter() - t0)
-    return {name: min(s) * 1e3 for name, s in samples.items()}
+    """Fastest ms per call of each fn (interleaved calls, 2 warm-up rounds)."""
+    return {name: min(s) * 1e3 for name, s in interleaved_samples(fns, repeats, warmup=2).items()}
 
 
 @torch.no_grad()

@@ -12,14 +12,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
+from layer_helpers import make_layer
 from llmq.kernels import dequant_gemv
 from llmq.kernels.dequant_bf16x2 import dequant_field_bf16, group_rows_bf16, round_bf16
 from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE
 from llmq.kernels.dequant_matmul import dequant_matmul
 from llmq.kernels.dequant_tile import dequant_matmul_reference, repack_tiled
-from llmq.nn.quant_linear import QuantLinear
-from llmq.quant.primitives import quantize_weight
 
 KINDS = {"none": ZERO_NONE.value, "int": ZERO_INT.value, "float": ZERO_FLOAT.value}
 
@@ -117,23 +115,13 @@ def test_inline_asm_is_bit_exact_on_gpu(bits, kind):
         assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16)), (bits, kind, i)
 
 
-def _layer(k, n, bits, group, kind):
-    w = torch.randn(n, k) / k**0.5
-    if kind == "float":
-        from llmq.algorithms import HQQ
-        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n),
-                                          backend="torch")  # canonical layout held
-    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n),
-                                      backend="torch")
-
-
 @pytest.mark.parametrize("k,n", [(300, 70), (520, 129)], ids=["K300-N70", "K520-N129"])
 @pytest.mark.parametrize("m", [1, 16], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("group", [32, 128, None], ids=lambda g: "perchannel" if g is None else f"g{g}")
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_packed_bf16_decode_matches_reference(bits, kind, group, m, k, n, kernel_tol):
-    layer = _layer(k, n, bits, group, kind)
+    layer = make_layer(k, n, bits, group, kind)
     pl = dequant_gemv.plan(m, n, k, bits, layer.effective_group_size, layer.scales.shape[0], torch.bfloat16,
                            layer.zero_points is not None, True, 1, float_zeros=kind == "float")
     on_path = not (bits == 8 and kind == "float")  # (an 8-byte stack frame on sm_90a under triton 3.6)

@@ -11,14 +11,20 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
+from layer_helpers import make_layer
 from llmq.kernels import dequant_gemv
-from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE, dequant_field_f16, field_offset, fma_f16x2
-from llmq.kernels.dequant_tile import TILE_WORDS, dequant_matmul_reference, repack_tiled
+from llmq.kernels.dequant_f16x2 import (
+    ZERO_FLOAT,
+    ZERO_INT,
+    ZERO_NONE,
+    dequant_field_f16,
+    field_offset,
+    fma_f16x2,
+)
 from llmq.kernels.dequant_matmul import dequant_matmul
-from llmq.nn.quant_linear import QuantLinear
+from llmq.kernels.dequant_tile import TILE_WORDS, dequant_matmul_reference, repack_tiled
+
 from llmq.quant.packing import codes_per_word
-from llmq.quant.primitives import quantize_weight
 
 KINDS = {"none": ZERO_NONE.value, "int": ZERO_INT.value, "float": ZERO_FLOAT.value}
 
@@ -93,16 +99,6 @@ def test_inline_asm_is_bit_exact_on_gpu(bits, kind):
         assert torch.equal(acc_out.cpu().view(torch.int16), acc_ref.view(torch.int16)), (bits, kind, i)
 
 
-def _layer(k, n, bits, group, kind):
-    w = torch.randn(n, k) / k**0.5
-    if kind == "float":
-        from llmq.algorithms import HQQ
-        return QuantLinear.from_quantized(HQQ(w, bits, group, symmetric=False).quantize(), bias=torch.randn(n),
-                                          backend="torch")  # canonical layout held
-    return QuantLinear.from_quantized(quantize_weight(w, bits, group, kind == "none"), bias=torch.randn(n),
-                                      backend="torch")  # canonical layout held (not the cpu backend's)
-
-
 @pytest.mark.parametrize("k,n", [(300, 70), (256, 129), (520, 200), (512, 256)],
                          ids=["K300-N70", "K256-N129", "K520-N200", "K512-N256"])
 @pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
@@ -110,7 +106,7 @@ def _layer(k, n, bits, group, kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
 def test_packed_decode_matches_reference(bits, kind, group, m, k, n, kernel_tol):
-    layer = _layer(k, n, bits, group, kind)
+    layer = make_layer(k, n, bits, group, kind)
     assert layer.scales.dtype == torch.float16
     pl = dequant_gemv.plan(m, n, k, bits, layer.effective_group_size, layer.scales.shape[0], torch.float16,
                            layer.zero_points is not None, True, 1)
@@ -127,7 +123,7 @@ def test_packed_decode_matches_reference(bits, kind, group, m, k, n, kernel_tol)
 @pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"int{b}")
 def test_packed_decode_group_32_and_split_k(bits, kernel_tol):
     """Groups of 32 features (two groups per 16-word tile for int4) with every split of K."""
-    layer = _layer(512, 64, bits, 32, "int")
+    layer = make_layer(512, 64, bits, 32, "int")
     x = torch.randn(1, 512).half()
     tiled = repack_tiled(layer.qweight, bits, 512)
     args = (layer.scales, layer.zero_points, layer.bias, bits, 32, 512)

@@ -13,7 +13,7 @@ from llmq.checkpoint.export import export_checkpoint
 from llmq.recipes import WeightRecipe
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from moe_tiny import FAMILIES, save_tiny_moe, tiny_moe  # noqa: E402
+from moe_tiny import FAMILIES, save_tiny_moe  # noqa: E402
 
 # family -> (router, per-expert base name pattern of (expert, role)) as vLLM's FusedMoE mapping reads them
 NAMES = {

@@ -15,7 +15,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_llama, save_model_dir
+from conftest import make_tiny_llama
 from torch import nn
 
 from llmq.cli.main import main as cli
