@@ -14,6 +14,7 @@ are stored as int32 two's complement (the top field may set the sign bit).
 =====  ========  ==============================
 bits   P         notes
 =====  ========  ==============================
+1      32       binary levels (sign codes, ``--levels binary``)
 2      16
 3      10        bits 30-31 unused (3.2 bits/code); every code stays inside one
                  word so a kernel unpacks any word on its own
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-_CODES_PER_WORD = {2: 16, 3: 10, 4: 8, 8: 4}
+_CODES_PER_WORD = {1: 32, 2: 16, 3: 10, 4: 8, 8: 4}
 
 
 def codes_per_word(bits: int) -> int:

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from llmq.quant.packing import codes_per_word, pack, pack_bitstream, packed_rows, unpack, unpack_bitstream
 
-BITS = [2, 3, 4, 8]
+BITS = [1, 2, 3, 4, 8]
 
 
 @settings(max_examples=60, deadline=None)
@@ -52,7 +52,7 @@ def test_pack_rejects_out_of_range_codes():
         pack(torch.tensor([[4]], dtype=torch.uint8), 2)
 
 
-@pytest.mark.parametrize("bits", [1, 5, 16])
+@pytest.mark.parametrize("bits", [5, 6, 16])
 def test_unsupported_width(bits):
     with pytest.raises(ValueError, match="supported widths"):
         pack(torch.zeros(4, 4, dtype=torch.uint8), bits)
