@@ -7,6 +7,9 @@ quantizes it in a fresh subprocess per method (``llmq.quantize`` through the lay
 baseline (python + torch + transformers imported)::
 
     python scripts/moe_memory.py --out docs/moe_memory.json
+    python scripts/moe_memory.py --methods rtn,gptq,gptq@8 --experts 64 --hidden 1024 --inter 256 --layers 2
+
+``METHOD@C`` runs the method with ``expert_chunk=C`` (statistics of C experts per calibration pass).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from llmq.calibration import CalibrationSpec
 from llmq.recipes import WeightMethod, WeightRecipe
 from llmq.resources import peak_rss_mb
 base = peak_rss_mb()
-method, folder, out, max_mb = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+spec, folder, out, max_mb = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+method, _, chunk = spec.partition("@")
 args = {"clip_search": False} if method == "gptq" else {}
+if chunk:
+    args["expert_chunk"] = int(chunk)
 recipe = WeightRecipe(bits=4, group_size=128, symmetric=True, method=WeightMethod(method), method_args=args)
 r = llmq.quantize(folder, recipe, out_dir=out, progress=False, max_memory_mb=max_mb, device="cpu",
                   calibration=CalibrationSpec(nsamples=int(sys.argv[6]), seqlen=128))
@@ -71,17 +77,17 @@ def main() -> None:
     rows = {}
     for method in a.methods.split(","):
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), method, str(tmp / "src"),
-                               str(tmp / f"q-{method}"), str(a.max_memory), str(a.nsamples)],
+                               str(tmp / f"q-{method.replace('@', '-')}"), str(a.max_memory), str(a.nsamples)],
                               capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         rows[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"Qwen3-MoE {a.layers} layers, hidden {a.hidden}, {a.experts} experts x {a.inter}: {total / 1e6:.1f}M "
           f"weights, experts {100 * experts / total:.1f} %, {disk_mb:.0f} MB fp32 on disk")
-    print(f"{'method':6s} {'peak RSS MB':>12s} {'baseline MB':>12s} {'peak - base':>12s} {'seconds':>8s} "
+    print(f"{'method':8s} {'peak RSS MB':>12s} {'baseline MB':>12s} {'peak - base':>12s} {'seconds':>8s} "
           f"{'out MB':>8s}")
     for method, r in rows.items():
-        print(f"{method:6s} {r['peak_rss_mb']:12.0f} {r['baseline_rss_mb']:12.0f} "
+        print(f"{method:8s} {r['peak_rss_mb']:12.0f} {r['baseline_rss_mb']:12.0f} "
               f"{r['peak_rss_mb'] - r['baseline_rss_mb']:12.0f} {r['seconds']:8.1f} {r['model_mb_after']:8.1f}")
     if a.out:
         a.out.write_text(json.dumps({"args": vars(a) | {"out": str(a.out)}, "weights": total,

@@ -26,8 +26,9 @@ def experts_statistics_mb(layer: nn.Module, recipe: WeightRecipe, args: dict) ->
     for _, experts in find_experts_modules(layer, lambda n: True):
         gate_up, down = float_weights(experts)
         e, k_max = gate_up.shape[0], max(gate_up.shape[2], down.shape[2])
+        held = min(e, args["expert_chunk"]) if args["expert_chunk"] > 0 else e  # experts per calibration pass
         pooled = 1 if args["expert_fallback"] == "pooled" else 0
-        total += (e + pooled) * k_max * k_max * 4 / 1e6
+        total += (held + pooled) * k_max * k_max * 4 / 1e6
     return total
 
 
@@ -69,20 +70,21 @@ def quantize_layer_experts(layer: nn.Module, prefix: str, recipe: WeightRecipe, 
         if run_layer is None:
             raise ValueError(f"{name}: {recipe.method.value} needs calibration data for the experts")
         cal = ExpertsCalibrator(experts, name, recipe, args)
-        for stage in STAGES:
-            cal.start(stage)
+        for stage in STAGES:  # every subset of gate_up before down (the pooled down statistics read them all)
+            for subset in cal.passes():
+                cal.start(stage, subset)
 
-            def hook(module, hook_args, kwargs, stage=stage):
-                x, top_k_index = hook_args[0], hook_args[1]
-                cal.add_batch(stage, x, top_k_index)
-                raise stop
+                def hook(module, hook_args, kwargs, stage=stage):
+                    x, top_k_index = hook_args[0], hook_args[1]
+                    cal.add_batch(stage, x, top_k_index)
+                    raise stop
 
-            handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                run_layer()
-            finally:
-                handle.remove()
-            cal.quantize(stage)
+                handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+                try:
+                    run_layer()
+                finally:
+                    handle.remove()
+                cal.quantize(stage)
         report[name] = {"fallback": cal.fallback, "min_tokens": cal.min_tokens,
                         "experts": {e: n for e, n in sorted(cal.fell_back.items())},
                         "tokens": cal.tokens.tolist()}

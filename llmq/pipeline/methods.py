@@ -35,7 +35,8 @@ from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
 # MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
 # calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
 # block's experts; "rtn": round to nearest) — see docs/moe.md for the measurement behind the default
-MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "pooled"}
+# expert_chunk: experts whose GPTQ/AWQ statistics are held at once (0 = all; llmq.moe.calibrated)
+MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "pooled", "expert_chunk": 0}
 
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
 # "calibration" records the data used and is not an algorithm parameter.
@@ -77,6 +78,9 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
                              f"than expert_min_tokens calibration tokens gets), got {args['expert_fallback']!r}")
         if not isinstance(args["expert_min_tokens"], int) or args["expert_min_tokens"] < 0:
             raise ValueError(f"expert_min_tokens must be an integer >= 0, got {args['expert_min_tokens']!r}")
+        if not isinstance(args["expert_chunk"], int) or args["expert_chunk"] < 0:
+            raise ValueError(f"expert_chunk must be an integer >= 0 (experts calibrated per pass; 0 = all at once), "
+                             f"got {args['expert_chunk']!r}")
     if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
         raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
                          f"choice per tensor), got {args['keep']!r}")
