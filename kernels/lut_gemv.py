@@ -30,7 +30,7 @@ from llmq.kernels.dequant_f16x2 import _x_field
 from llmq.kernels.dequant_gemv import ATOMIC_ADD, OUT_ATOMIC_ADD, OUT_PARTIALS, OUT_STORE, STORE, _num_sms
 from llmq.kernels.dequant_tile import TILE_WORDS
 from llmq.kernels.interpreter import interpreting
-from llmq.kernels.lut_lookup import check_lut_args, half_f16, load_tables, num_quads, pack_f16x2, quad_dot, quad_field
+from llmq.kernels.lut_lookup import check_lut_args, half_f16, FIELDS, NQUADS, load_tables, pack_f16x2, quad_dot
 from llmq.quant.packing import codes_per_word
 
 PACKED_BLOCK_N = 128  # M = 1 packed path: 8 rows x 2 columns of words per thread at 4 warps (see GPU_CONFIGS)
@@ -86,6 +86,7 @@ def lut_gemv_kernel(
     S: tl.constexpr = 1 << BITS
     MASK: tl.constexpr = S - 1
     if PACKED:  # M = 1, fp16: register tables, one asm block per quad of fields
+        NQ: tl.constexpr = NQUADS[BITS]
         h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, offs_n, n_mask, BITS, PER_COLUMN)
         xp = x_ptr + pid_m * stride_xm
         acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
@@ -98,11 +99,11 @@ def lut_gemv_kernel(
                     words = tl.load(w_ptrs)
                 else:
                     words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
-                for q in tl.static_range(num_quads(BITS)):
-                    fa: tl.constexpr = quad_field(BITS, q, 0)
-                    fb: tl.constexpr = quad_field(BITS, q, 1)
-                    fc: tl.constexpr = quad_field(BITS, q, 2)
-                    fd: tl.constexpr = quad_field(BITS, q, 3)
+                for q in tl.static_range(NQ):
+                    fa = FIELDS[BITS * 32 + q * 4 + 0]
+                    fb = FIELDS[BITS * 32 + q * 4 + 1]
+                    fc = FIELDS[BITS * 32 + q * 4 + 2]
+                    fd = FIELDS[BITS * 32 + q * 4 + 3]
                     sA = pack_f16x2(_scale_row(s_ptr, group_of(t, fa, P, GROUP_FIELDS, num_groups), offs_n, n_mask, N, EVEN_N),
                                     _scale_row(s_ptr, group_of(t, fb, P, GROUP_FIELDS, num_groups), offs_n, n_mask, N, EVEN_N))
                     xA = pack_f16x2(_x_field(xp, t, fa, offs_r, K, P, TILE, EVEN_K),

@@ -79,7 +79,8 @@ def _selector_ptx(bits: int, fields: tuple[int, ...]) -> list[str]:
 
 def quad_ptx(bits: int, q: int, first: bool) -> str:
     """PTX of quad ``q``. Operands: $0 acc out (fp16x2); $1 word; $2 acc in; then per pair of fields its
-    scale pair and activation pair; then the table registers (hi halves, then lo halves). ``first``:
+    scale pair and activation pair; then the table registers (hi halves, then lo halves); 4 bits: last the
+    word shifted left by 4 (computed once per word, outside). ``first``:
     ignore acc in (the partial sum starts at 0)."""
     fields = quad_fields(bits)[q]
     pairs = len(fields) // 2
@@ -94,7 +95,7 @@ def quad_ptx(bits: int, q: int, first: bool) -> str:
         lines += [f"prmt.b32 h, {hi[0]}, {hi[1]}, s; ", f"prmt.b32 l, {lo[0]}, {lo[1]}, s; "]
     else:  # entries 8-15 where the code's bit 3 is set: m = 0xff bytes from PRMT's sign-replicate mode
         msel = 0xD9C8 if fields[0] == 0 else 0xFBEA
-        lines += ["shl.b32 t, $1, 4; ", f"prmt.b32 m, t, $1, {msel}; ",
+        lines += [f"prmt.b32 m, ${tab + 2 * r}, $1, {msel}; ",  # last operand: the word << 4 (one per word)
                   f"prmt.b32 h, {hi[0]}, {hi[1]}, s; ", f"prmt.b32 u, {hi[2]}, {hi[3]}, s; ",
                   "lop3.b32 h, h, u, m, 0xD8; ",  # (m & u) | (~m & h)
                   f"prmt.b32 l, {lo[0]}, {lo[1]}, s; ", f"prmt.b32 u, {lo[2]}, {lo[3]}, s; ",
@@ -110,7 +111,7 @@ def quad_ptx(bits: int, q: int, first: bool) -> str:
 
 def quad_constraints(bits: int, q: int) -> str:
     pairs = len(quad_fields(bits)[q]) // 2
-    return "=r,r,r" + ",r,r" * pairs + ",r" * (2 * table_regs(bits))
+    return "=r,r,r" + ",r,r" * pairs + ",r" * (2 * table_regs(bits)) + ",r" * (bits == 4)
 
 
 _MAXQ = 8
@@ -119,20 +120,10 @@ _ASM: tl.constexpr = tl.constexpr(tuple(quad_ptx(b, q, f) if 1 <= b <= 4 and q <
                                         for f in (False, True) for b in range(5) for q in range(_MAXQ)))
 _CONSTRAINTS: tl.constexpr = tl.constexpr(tuple(quad_constraints(b, q) if 1 <= b <= 4 and q < len(quad_fields(b))
                                                 else "" for b in range(5) for q in range(_MAXQ)))
-# fields of quad q: index BITS * 32 + q * 4 + j (j < 4; -1 where the quad has two fields)
-_FIELDS: tl.constexpr = tl.constexpr(tuple((quad_fields(b)[q] + (-1, -1))[j] if 1 <= b <= 4 and q < len(quad_fields(b))
+# fields of quad q: FIELDS[BITS * 32 + q * 4 + j] (j < 4; -1 where the quad has two fields)
+FIELDS: tl.constexpr = tl.constexpr(tuple((quad_fields(b)[q] + (-1, -1))[j] if 1 <= b <= 4 and q < len(quad_fields(b))
                                            else -1 for b in range(5) for q in range(_MAXQ) for j in range(4)))
-_NQUADS: tl.constexpr = tl.constexpr(tuple(len(quad_fields(b)) if b else 0 for b in range(5)))
-
-
-@triton.jit
-def quad_field(BITS: tl.constexpr, q: tl.constexpr, j: tl.constexpr):
-    return _FIELDS[BITS * 32 + q * 4 + j]
-
-
-@triton.jit
-def num_quads(BITS: tl.constexpr):
-    return _NQUADS[BITS]
+NQUADS: tl.constexpr = tl.constexpr(tuple(len(quad_fields(b)) if b else 0 for b in range(5)))
 
 
 @triton.jit
@@ -212,7 +203,7 @@ def quad_dot(words, acc, sA, xA, sB, xB, h0, h1, h2, h3, l0, l1, l2, l3, BITS: t
     ``sA``/``xA`` the (scale, activation) pairs of fields (a, b), ``sB``/``xB`` of (c, d) (ignored for a
     two-field quad); ``w = round16(entry · scale)``. ``FIRST``: ``acc`` is taken as 0."""
     R: tl.constexpr = 1 if BITS <= 2 else (2 if BITS == 3 else 4)
-    PAIRS: tl.constexpr = 1 if quad_field(BITS, q, 2) < 0 else 2
+    PAIRS: tl.constexpr = 1 if FIELDS[BITS * 32 + q * 4 + 2] < 0 else 2
     if ASM:
         if FIRST:
             acc = words  # the asm ignores acc in: no zeroed registers
@@ -224,19 +215,19 @@ def quad_dot(words, acc, sA, xA, sB, xB, h0, h1, h2, h3, l0, l1, l2, l3, BITS: t
             args = args + [h0, l0]
         elif R == 2:
             args = args + [h0, h1, l0, l1]
-        else:
-            args = args + [h0, h1, h2, h3, l0, l1, l2, l3]
+        else:  # + the word shifted left by 4 (bit 3 of each code at a byte's msb), shared by both quads
+            args = args + [h0, h1, h2, h3, l0, l1, l2, l3, words << 4]
         out = tl.inline_asm_elementwise(_ASM[(FIRST * 5 + BITS) * 8 + q], _CONSTRAINTS[BITS * 8 + q], args,
                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
         MASK: tl.constexpr = (1 << BITS) - 1
-        ca = (words >> (quad_field(BITS, q, 0) * BITS)) & MASK
-        cb = (words >> (quad_field(BITS, q, 1) * BITS)) & MASK
+        ca = (words >> (FIELDS[BITS * 32 + q * 4 + 0] * BITS)) & MASK
+        cb = (words >> (FIELDS[BITS * 32 + q * 4 + 1] * BITS)) & MASK
         lo = _fma_half(ca, sA, xA, acc, h0, h1, h2, h3, l0, l1, l2, l3, False, FIRST)
         hi = _fma_half(cb, sA, xA, acc, h0, h1, h2, h3, l0, l1, l2, l3, True, FIRST)
         if PAIRS == 2:
-            cc = (words >> (quad_field(BITS, q, 2) * BITS)) & MASK
-            cd = (words >> (quad_field(BITS, q, 3) * BITS)) & MASK
+            cc = (words >> (FIELDS[BITS * 32 + q * 4 + 2] * BITS)) & MASK
+            cd = (words >> (FIELDS[BITS * 32 + q * 4 + 3] * BITS)) & MASK
             acc1 = pack_f16x2(lo, hi)
             lo = _fma_half(cc, sB, xB, acc1, h0, h1, h2, h3, l0, l1, l2, l3, False, False)
             hi = _fma_half(cd, sB, xB, acc1, h0, h1, h2, h3, l0, l1, l2, l3, True, False)
