@@ -79,7 +79,8 @@ def report(device: Device, bits=(1, 2, 3, 4), shapes=((8192, 8192), (8192, 28672
                 for kind in KINDS:
                     case = gemv_case(w, kind)[0] if m <= 16 else scratch_case(w, kind)
                     rec = cost_cases.evaluate(case, device, capability).to_dict()
-                    rec.update(bits=b, table=kind)
+                    use = cost_cases.compile_and_count(case, capability)[0]  # memoised: the same compile
+                    rec.update(bits=b, table=kind, local_bytes=use["local_bytes"])
                     if uni:
                         rec.update(uniform_instr_per_code=uni[0], uniform_config=uni[1],
                                    ratio=rec["instr_per_code"] / uni[0])

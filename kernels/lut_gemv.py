@@ -203,7 +203,8 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, pe
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
     step = 1
     if is_packed:  # tiles per fp16 partial sum: ~STEP_PRODUCTS products per half-register, dividing every split
-        want = max(1, STEP_PRODUCTS // (p // 2))
+        # (int3: one tile per step; two spilled 8 bytes of stack on sm_90a, per-field scale rows being live)
+        want = max(1, STEP_PRODUCTS // (p // 2)) if bits != 3 else 1
         step = max(d for d in range(1, want + 1) if n_tiles % d == 0)
         tiles_per_split = -(-tiles_per_split // step) * step
     split = -(-n_tiles // tiles_per_split)
