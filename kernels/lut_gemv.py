@@ -87,7 +87,11 @@ def lut_gemv_kernel(
     MASK: tl.constexpr = S - 1
     if PACKED:  # M = 1, fp16: register tables, one asm block per quad of fields
         NQ: tl.constexpr = NQUADS[BITS]
-        h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, offs_n, n_mask, BITS, PER_COLUMN)
+        if PER_COLUMN:
+            h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, (offs_n * S)[None, :], n_mask[None, :], BITS)
+        else:  # one set of registers for every column
+            z = tl.zeros([1, 1], tl.int32)
+            h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, z, z == 0, BITS)
         xp = x_ptr + pid_m * stride_xm
         acc2 = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
         for t0 in range(t_start, t_end, TILES_PER_STEP):

@@ -147,17 +147,15 @@ def half_f16(v, HIGH: tl.constexpr):
 
 
 @triton.jit
-def load_tables(cb_ptr, offs_n, n_mask, BITS: tl.constexpr, PER_COLUMN: tl.constexpr):
+def load_tables(cb_ptr, tab_offs, tab_mask, BITS: tl.constexpr):
     """The hi-byte and lo-byte table registers ``(h0, h1, h2, h3, l0, l1, l2, l3)``: byte ``j`` of ``h_r`` is
-    the high byte of entry ``4r + j``. ``[1, BLOCK_N]`` int32 per column (``PER_COLUMN``, codebook
-    ``[N, 2**BITS]``) or ``[1, 1]`` (one shared table). Registers past ``table_regs(BITS)`` stay 0."""
+    the high byte of entry ``4r + j``. ``tab_offs``: element offsets of each column's table row in the codebook
+    (``n · 2**BITS`` for a per-column codebook ``[N, 2**BITS]``, shaped like the columns of a tile), or a
+    single 0 (shape ``[1, ..., 1]``) for one shared table: one set of registers for every column. Registers
+    past ``table_regs(BITS)`` stay 0."""
     S: tl.constexpr = 1 << BITS
-    if PER_COLUMN:
-        ptrs = (cb_ptr + offs_n * S)[None, :]
-        msk = n_mask[None, :]
-    else:
-        ptrs = cb_ptr + tl.zeros([1, 1], tl.int32)
-        msk = tl.full([1, 1], 1, tl.int1)
+    ptrs = cb_ptr + tab_offs
+    msk = tab_mask
     z = tl.zeros(ptrs.shape, tl.int32)
     h0, h1, h2, h3, l0, l1, l2, l3 = z, z, z, z, z, z, z, z
     for e in tl.static_range(S):

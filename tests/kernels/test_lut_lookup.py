@@ -161,7 +161,11 @@ def _quad_kernel(w_ptr, cb_ptr, s_ptr, x_ptr, acc_ptr, out_ptr, BITS: tl.constex
     offs_n = tl.arange(0, C)
     idx = offs_r[:, None] * C + offs_n[None, :]
     words = tl.load(w_ptr + idx)
-    h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, offs_n, offs_n < C, BITS, PER_COLUMN)
+    if PER_COLUMN:
+        tab = (offs_n * (1 << BITS))[None, :]
+    else:
+        tab = tl.zeros([1, 1], tl.int32)
+    h0, h1, h2, h3, l0, l1, l2, l3 = load_tables(cb_ptr, tab, tab < (C << BITS), BITS)
     sA = pack_f16x2(tl.load(s_ptr + offs_n)[None, :], tl.load(s_ptr + C + offs_n)[None, :])
     sB = pack_f16x2(tl.load(s_ptr + 2 * C + offs_n)[None, :], tl.load(s_ptr + 3 * C + offs_n)[None, :])
     xA = pack_f16x2(tl.load(x_ptr + offs_r)[:, None], tl.load(x_ptr + R + offs_r)[:, None])
