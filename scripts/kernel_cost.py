@@ -7,6 +7,7 @@ its hot loop's SASS and predict its time on an H200 / H100 (no GPU needed; docs/
     python scripts/kernel_cost.py --fit                            # the model against BENCHMARKS.md's H200 run 1
     python scripts/kernel_cost.py --moe --ms 1 16 64               # the grouped MoE kernel (kernels/moe_cost.py)
     python scripts/kernel_cost.py --kv --out docs/benchmarks/kv_cost_h200.json     # the KV decode kernel
+    python scripts/kernel_cost.py --lut --bits 1 2 3 4 --out docs/benchmarks/lut_cost_h200.json  # lookup tables
 
 One JSON record per (kernel, config, shape, M): ``instr_per_code``, ``dram_us``, ``issue_us``,
 ``predicted_us``, ``bound``, the per-class counts and the rest (``llmq.kernels.cost_cases.Record``).
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=sorted(DEVICES), default="h200")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8192, 8192), (8192, 28672)], metavar="KxN")
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 16, 4096])
-    ap.add_argument("--bits", nargs="+", type=int, default=[4], choices=[2, 3, 4, 8])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4], choices=[1, 2, 3, 4, 8])
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--zeros", choices=["none", "int", "float"], default="none")
     ap.add_argument("--act", choices=["fp16", "bf16", "fp32"], default="fp16")
@@ -127,11 +128,20 @@ def main(argv=None) -> int:
                     "format) for --bits on h200 and h100 (default device: --device)")
     ap.add_argument("--kv", action="store_true", help="the quantized-KV decode kernel (kernels/kv_cost.py): fp16, "
                     "int8, int4, int2 KV on the 7B shape (32/32 heads, head_dim 128) at --kv-context, B = --kv-batch")
+    ap.add_argument("--lut", action="store_true", help="the lookup-table kernels (kernels/lut_cost.py): bits 1-4 x "
+                    "shared / per-column codebooks on --shapes at --ms, vs the uniform decode kernel's instr/code")
     ap.add_argument("--kv-batch", type=int, default=8)
     ap.add_argument("--kv-context", type=int, default=32768)
     a = ap.parse_args(argv)
     device = DEVICES[a.device]
-    if a.kv:
+    if 1 in a.bits and not a.lut:
+        ap.error("--bits 1 exists only for the lookup-table kernels (--lut)")
+    if a.lut:
+        from llmq.kernels import lut_cost
+        records = lut_cost.report(device, bits=sorted(set(a.bits) & {1, 2, 3, 4}) or [1, 2, 3, 4], shapes=a.shapes,
+                                  ms=a.ms, group_size=a.group, act=a.act, capability=a.capability)
+        print(lut_cost.table(records))
+    elif a.kv:
         from llmq.kernels import kv_cost
         records = kv_cost.report(device, batch=a.kv_batch, context=a.kv_context, capability=a.capability)
         print(kv_cost.table(records))

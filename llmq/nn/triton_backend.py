@@ -17,6 +17,9 @@ The kernels read the tiled layout (``llmq.kernels.dequant_tile``): the layer con
 ``qweight`` to it in place before the first forward (``QuantLinear.use_qweight_layout``, once per
 layer, on the layer's device), so the packed weight is held once. ``state_dict`` still gives the
 canonical layout, and ``load_state_dict`` converts back first (``llmq.nn.layouts``).
+
+Layers with non-uniform levels (a ``codebook`` buffer, ``[1 or N, 2**bits]`` fp16: nf, log2, binary,
+kmeans) run the lookup-table kernels (``llmq.kernels.lut_matmul``) on the same tiled layout.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ except ImportError as e:  # triton is a hard dependency of llmq
 from llmq.backend_choice import INTERPRET, WEIGHT_MATMUL, triton_device_check
 from llmq.kernels._launch import ACT_DTYPES
 from llmq.kernels.dequant_matmul import dequant_matmul
+from llmq.kernels.lut_matmul import lut_matmul
 from llmq.nn.backends import LinearSpec
 from llmq.nn.layouts import TILED
 
@@ -61,6 +65,12 @@ class TritonBackend:
         return True, f"fused dequantize-matmul Triton kernels, {spec.bits}-bit, CUDA sm_{cap[0]}{cap[1]}"
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        codebook = getattr(layer, "codebook", None)
+        if codebook is not None:  # non-uniform levels: w = codebook[row, code] * scale (no zero points)
+            if layer.zero_points is not None:
+                raise ValueError("a layer with a codebook has no zero points: w = codebook[code] * scale")
+            return lut_matmul(x, layer.qweight, codebook, layer.scales, layer.bias, layer.bits,
+                              layer.effective_group_size, layer.in_features)
         return dequant_matmul(x, layer.qweight, layer.scales, layer.zero_points, layer.bias, layer.bits,
                               layer.effective_group_size, layer.in_features)
 
