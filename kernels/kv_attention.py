@@ -124,18 +124,21 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 2
-# Per bit width: word rows per quantized step (BLOCK_W * P tokens: the N of the score dot and the K of the
-# value dot, so at least 16), fields per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens; their score
-# tiles stay in registers between the step's max and its exponentials) and warps of a program with quantized
-# tokens. Chosen on the cost report (sm_90a, 7B shape, 32k, B = 8; docs/kv_cache.md) among the configs that
-# compile without spills for sm_80 and sm_90a under triton 3.9 and 3.6 without the launch's hints
-# (tests/kernels/test_kv_attention_aot.py). Warps: a [16, BLOCK_W] score tile is 2 n8 MMA tiles wide, so of 8
-# warps 4 pairs computed the same scores and softmax: int4 4.47x its DRAM floor at 8 warps, 3.06x at 4 (2 warps:
-# 2.40x at (16, 1), but 48 bytes of spill on sm_80 with 3.6); int8 1.65x at 8 warps (32, 2), 1.18x at 2 warps
-# (16, 1) (1.14x at (16, 2), 16 bytes of spill with 3.6); int2 spills at 2 and 4 warps. Untimed on a GPU.
+# Per bit width: tile rows per quantized step (BLOCK_W: the N of the score dot and the K of the value dot, so
+# at least 16), fields per online-softmax step (their score tiles stay in registers between the step's max and
+# its exponentials), warps of a program with quantized tokens, and ROW_FIELDS = J: tile row i holds word row
+# w0 + i // J, fields i % J, i % J + J, ... (BLOCK_W // J word rows, BLOCK_W * P / J tokens per step), so a
+# 16-row tile covers one 64-token key group at int4 and int2 (one score dot per field, not one per group).
+# Chosen on the cost report (sm_90a, 7B shape, 32k, B = 8; docs/kv_cache.md) among the configs that compile
+# without spills for sm_80 and sm_90a under triton 3.9 and 3.6 without the launch's hints
+# (tests/kernels/test_kv_attention_aot.py). Warps: a [16, 16] score tile is 2 n8 MMA tiles wide, so of 8 warps
+# 4 pairs computed the same scores and softmax. int4: 4.47x its DRAM floor at 8 warps (16, 4), 3.06x at 4,
+# 2.86x at 4 with J = 2 (2 warps: 2.0-2.4x, but spills with 3.6); int8 1.65x at 8 warps (32, 2), 1.18x at 2
+# warps (16, 1); int2 11.9x at J = 1, 8.63x at J = 4 (5.7x at 4 warps, but spills). Untimed on a GPU.
 BLOCK_W = {8: 16, 4: 16, 2: 16}
-FIELDS_PER_STEP = {8: 1, 4: 2, 2: 2}
+FIELDS_PER_STEP = {8: 1, 4: 4, 2: 2}
 QUANT_WARPS = {8: 2, 4: 4, 2: 8}
+ROW_FIELDS = {8: 1, 4: 2, 2: 4}
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, total, sms)
     # splits start on whole quantized steps (and residual blocks): both are powers of two
-    step = max(block_n, BLOCK_W[bits] * (32 // bits))
+    step = max(block_n, BLOCK_W[bits] // ROW_FIELDS[bits] * (32 // bits))
     tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
     num_splits = triton.cdiv(total, tokens_per_split)
     rep = q_heads // kv_heads
@@ -181,10 +184,11 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
                       HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W[bits],
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
                       DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
-                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0)
+                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0,
+                      ROW_FIELDS=ROW_FIELDS[bits])
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
-                  num_stages, BLOCK_W[bits] * (32 // bits))
+                  num_stages, BLOCK_W[bits] // ROW_FIELDS[bits] * (32 // bits))
 
 
 # The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
