@@ -118,21 +118,27 @@ def default_num_splits(batch: int, kv_heads: int, n_tokens: int, sms: int | None
 # Launch defaults. For the first kernel (codes packed along D) (block_n 32, 4 warps, 3 stages) timed 2x
 # faster than (32, 8, 2) for int4 at 32k tokens, batch 8, on an H200 (``scripts/bench_kv_attention.py
 # --sweep``, BENCHMARKS.md). The current kernel (codes packed along the tokens) has not been timed on a GPU.
-# 8 warps: with 4 it spills on sm_90a (cost report: 45-136 bytes of local memory per 128 int4 tokens).
 # 2 stages: the quantized loop compiles the same with 3 (its loads are not pipelined); the fp16-cache
-# specialization (HAS_QUANT false) is predicted at its DRAM floor with 2 (docs/benchmarks/kv_cost_h200.json).
+# specialization (HAS_QUANT false) is predicted at its DRAM floor with 2 and NUM_WARPS = 8
+# (docs/benchmarks/kv_cost_h200.json).
 BLOCK_N = 32
 NUM_WARPS = 8
 NUM_STAGES = 2
-# Per bit width: word rows per quantized step (BLOCK_W * P tokens: the N of the score dot and the K of the
-# value dot, so at least 16) and fields per online-softmax step (BLOCK_W * FIELDS_PER_STEP tokens; their score
-# tiles stay in registers between the step's max and its exponentials). Chosen on the cost report (sm_90a,
-# 7B shape, 32k, B = 8; docs/kv_cache.md): int8 is predicted 2.62x its DRAM floor at (16, 4), 1.65x at
-# (32, 2). int4: 4.47x at (16, 4), 4.03x at (32, 2), but (32, 2) spills 16 bytes when compiled without the
-# launch's divisibility hints (tests/kernels/test_kv_attention_aot.py), too close to the edge; (32, 4) spills.
-# int2 spills at BLOCK_W 32 and at (16, 4). Untimed on a GPU.
-BLOCK_W = {8: 32, 4: 16, 2: 16}
-FIELDS_PER_STEP = {8: 2, 4: 4, 2: 2}
+# Per bit width: tile rows per quantized step (BLOCK_W: the N of the score dot and the K of the value dot, so
+# at least 16), fields per online-softmax step (their score tiles stay in registers between the step's max and
+# its exponentials), warps of a program with quantized tokens, and ROW_FIELDS = J: tile row i holds word row
+# w0 + i // J, fields i % J, i % J + J, ... (BLOCK_W // J word rows, BLOCK_W * P / J tokens per step), so a
+# 16-row tile covers one 64-token key group at int4 and int2 (one score dot per field, not one per group).
+# Chosen on the cost report (sm_90a, 7B shape, 32k, B = 8; docs/kv_cache.md) among the configs that compile
+# without spills for sm_80 and sm_90a under triton 3.9 and 3.6 without the launch's hints
+# (tests/kernels/test_kv_attention_aot.py). Warps: a [16, 16] score tile is 2 n8 MMA tiles wide, so of 8 warps
+# 4 pairs computed the same scores and softmax. int4: 4.47x its DRAM floor at 8 warps (16, 4), 3.06x at 4,
+# 2.86x at 4 with J = 2 (2 warps: 2.0-2.4x, but spills with 3.6); int8 1.65x at 8 warps (32, 2), 1.18x at 2
+# warps (16, 1); int2 11.9x at J = 1, 8.63x at J = 4 (5.7x at 4 warps, but spills). Untimed on a GPU.
+BLOCK_W = {8: 16, 4: 16, 2: 16}
+FIELDS_PER_STEP = {8: 1, 4: 4, 2: 2}
+QUANT_WARPS = {8: 2, 4: 4, 2: 8}
+ROW_FIELDS = {8: 1, 4: 2, 2: 4}
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ class KVPlan:
 def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n_res: int, bits: int,
          group_size: int, key_per_channel: bool, symmetric: bool, has_mask: bool, dtype: torch.dtype,
          sms: int | None, interpret: bool = False, num_splits: int | None = None, block_n: int = BLOCK_N,
-         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> KVPlan:
+         num_warps: int | None = None, num_stages: int = NUM_STAGES) -> KVPlan:
     """The launch arithmetic of ``kv_decode_attention_launch`` (pure: no tensors, no device queries), so the
     cost report (``kernels/kv_cost.py``) compiles exactly what the launcher launches.
 
@@ -163,10 +169,12 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
     (dots in fp32: its bf16 arithmetic is wrong). Other arguments as ``kv_decode_attention_launch``.
     """
     total = n_quant + n_res
+    if num_warps is None:
+        num_warps = QUANT_WARPS[bits] if n_quant > 0 else NUM_WARPS
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, total, sms)
     # splits start on whole quantized steps (and residual blocks): both are powers of two
-    step = max(block_n, BLOCK_W[bits] * (32 // bits))
+    step = max(block_n, BLOCK_W[bits] // ROW_FIELDS[bits] * (32 // bits))
     tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), step) * step
     num_splits = triton.cdiv(total, tokens_per_split)
     rep = q_heads // kv_heads
@@ -176,10 +184,11 @@ def plan(batch: int, q_heads: int, kv_heads: int, head_dim: int, n_quant: int, n
                       HAS_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_W=BLOCK_W[bits],
                       BLOCK_H=max(16, triton.next_power_of_2(rep)),
                       DOT_DTYPE=tl.float32 if interpret else _DOT_DTYPES[dtype],
-                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0)
+                      FIELDS_PER_STEP=FIELDS_PER_STEP[bits], HAS_QUANT=n_quant > 0,
+                      ROW_FIELDS=ROW_FIELDS[bits])
     return KVPlan((batch * kv_heads, num_splits), ints, constexprs,
                   dict(HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits))), num_warps,
-                  num_stages, BLOCK_W[bits] * (32 // bits))
+                  num_stages, BLOCK_W[bits] // ROW_FIELDS[bits] * (32 // bits))
 
 
 # The custom op takes the PackedKV fields flattened (a torch.library op takes tensors and scalars only):
@@ -198,7 +207,7 @@ def kv_decode_attention_launch(q: torch.Tensor, k_codes: torch.Tensor, k_scales:
                                v_zeros: torch.Tensor | None, k_res: torch.Tensor, v_res: torch.Tensor,
                                mask: torch.Tensor | None, n_quant: int, bits: int, group_size: int,
                                key_per_channel: bool, symmetric: bool, sm_scale: float,
-                               num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                               num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int | None = None,
                                num_stages: int = NUM_STAGES) -> torch.Tensor:
     """The launcher, on the flattened ``PackedKV`` (shapes above); also ``torch.ops.llmq.kv_decode_attention``.
 
@@ -273,13 +282,13 @@ kv_decode_attention_op = torch.library.custom_op("llmq::kv_decode_attention", kv
 
 @kv_decode_attention_op.register_fake
 def _(q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros, k_res, v_res, mask, n_quant, bits, group_size,
-      key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS,
+      key_per_channel, symmetric, sm_scale, num_splits=None, block_n=BLOCK_N, num_warps=None,
       num_stages=NUM_STAGES):
     return q.new_empty(q.shape)  # contiguous, like the real output (q itself may be strided)
 
 
 def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None = None,
-                        num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                        num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int | None = None,
                         num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Triton decode attention of ``q [B, H_q, D]`` over a quantized cache ``kv`` (shapes above).
 
@@ -295,7 +304,8 @@ def kv_decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: to
         num_splits: programs per (batch, KV head) along the sequence; default ``default_num_splits``.
         block_n: tokens per step over the full-precision residual window (power of two >= 16); the quantized
             part steps over ``BLOCK_W[bits]`` word rows (``BLOCK_W[bits] * 32 // bits`` tokens).
-        num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``NUM_WARPS`` / ``NUM_STAGES``).
+        num_warps, num_stages: launch options (defaults: see ``BLOCK_N`` / ``QUANT_WARPS`` (``NUM_WARPS`` without
+            quantized tokens) / ``NUM_STAGES``).
     Returns:
         ``[B, H_q, D]`` in ``q.dtype``, contiguous.
     Raises:

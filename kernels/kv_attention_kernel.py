@@ -2,9 +2,12 @@
 
     grid = (B * H_kv, n_splits)           program (b, kv head, split)
       ┌ tokens [split*S, (split+1)*S) ──────────────────────────────────────┐
-      │ quantized part, BLOCK_W word rows at a time (BLOCK_W * P tokens):    │
-      │   load the [BLOCK_W, D] K and V words once; field f < P holds the    │
-      │   tokens w*P + f; FIELDS_PER_STEP fields are one online-softmax step │
+      │ quantized part, BLOCK_W tile rows at a time (BLOCK_W * P / J tokens):│
+      │   tile row i = word row w0 + i // J shifted by (i % J) fields, J =   │
+      │   ROW_FIELDS (each word row loaded J times: DRAM once, then L1);     │
+      │   load the [BLOCK_W, D] K and V words once per step; tile field f    │
+      │   holds the tokens w*P + i%J + f*J; FIELDS_PER_STEP tile fields are  │
+      │   one online-softmax step                                            │
       │   (max over all their scores, one reduction; Σp per column, reduced  │
       │   once after the loop); for each field:                              │
       │     K: per-channel keys  (q∘s_g) · codes_fᵀ - (q∘s_g) · z_g, g = key │
@@ -69,7 +72,8 @@ def _token_params(S, Z, tok, valid, j, stride_st, BITS: tl.constexpr, SYMMETRIC:
 @triton.jit
 def _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, KS, KZ, stride_kst, sm_scale, offs_d,
                   BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  ROW_FIELDS: tl.constexpr):
     """Scaled scores ``[BLOCK_H, BLOCK_W]`` fp32 of the tokens ``tok = rows*P + f`` (field ``f`` of the words
     ``[BLOCK_W, D]``), ``-inf`` where not ``valid``.
 
@@ -78,7 +82,7 @@ def _field_scores(q_f32, k_words, f, w0, rows, tok, valid, q_end, KS, KZ, stride
     """
     P: tl.constexpr = 32 // BITS
     N_GROUPS: tl.constexpr = HEAD_DIM // GROUP  # channel groups of per-token scales
-    G_T: tl.constexpr = max(1, BLOCK_W * P // GROUP)  # token groups of per-channel keys in one block
+    G_T: tl.constexpr = max(1, (BLOCK_W // ROW_FIELDS) * P // GROUP)  # token groups of per-channel keys in a block
     k_codes = tl.trans(_field_codes(k_words, f, BITS, DOT_DTYPE))  # [D, BLOCK_W]
     s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
     if KEY_PER_CHANNEL:  # a word row's P tokens share one key group (P divides GROUP)
@@ -158,6 +162,7 @@ def _kv_decode_split_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, FIELDS_PER_STEP: tl.constexpr, HAS_QUANT: tl.constexpr,
+    ROW_FIELDS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -187,8 +192,9 @@ def _kv_decode_split_kernel(
     ks, kz, vs, vz, mk = KS + ks_off, KZ + ks_off, VS + vs_off, VZ + vs_off, MASK + b * stride_mb
     l_q = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)  # Σ p per column, reduced once after the loop
     if HAS_QUANT:  # a specialization without the quantized loop keeps the fp16-cache kernel's registers low
-        for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W):
-            rows = w0 + tl.arange(0, BLOCK_W)
+        for w0 in range(start // P, tl.cdiv(q_end, P), BLOCK_W // ROW_FIELDS):
+            rows = w0 + tl.arange(0, BLOCK_W) // ROW_FIELDS  # tile row i: word row w0 + i // J, fields ≡ i mod J
+            sub = tl.arange(0, BLOCK_W) % ROW_FIELDS  # J rows per word row: fewer key groups per 16-row tile
             row_ok = rows * P < q_end
             w_off = rows[:, None] * stride_ct + offs_d[None, :]
             k_words = tl.load(kc + w_off, mask=row_ok[:, None], other=0)
@@ -199,34 +205,34 @@ def _kv_decode_split_kernel(
             # (common subexpressions), so the step's score tiles stay in registers, which bounds FIELDS_PER_STEP.
             # The steps are a runtime loop (a field's codes are in the low bits after its shifts): unrolled,
             # the compiler hoists work across steps and runs out of registers (int2 spilled, the rest 248).
-            kw = k_words
-            vw = v_words
-            for f0 in range(0, P, FIELDS_PER_STEP):
+            kw = k_words >> (sub * BITS)[:, None]
+            vw = v_words >> (sub * BITS)[:, None]
+            for f0 in range(0, P // ROW_FIELDS, FIELDS_PER_STEP):
                 mx = tl.full([BLOCK_H, BLOCK_W], float("-inf"), tl.float32)
                 for f in tl.static_range(FIELDS_PER_STEP):
-                    tok = rows * P + f0 + f
+                    tok = rows * P + sub + (f0 + f) * ROW_FIELDS
                     valid = _field_valid(tok, q_end, mk, HAS_MASK)
-                    mx = tl.maximum(mx, _field_scores(q_f32, kw, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst,
+                    mx = tl.maximum(mx, _field_scores(q_f32, kw, f * ROW_FIELDS, w0, rows, tok, valid, q_end, ks, kz, stride_kst,
                                                       sm_scale, offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC,
-                                                      HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE))
+                                                      HEAD_DIM, BLOCK_W, BLOCK_H, DOT_DTYPE, ROW_FIELDS))
                 m_new = tl.maximum(m_i, tl.max(mx, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
                 l_q = l_q * alpha[:, None]
                 acc = acc * alpha[:, None]
                 for f in tl.static_range(FIELDS_PER_STEP):
-                    tok = rows * P + f0 + f
+                    tok = rows * P + sub + (f0 + f) * ROW_FIELDS
                     valid = _field_valid(tok, q_end, mk, HAS_MASK)
-                    s = _field_scores(q_f32, kw, f, w0, rows, tok, valid, q_end, ks, kz, stride_kst, sm_scale,
+                    s = _field_scores(q_f32, kw, f * ROW_FIELDS, w0, rows, tok, valid, q_end, ks, kz, stride_kst, sm_scale,
                                       offs_d, BITS, GROUP, KEY_PER_CHANNEL, SYMMETRIC, HEAD_DIM, BLOCK_W, BLOCK_H,
-                                      DOT_DTYPE)
+                                      DOT_DTYPE, ROW_FIELDS)
                     p = tl.exp(s - m_safe[:, None])
                     l_q += p
-                    acc += _field_values(p, vw, f, tok, valid, vs, vz, stride_vst, offs_d, BITS, GROUP, SYMMETRIC,
+                    acc += _field_values(p, vw, f * ROW_FIELDS, tok, valid, vs, vz, stride_vst, offs_d, BITS, GROUP, SYMMETRIC,
                                          HEAD_DIM, DOT_DTYPE)
                 m_i = m_new
-                kw = kw >> (FIELDS_PER_STEP * BITS)
-                vw = vw >> (FIELDS_PER_STEP * BITS)
+                kw = kw >> (FIELDS_PER_STEP * ROW_FIELDS * BITS)
+                vw = vw >> (FIELDS_PER_STEP * ROW_FIELDS * BITS)
     l_i = tl.sum(l_q, 1)
 
     # full-precision residual tokens [max(start, n_quant), end)

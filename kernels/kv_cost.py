@@ -171,8 +171,8 @@ def evaluate(w: KVWorkload, device: Device, capability: int = 90) -> KVRecord:
         loop = sass.hot_loop(instrs)
         nested = [lp for lp in sass.find_loops(instrs) if lp != loop and loop.start <= lp.start and lp.end <= loop.end]
         # a runtime loop over the softmax steps of a word's fields, nested in the quantized loop, runs
-        # P / FIELDS_PER_STEP times per iteration
-        steps = (32 // w.bits) // pl.constexprs["FIELDS_PER_STEP"]
+        # P / (ROW_FIELDS * FIELDS_PER_STEP) times per iteration (a tile row holds every ROW_FIELDS-th field)
+        steps = (32 // w.bits) // (pl.constexprs["FIELDS_PER_STEP"] * pl.constexprs["ROW_FIELDS"])
         counts = sass.count_range(instrs, loop.start, loop.end, steps, nested)
     outside = sum(1 for i, ins in enumerate(instrs) if not (loop.start <= i <= loop.end) and ins.opcode != "NOP")
     cache = w.cache_bytes()

@@ -29,8 +29,8 @@ _SCRIPT = r'''
 import inspect, json, sys
 import triton.language as tl
 from llmq.kernels.aot import TARGETS, compile_kernel, resource_usage
-from llmq.kernels.kv_attention import (BLOCK_W, FIELDS_PER_STEP, _kv_decode_reduce_kernel, _kv_decode_split_kernel,
-                                       kv_decode_attention)
+from llmq.kernels.kv_attention import (BLOCK_W, FIELDS_PER_STEP, QUANT_WARPS, ROW_FIELDS, _kv_decode_reduce_kernel,
+                                       _kv_decode_split_kernel, kv_decode_attention)
 
 DEFAULTS = {k: v.default for k, v in inspect.signature(kv_decode_attention).parameters.items()}
 
@@ -46,7 +46,7 @@ def split_signature(act):
                  "stride_mb"):
         sig[name] = "i32"
     for name in ("BITS", "GROUP", "KEY_PER_CHANNEL", "SYMMETRIC", "HAS_MASK", "HEAD_DIM", "BLOCK_N", "BLOCK_W",
-                 "BLOCK_H", "DOT_DTYPE", "FIELDS_PER_STEP", "HAS_QUANT"):
+                 "BLOCK_H", "DOT_DTYPE", "FIELDS_PER_STEP", "HAS_QUANT", "ROW_FIELDS"):
         sig[name] = "constexpr"
     return sig
 
@@ -55,12 +55,12 @@ out = {}
 for target, cap in TARGETS:
     for name, (act, meta) in configs.items():
         dot = {"fp16": tl.float16, "bf16": tl.bfloat16}[act]
-        # the launcher's default launch options; Llama-7B head_dim 128, up to 16 q heads per kv head
+        # the launcher's default launch options (its warps with quantized tokens); Llama-7B head_dim 128, up to 16 q heads per kv head
         c = compile_kernel(_kv_decode_split_kernel, split_signature(act),
                            dict(meta, HEAD_DIM=128, BLOCK_N=DEFAULTS["block_n"], BLOCK_W=BLOCK_W[meta["BITS"]],
                                 BLOCK_H=16, DOT_DTYPE=dot, FIELDS_PER_STEP=FIELDS_PER_STEP[meta["BITS"]],
-                                HAS_QUANT=True), cap,
-                           num_warps=DEFAULTS["num_warps"], num_stages=DEFAULTS["num_stages"])
+                                HAS_QUANT=True, ROW_FIELDS=ROW_FIELDS[meta["BITS"]]), cap,
+                           num_warps=QUANT_WARPS[meta["BITS"]], num_stages=DEFAULTS["num_stages"])
         out[f"{name}-{target}"] = resource_usage(c).__dict__
     sig = {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "OUT": "*fp16", "n_splits": "i32",
            "n_q_heads": "i32", "stride_ob": "i32", "stride_oh": "i32", "HEAD_DIM": "constexpr",

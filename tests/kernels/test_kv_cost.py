@@ -2,9 +2,9 @@
 
 Compiling needs ``TRITON_INTERPRET`` unset, so the report runs in a subprocess (as in test_cost_report.py).
 The SASS assertions are the structure the rebuild is for (one online-softmax step per block of fields
-rather than per field; no spills; a quantized-loop-free fp16 specialization), with bounds that the kernel
-before the rebuild fails with triton 3.9 and 3.6 (docs/benchmarks/kv_cost_h200_before*.json). They are
-not timings.
+rather than per field; no spills; a quantized-loop-free fp16 specialization), with bounds that the kernels
+before it (per field; 8 warps) fail with triton 3.9 and 3.6 (docs/benchmarks/kv_cost_h200_before*.json,
+docs/kv_cache.md). They are not timings.
 """
 
 import json
@@ -43,12 +43,15 @@ def records():
 def test_int4_one_softmax_step_per_block_of_fields(records):
     r = records["int4"]
     assert not r["error"], r["error"]
-    assert r["tokens_per_iter"] == kv_attention.BLOCK_W[4] * 8
+    assert r["tokens_per_iter"] == kv_attention.BLOCK_W[4] // kv_attention.ROW_FIELDS[4] * 8
     assert r["stack_bytes"] == 0
-    # per 128 tokens: the per-field kernel had 115 barriers and 200 shuffles (triton 3.9; 147 and 168 with
-    # 3.6); this one takes a softmax step per 64 tokens (4 fields of 16 word rows)
+    # per 128 tokens: the per-field kernel had 200 shuffles (triton 3.9; 168 with 3.6) and was predicted 7.09x
+    # (7.56x) its DRAM floor; one softmax step per block of fields at 8 warps 4.47x (4.63x); at 4 warps (the
+    # 8-warp program computed each 16x16 score tile 4 times) 3.06x (3.21x). Barriers per iteration are per warp,
+    # so they are not compared across warp counts.
     per128 = 128 / r["tokens_per_iter"]
-    assert r["barriers_per_iter"] * per128 <= 110 and r["shuffles_per_iter"] * per128 <= 150, r["by_class"]
+    assert r["shuffles_per_iter"] * per128 <= 150, r["by_class"]
+    assert r["vs_floor"] <= 3.5, (r["vs_floor"], r["by_class"])
     assert r["mma_per_iter"] > 0 and r["dram_us"] > 0 and r["predicted_us"] >= r["dram_us"]
 
 
