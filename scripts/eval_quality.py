@@ -76,8 +76,12 @@ def run_one(method: str, setting: str, args) -> dict:
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
+    extra = {}
+    if args.also_selection:  # one quantization, both texts: settings are chosen on the selection text
+        sel = perplexity(model, tok, text=named_text("selection"), max_tokens=8192, progress=False)
+        extra = {"selection_perplexity": sel.perplexity, "selection_tokens": sel.tokens}
     ppl = perplexity(model, tok, text=named_text(args.text), max_tokens=args.tokens, progress=False)
-    return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
+    return {**extra, "method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
             "zero_point": None if recipe.zero_point is None else recipe.zero_point.value, "levels": args.levels,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
             "text": args.text, "method_args": recipe.method_args,
@@ -199,6 +203,8 @@ def main() -> None:
                    help="algorithm parameter for every quantized run, as `llmq quantize --method-arg`")
     p.add_argument("--levels", default="uniform", choices=["uniform", "nf", "kmeans", "log2", "binary"],
                    help="weight levels (llmq quantize --levels; non-uniform levels are symmetric): docs/levels.md")
+    p.add_argument("--also-selection", action="store_true",
+                   help="also evaluate each quantized model on the selection text (8,192 tokens) in the same run")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -231,7 +237,8 @@ def main() -> None:
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
                    "--threads", str(args.threads), "--text", args.text] + (["--sym"] if args.sym else []) + (
                    ["--zero-point", args.zero_point] if args.zero_point else []) + [
-                   f"--method-arg={a}" for a in args.method_arg] + ["--levels", args.levels]
+                   f"--method-arg={a}" for a in args.method_arg] + ["--levels", args.levels] + (
+                   ["--also-selection"] if args.also_selection else [])
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
