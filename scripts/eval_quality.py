@@ -25,6 +25,11 @@ import time
 from pathlib import Path
 
 SETTINGS = {"4g64": (4, 64), "4g128": (4, 128), "3g64": (3, 64), "2g64": (2, 64), "8ch": (8, None)}
+# more (bits, group) settings, asked for by name (--settings): the --levels rows of docs/levels.md
+EXTRA_SETTINGS = {"4ch": (4, None), "4g256": (4, 256), "3ch": (3, None), "3g256": (3, 256), "3g128": (3, 128),
+                  "2ch": (2, None), "2g256": (2, 256), "2g128": (2, 128), "1g64": (1, 64), "1g128": (1, 128),
+                  "1ch": (1, None)}
+ALL_SETTINGS = {**SETTINGS, **EXTRA_SETTINGS}
 METHODS = ("rtn", "gptq", "awq", "hqq")
 
 
@@ -54,7 +59,7 @@ def run_one(method: str, setting: str, args) -> dict:
     from llmq.pipeline import NEEDS_CALIBRATION, quantize_layerwise
     from llmq.recipes import WeightMethod, WeightRecipe
 
-    bits, group = SETTINGS[setting]
+    bits, group = ALL_SETTINGS[setting]
     t0, c0 = time.perf_counter(), _cpu_s()
     ids, spec = None, None
     if WeightMethod(method) in NEEDS_CALIBRATION:
@@ -64,15 +69,20 @@ def run_one(method: str, setting: str, args) -> dict:
         ids = calibration_batch(tok, spec)
     from llmq.cli.quantize import parse_method_args
 
-    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym, method=method, zero_point=args.zero_point,
-                          method_args=parse_method_args(args.method_arg))
+    recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym or args.levels != "uniform", method=method,
+                          zero_point=args.zero_point, method_args=parse_method_args(args.method_arg),
+                          levels=args.levels)
     model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
+    extra = {}
+    if args.also_selection:  # one quantization, both texts: settings are chosen on the selection text
+        sel = perplexity(model, tok, text=named_text("selection"), max_tokens=8192, progress=False)
+        extra = {"selection_perplexity": sel.perplexity, "selection_tokens": sel.tokens}
     ppl = perplexity(model, tok, text=named_text(args.text), max_tokens=args.tokens, progress=False)
-    return {"method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
-            "zero_point": None if recipe.zero_point is None else recipe.zero_point.value,
+    return {**extra, "method": method, "bits": bits, "group_size": group, "symmetric": args.sym,
+            "zero_point": None if recipe.zero_point is None else recipe.zero_point.value, "levels": args.levels,
             "bits_per_weight": summary.bits_per_weight, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
             "text": args.text, "method_args": recipe.method_args,
             "quantize_s": quant_s, "quantize_cpu_s": quant_cpu, "peak_rss_mb": rss, "threads": args.threads,
@@ -83,12 +93,12 @@ def run_one(method: str, setting: str, args) -> dict:
 def _setting_of(r: dict) -> str:
     if r["method"] == "fp32":
         return "-"
-    return next(k for k, v in SETTINGS.items() if v == (r["bits"], r["group_size"]))
+    return next(k for k, v in ALL_SETTINGS.items() if v == (r["bits"], r["group_size"]))
 
 
 def _order(r: dict):
     methods = ("fp32",) + METHODS
-    return (list(SETTINGS).index(_setting_of(r)) if r["method"] != "fp32" else -1, methods.index(r["method"]),
+    return (list(ALL_SETTINGS).index(_setting_of(r)) if r["method"] != "fp32" else -1, methods.index(r["method"]),
             bool(r.get("symmetric")), _zero(r) or "", (r.get("calibration") or {}).get("nsamples") or 0)
 
 
@@ -101,7 +111,11 @@ def _zero(r: dict) -> str | None:
 
 def _label(r: dict) -> str:
     """Method name, with ``(sym)`` for symmetric runs (every other run is asymmetric) and the zero-point
-    kind where it is not the method's default (HQQ at 2-4 bits: float, otherwise int)."""
+    kind where it is not the method's default (HQQ at 2-4 bits: float, otherwise int); ``+levels`` for
+    non-uniform levels (and ``[KEY=VALUE]`` for their method arguments)."""
+    if r.get("levels", "uniform") != "uniform":
+        extra = ",".join(f"{k}={v}" for k, v in sorted((r.get("method_args") or {}).items()))
+        return f"{r['method']}+{r['levels']}" + (f" [{extra}]" if extra else "")
     if r.get("symmetric"):
         return f"{r['method']} (sym)"
     zero = _zero(r)
@@ -166,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(ALL_SETTINGS))
     p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows (PEERS: 128)")
     p.add_argument("--awq-nsamples", type=int, default=128, help="AWQ calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
@@ -187,6 +201,10 @@ def main() -> None:
                    help="asymmetric zero points (default: the method's own, float for hqq, int otherwise)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm parameter for every quantized run, as `llmq quantize --method-arg`")
+    p.add_argument("--levels", default="uniform", choices=["uniform", "nf", "kmeans", "log2", "binary"],
+                   help="weight levels (llmq quantize --levels; non-uniform levels are symmetric): docs/levels.md")
+    p.add_argument("--also-selection", action="store_true",
+                   help="also evaluate each quantized model on the selection text (8,192 tokens) in the same run")
     p.add_argument("--single", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -200,7 +218,7 @@ def main() -> None:
                         if ln.startswith("RESULT ")]
         latest = {}
         for r in records:
-            latest[(r["method"], _setting_of(r), bool(r.get("symmetric")), _zero(r),
+            latest[(r["method"], _setting_of(r), _label(r),
                     (r.get("calibration") or {}).get("nsamples"))] = r
         records = sorted(latest.values(), key=_order)
         args.out.write_text(json.dumps(records, indent=1))
@@ -219,7 +237,8 @@ def main() -> None:
                    str(args.awq_nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens),
                    "--threads", str(args.threads), "--text", args.text] + (["--sym"] if args.sym else []) + (
                    ["--zero-point", args.zero_point] if args.zero_point else []) + [
-                   f"--method-arg={a}" for a in args.method_arg]
+                   f"--method-arg={a}" for a in args.method_arg] + ["--levels", args.levels] + (
+                   ["--also-selection"] if args.also_selection else [])
     # --jobs runs several single-threaded subprocesses at once (each still reports its own peak RSS)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 

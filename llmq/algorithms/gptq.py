@@ -33,6 +33,16 @@ canonical ``QuantizedWeight`` that ``QuantLinear`` and every kernel run as is.
 Without act-order, groups are dynamic as in the paper (chosen from the
 error-updated weights when the loop reaches a group's first column).
 
+Non-uniform levels (``levels`` != "uniform", ``llmq.quant.levels``): each column rounds to the
+nearest codebook entry times its group's scale, and its error is fed back exactly as above. Groups
+are then always static; the scales (and, for kmeans, the per-channel codebooks: k-means weighted by
+``diag(H)``, the sensitivity of each input feature) are fitted from the original ``W`` before the
+loop. With ``refit=True`` kmeans codebooks are refitted after the loop: given GPTQ's assignments, the
+values minimising ``Σ_n (w_n − ŵ_n)ᵀ H (w_n − ŵ_n)`` solve an ``L × L`` least-squares system per
+channel (``llmq.quant.levels.refit_codebook``). ``error_feedback=False`` rounds every column to the
+nearest level (or grid point) of the same static parameters with no OBS update: the data-aware
+baseline GPTQ's feedback is measured against.
+
 Group parameters come from ``choose_qparams`` or, with ``clip_search=True``,
 from the MSE clip search of ``llmq.algorithms.rtn_clip`` (the reference
 ``Quantizer(mse=True)``), with the error weighted by the diagonal Hessian
@@ -47,6 +57,7 @@ import math
 import torch
 
 from llmq.algorithms.rtn_clip import hessian_diag_blocks, search_clip_qparams
+from llmq.quant.levels import level_codes, level_params, lookup, nearest_level, refit_codebook
 from llmq.quant.primitives import (
     QuantizedWeight,
     check_finite,
@@ -55,6 +66,7 @@ from llmq.quant.primitives import (
     effective_group_size,
     num_groups,
     quantize,
+    quantize_with_params,
     to_groups,
 )
 
@@ -78,7 +90,11 @@ class GPTQ:
         blocksize: columns per lazy-update block (``B`` in the paper).
         percdamp: dampening as a fraction of ``mean(diag H)``.
         act_order: quantize columns by decreasing ``diag(H)`` (static groups).
-        clip_search: choose group parameters by the MSE clip search.
+        clip_search: choose group parameters by the MSE clip search (nf/log2 levels: the
+            ``diag(H)``-weighted scale search of ``llmq.quant.levels.search_scales``).
+        levels: ``"uniform"`` or a non-uniform kind (``llmq.recipes.Levels`` value, symmetric).
+        error_feedback: the OBS update (``False``: nearest rounding with the same static parameters).
+        refit: kmeans only: least-squares codebook refit after the loop.
         name: module name for error messages.
     """
 
@@ -93,6 +109,9 @@ class GPTQ:
         act_order: bool = True,
         clip_search: bool = True,
         name: str = "weight",
+        levels: str = "uniform",
+        error_feedback: bool = True,
+        refit: bool = True,
     ) -> None:
         if weight.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D [out_features, in_features] weight, got {tuple(weight.shape)}")
@@ -103,6 +122,7 @@ class GPTQ:
         self.name = name
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.blocksize, self.percdamp, self.act_order, self.clip_search = blocksize, percdamp, act_order, clip_search
+        self.levels, self.error_feedback, self.refit = str(getattr(levels, "value", levels)), error_feedback, refit
         self.columns = weight.shape[1]
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=weight.device)
         self.nsamples = 0
@@ -146,11 +166,20 @@ class GPTQ:
         H[dead, dead] = 1
         W[:, dead] = 0
 
-        static = self.act_order
+        static = self.act_order or self.levels != "uniform" or not self.error_feedback
         scales = torch.empty(N, G, dtype=torch.float32, device=W.device)
         zeros = torch.empty(N, G, dtype=torch.int32, device=W.device)
-        if static:
+        codebook = None
+        if self.levels != "uniform":
+            scales, codebook = level_params(W, self.levels, self.bits, self.group_size, torch.diag(H), self.clip_search)
+            zeros = None
+        elif static:
             scales, zeros = self._qparams(W, H)
+        if not self.error_feedback:
+            Q = (quantize_with_params(W, scales, zeros, self.bits, self.group_size) if codebook is None
+                 else level_codes(W, scales, codebook, self.group_size))
+            return self._result(Q, scales, zeros, codebook, W, H)
+        W0, H0 = W.clone(), H.clone()  # canonical order, for the codebook refit
         perm = torch.arange(K, device=W.device)
         if self.act_order:
             perm = torch.argsort(torch.diag(H), descending=True)
@@ -177,10 +206,17 @@ class GPTQ:
                     s, z = self._qparams(upcoming, H[col : col + g, col : col + g])
                     scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
                 gi = group_of[col]
-                s, z = scales[:, gi], zeros[:, gi]
-                q = quantize(w, s, z, self.bits)
+                s = scales[:, gi]
+                if codebook is None:
+                    z = zeros[:, gi]
+                    q = quantize(w, s, z, self.bits)
+                    deq = dequantize(q, s, z)
+                else:  # nearest codebook entry of w / s, per output channel
+                    q = nearest_level((w / s)[:, None], codebook)
+                    deq = lookup(q, codebook)[:, 0] * s
+                    q = q[:, 0].to(torch.uint8)
                 Q1[:, i] = q
-                err1 = (w - dequantize(q, s, z)) / d
+                err1 = (w - deq) / d
                 W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err1
             Q[:, i1:i2] = Q1
@@ -188,7 +224,16 @@ class GPTQ:
 
         if self.act_order:
             Q = Q[:, torch.argsort(perm)]
-        return QuantizedWeight(Q.contiguous(), scales, zeros, self.bits, self.group_size, self.symmetric)
+        return self._result(Q, scales, zeros, codebook, W0, H0)
+
+    def _result(self, Q, scales, zeros, codebook, W, H) -> QuantizedWeight:
+        """The ``QuantizedWeight``; kmeans codebooks refitted to ``W``, ``H`` (canonical order) if asked."""
+        if codebook is None:
+            return QuantizedWeight(Q.contiguous(), scales, zeros, self.bits, self.group_size, self.symmetric)
+        if self.refit and codebook.shape[0] > 1:
+            codebook, Q = refit_codebook(W, Q, scales, codebook, H, self.group_size)
+        return QuantizedWeight(Q.contiguous(), scales, None, self.bits, self.group_size, True,
+                               codebook=codebook, levels=self.levels)
 
     def _inverse_cholesky(self, H: torch.Tensor) -> torch.Tensor:
         """Upper Cholesky factor of ``(H + λI)⁻¹``; raises λ tenfold while H is not positive definite."""

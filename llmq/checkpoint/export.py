@@ -197,6 +197,10 @@ def _check_common(modules: dict[str, dict]) -> None:
         raise ValueError(f"only weight-only QuantLinear checkpoints export; {other[0]!r} is a "
                          f"{modules[other[0]].get('kind')!r} module ({len(other)} such modules)")
     for name, c in modules.items():
+        if c.get("levels", "uniform") != "uniform":
+            raise ValueError(f"{name} has {c['levels']} levels (codes index a codebook); GPTQ and compressed-tensors "
+                             f"store integer grids (code - zero) * scale and no codebook: re-quantize with "
+                             f"--levels uniform to export")
         if not c["symmetric"] and c.get("zero_point", "int") == "float":
             raise ValueError(f"{name} has float zero points (HQQ's default at 2-4 bits); the export formats "
                              f"store integer zeros: re-quantize with --zero-point int (or --sym)")

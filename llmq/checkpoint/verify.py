@@ -49,6 +49,8 @@ def _expected_tensors(name: str, cfg: dict[str, Any]) -> list[str]:
     keys = [f"{name}.qweight", f"{name}.scales"] if cfg.get("kind") == "quant_linear" else []
     if cfg.get("kind") == "quant_linear" and not cfg.get("symmetric", True):
         keys.append(f"{name}.{_zero_tensor(cfg)}")
+    if cfg.get("kind") == "quant_linear" and cfg.get("levels", "uniform") != "uniform":
+        keys.append(f"{name}.codebook")
     return keys
 
 
@@ -105,6 +107,8 @@ def _check_quant_linear(name: str, cfg: dict[str, Any], present: dict[str, dict]
     if not cfg["symmetric"]:
         zero = _zero_tensor(cfg)
         expected[zero] = (("U8",) if zero == "qzeros" else floats, [*leading, g, n])
+    if cfg.get("levels", "uniform") != "uniform":  # non-uniform levels: [T, 2**bits], T = 1 or N (kmeans)
+        expected["codebook"] = (floats, [*leading, n if cfg["levels"] == "kmeans" else 1, 1 << cfg["bits"]])
     for tensor, (dtypes, shape) in expected.items():
         entry = present[f"{name}.{tensor}"]
         if entry["shape"] != shape or entry["dtype"] not in dtypes:

@@ -12,7 +12,7 @@ def register(sub) -> None:
         help="show the recipe, per-layer bits and sizes of a checkpoint",
         description="Check a checkpoint as loading would (complete shards, tensors matching config.json), then "
         "print its quantization recipe, each quantized module in model order with its shape, bits, group "
-        "size and stored bytes (effective bits per weight include scales and zeros), the parts kept in float "
+        "size, levels (uniform or a codebook kind) and stored bytes (effective bits per weight include scales, zeros and codebooks), the parts kept in float "
         "(embeddings, lm_head) with their bytes, and the checkpoint's total size. Float model folders are "
         "listed too.",
     )
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         for key, value in info["extra"].items():
             print(f"{key}: {json.dumps(value)}")
         print(f"quantized modules ({info['order']}):")
-        print(f"{'module':48s} {'kind':14s} {'shape':>11s} {'bits':>4s} {'group':>7s} {'sym':>5s} {'KB':>9s} "
-              f"{'bits/w':>6s}")
+        print(f"{'module':48s} {'kind':14s} {'shape':>11s} {'bits':>4s} {'group':>7s} {'sym':>5s} {'levels':>7s} "
+              f"{'KB':>9s} {'bits/w':>6s}")
         for m in info["modules"]:
             shape = f"{m.get('out_features')}x{m.get('in_features')}"
             if m["kind"] == "quant_experts":  # experts x hidden x expert intermediate
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             group = "chan" if m.get("group_size") is None else m.get("group_size")
             bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
             print(f"{m['name']:48s} {m['kind']:14s} {shape:>11s} {m.get('bits', '-'):>4} {group:>7} "
-                  f"{str(m.get('symmetric', '-')):>5s} {m['bytes'] / 1e3:9.1f} {bpw:>6s}")
+                  f"{str(m.get('symmetric', '-')):>5s} {m.get('levels', 'uniform'):>7s} {m['bytes'] / 1e3:9.1f} "
+                  f"{bpw:>6s}")
     print("kept in float:" if info["quant_method"] else "embeddings and linears:")
     for t in info["unquantized"]:
         shape = "x".join(map(str, t["shape"]))

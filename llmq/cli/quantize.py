@@ -6,8 +6,8 @@ import argparse
 import json
 
 from llmq.recipes import (
-    DEFAULT_EXCLUDE, SUPPORTED_ACT_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, ActivationRecipe, ActScheme,
-    SCHEME_DEFAULT, ObserverKind, WeightMethod, WeightRecipe, ZeroPoint,
+    DEFAULT_EXCLUDE, LEVEL_BITS, SUPPORTED_ACT_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, ActivationRecipe,
+    ActScheme, SCHEME_DEFAULT, Levels, ObserverKind, WeightMethod, WeightRecipe, ZeroPoint,
 )
 
 
@@ -19,7 +19,7 @@ _NOT_GIVEN = object()  # default of options whose None is a meaningful value (--
 # is refused (it would be silently ignored), see refuse_unread_options.
 CALIBRATION_OPTIONS = {"calib": "--calib", "nsamples": "--nsamples", "seqlen": "--seqlen", "seed": "--seed"}
 WEIGHT_OPTIONS = {"bits": "--bits", "group": "--group", "symmetric": "--sym/--asym", "zero_point": "--zero-point",
-                  "include": "--include", "method_arg": "--method-arg", "lm_head": "--lm-head"}
+                  "include": "--include", "method_arg": "--method-arg", "lm_head": "--lm-head", "levels": "--levels"}
 LM_HEAD_CHOICES = ("float", "int8", "int4")  # llmq.model.lm_head.LmHead (not imported: --help stays torch-free)
 W8A8_OPTIONS = {"act_bits": "--act-bits", "act_scheme": "--act-scheme", "observer": "--observer", "alpha": "--alpha",
                 "percentile": "--percentile", "momentum": "--momentum", "calib_samples": "--calib-samples"}
@@ -82,7 +82,13 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="model folder, the embedded default 'smollm2-135m', or a hub id (online only)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --force)")
-    p.add_argument("--bits", type=int, choices=SUPPORTED_WEIGHT_BITS, default=None, help="weight bits (default 4)")
+    p.add_argument("--bits", type=int, choices=sorted({*SUPPORTED_WEIGHT_BITS, 1}), default=None,
+                   help="weight bits (default 4; 1 with --levels binary only, which it defaults to)")
+    p.add_argument("--levels", choices=[v.value for v in Levels], default=None,
+                   help="where the 2**bits values lie: uniform (the integer grid, default), nf (normal-float "
+                   "quantiles), kmeans (a learned table per output channel), log2 (signed powers of two) at "
+                   "2-4 bits, binary (sign x scale) at 1 bit; non-uniform levels are symmetric and run with "
+                   "--method rtn or gptq (docs/levels.md)")
     p.add_argument("--group", type=_group, default=None, metavar="{32,64,128,256,channel}",
                    help="input features per scale/zero group, or 'channel' for one group per output channel "
                    "(default 128; a last partial group is padded)")
@@ -163,10 +169,22 @@ def refuse_unread_options(args: argparse.Namespace) -> None:
 
 
 def build_recipe(args: argparse.Namespace) -> WeightRecipe:
+    levels = Levels(args.levels or Levels.UNIFORM)
+    bits = args.bits
+    if bits is None:
+        bits = 1 if levels is Levels.BINARY else 4
+    if levels is not Levels.UNIFORM and args.symmetric is False:
+        raise ValueError(f"--levels {levels.value} is symmetric (a codebook times a scale, no zero point): drop --asym")
+    if bits == 1 and levels is not Levels.BINARY:
+        raise ValueError("--bits 1 is binary weights: add --levels binary")
+    if levels is not Levels.UNIFORM and bits not in LEVEL_BITS[levels]:
+        raise ValueError(f"--levels {levels.value} takes --bits {' or '.join(map(str, LEVEL_BITS[levels]))}, "
+                         f"got --bits {bits}")
     return WeightRecipe(
-        bits=4 if args.bits is None else args.bits,
+        bits=bits,
         group_size=None if args.group == CHANNEL else (128 if args.group is None else args.group),
-        symmetric=bool(args.symmetric),
+        symmetric=bool(args.symmetric) or levels is not Levels.UNIFORM,
+        levels=levels,
         method=args.method,
         include=tuple(args.include) if args.include else ("*",),
         exclude=DEFAULT_EXCLUDE + tuple(args.exclude),

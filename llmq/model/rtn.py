@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 from llmq.model.swap import find_experts_modules, find_linears, group_by_layer, set_submodule
 from llmq.moe.quantize import rtn_quantizer, swap_experts
 from llmq.nn.quant_linear import QuantLinear
+from llmq.quant.levels import quantize_weight_levels
 from llmq.quant.primitives import quantize_weight
-from llmq.recipes import WeightRecipe
+from llmq.recipes import Levels, WeightRecipe
 from llmq.resources import memory_postfix, peak_rss_mb
 
 
@@ -86,6 +87,9 @@ def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = 
             f"the recipe selects no nn.Linear (nor MoE experts) in this model (include={list(recipe.include)}, "
             f"exclude={list(recipe.exclude)}); check the patterns against `llmq inspect` module names"
         )
+    if experts and recipe.levels is not Levels.UNIFORM:
+        raise ValueError(f"{recipe.levels.value} levels are not implemented for fused MoE experts "
+                         f"({experts[0][0]!r}): exclude them (--exclude) or use levels='uniform'")
     by_name = dict(linears)
     lin_before = lin_after = params = 0
     groups = group_by_layer([n for n, _ in linears])
@@ -93,7 +97,10 @@ def quantize_model_rtn(model: nn.Module, recipe: WeightRecipe, progress: bool = 
     for _, names in bar:
         for name in names:
             linear = by_name[name]
-            qw = quantize_weight(linear.weight.data, recipe.bits, recipe.group_size, recipe.symmetric, name=name)
+            if recipe.levels is Levels.UNIFORM:
+                qw = quantize_weight(linear.weight.data, recipe.bits, recipe.group_size, recipe.symmetric, name=name)
+            else:
+                qw = quantize_weight_levels(linear.weight.data, recipe.levels, recipe.bits, recipe.group_size, name=name)
             qlinear = QuantLinear.from_quantized(qw, linear.bias)
             set_submodule(model, name, qlinear)
             lin_before += linear.weight.numel() * linear.weight.element_size()

@@ -43,6 +43,7 @@ class LinearSpec:
     symmetric: bool
     device_type: str  # "cpu", "cuda", ...
     act_dtype: torch.dtype
+    levels: str = "uniform"  # llmq.quant.levels: non-uniform layers dequantize through layer.codebook
 
 
 class LinearBackend(Protocol):
@@ -82,7 +83,13 @@ def dequantize_packed(layer: "QuantLinear") -> torch.Tensor:
     codes = unpack(layer.canonical_qweight(), layer.bits, k)  # [K, N] uint8
     # view as [G, g, N] (zero-padding the short last group) so scales/zeros broadcast
     # per group instead of being gathered into a [K, N] tensor
-    codes = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * g - k)).float().view(n_groups, g, n)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, n_groups * g - k))
+    if layer.codebook is not None:  # non-uniform levels: w = codebook[0 or n, code] * scale
+        cb = layer.codebook.float()  # [T, L]
+        values = cb[0][codes.long()] if cb.shape[0] == 1 else cb.t().gather(0, codes.long())  # [K', N]
+        w = values.view(n_groups, g, n) * layer.scales.float()[:, None, :]
+        return w.view(n_groups * g, n)[:k]
+    codes = codes.float().view(n_groups, g, n)
     if layer.zero_points is not None:  # uint8 integer or float zero points
         zeros = layer.zero_points.float()[:, None, :]
     else:

@@ -100,6 +100,9 @@ class CpuBackend:
             return False, f"runs on CPU tensors only, got {spec.device_type!r}"
         if spec.act_dtype not in ACT_DTYPES:
             return False, f"activations must be float32, bfloat16 or float16, got {spec.act_dtype}"
+        if spec.levels != "uniform":
+            return False, (f"{spec.levels} levels need a codebook lookup; torch's int4/int8 CPU kernels compute "
+                           "(code - zero) * scale only")
         cpu_dequant.block64_layout()  # probed here, eagerly: forward may run inside torch.compile
         if uses_int8_kernel(spec.bits, spec.group_size):
             return True, "torch int8 CPU kernel (_weight_int8pack_mm), bf16 compute"

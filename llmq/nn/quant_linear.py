@@ -11,7 +11,8 @@ from llmq.nn.layouts import CANONICAL, from_canonical, to_canonical
 from llmq.nn.registry import check_config_shape, register_module_kind
 from llmq.quant.packing import pack, packed_rows
 from llmq.quant.primitives import SCALE_DTYPE, QuantizedWeight, effective_group_size, num_groups
-from llmq.recipes import SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS
+from llmq.quant.levels import codebook_rows
+from llmq.recipes import LEVEL_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS, Levels
 
 
 @register_module_kind
@@ -29,10 +30,14 @@ class QuantLinear(BackendChoice, nn.Module):
                                             when symmetric (zero = 2**(bits-1))
         zeros    [G, N]            float16  per-group float zero points instead (zero_point="float",
                                             HQQ-style)
+        codebook [T, 2**bits]      float16  non-uniform levels only (``levels`` != "uniform",
+                                            llmq.quant.levels): T = 1 (nf, log2, binary) or N (kmeans);
+                                            ``None`` for uniform layers
         bias     [N]               float    optional
 
     Dequantized weight: ``W[n, k] = (code[k, n] - zero[k // g, n]) * scales[k // g, n]``, whichever
-    kind the zero is (``zero_points`` gives the tensor or ``None``).
+    kind the zero is (``zero_points`` gives the tensor or ``None``); with a codebook (always symmetric,
+    no zeros) ``W[n, k] = codebook[0 if T == 1 else n, code[k, n]] * scales[k // g, n]``.
 
     Scales and float zeros hold fp16 values and keep them exactly: a cast of the model to a dtype
     that cannot represent every fp16 value (``.bfloat16()``) leaves them float16
@@ -52,7 +57,7 @@ class QuantLinear(BackendChoice, nn.Module):
 
     KIND = "quant_linear"
     BACKENDS = WEIGHT_MATMUL
-    FP16_VALUED_BUFFERS = ("scales", "zeros")
+    FP16_VALUED_BUFFERS = ("scales", "zeros", "codebook")
 
     def __init__(
         self,
@@ -66,9 +71,15 @@ class QuantLinear(BackendChoice, nn.Module):
         device: torch.device | str | None = None,
         backend: str | None = None,
         zero_point: str = "int",
+        levels: str = "uniform",
     ) -> None:
         super().__init__()
-        if bits not in SUPPORTED_WEIGHT_BITS:
+        self.levels = Levels(levels).value
+        if self.levels != "uniform":
+            if bits not in LEVEL_BITS[Levels(levels)] or not symmetric:
+                raise ValueError(f"{levels} levels take bits {LEVEL_BITS[Levels(levels)]} and symmetric=True, "
+                                 f"got bits={bits}, symmetric={symmetric}")
+        elif bits not in SUPPORTED_WEIGHT_BITS:
             raise ValueError(f"unsupported weight bits {bits}: choose one of {SUPPORTED_WEIGHT_BITS}")
         if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"unsupported group size {group_size}: choose one of {SUPPORTED_GROUP_SIZES} or None")
@@ -96,6 +107,11 @@ class QuantLinear(BackendChoice, nn.Module):
                 setattr(self, name, None)
             else:
                 self.register_buffer(name, torch.zeros(g, out_features, dtype=zero_dtype, device=device))
+        if self.levels == "uniform":
+            self.codebook = None
+        else:
+            rows = codebook_rows(self.levels, out_features)
+            self.register_buffer("codebook", torch.zeros(rows, 1 << bits, dtype=SCALE_DTYPE, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
@@ -118,8 +134,10 @@ class QuantLinear(BackendChoice, nn.Module):
         n, k = qw.shape
         layer = cls(k, n, qw.bits, qw.group_size, qw.symmetric, bias=bias is not None,
                     dtype=None if bias is None else bias.dtype, device=qw.codes.device, backend=backend,
-                    zero_point="float" if qw.float_zeros else "int")
+                    zero_point="float" if qw.float_zeros else "int", levels=qw.levels)
         layer.qweight.copy_(pack(qw.codes.t(), qw.bits))
+        if layer.codebook is not None:
+            layer.codebook.copy_(qw.codebook.to(SCALE_DTYPE))
         layer.scales.copy_(qw.scales.t().to(SCALE_DTYPE))
         if layer.qzeros is not None:
             layer.qzeros.copy_(qw.zeros.t().to(torch.uint8))
@@ -136,6 +154,8 @@ class QuantLinear(BackendChoice, nn.Module):
                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
         if self.zero_point == "float":  # absent = integer zeros (as written before float zeros existed)
             cfg["zero_point"] = "float"
+        if self.levels != "uniform":  # absent = uniform (as written before levels existed)
+            cfg["levels"] = self.levels
         return cfg
 
     @classmethod
@@ -143,11 +163,12 @@ class QuantLinear(BackendChoice, nn.Module):
                     dtype: torch.dtype | None = None, device=None) -> "QuantLinear":
         check_config_shape(cfg, in_features, out_features)
         return cls(in_features, out_features, cfg["bits"], cfg["group_size"], cfg["symmetric"], bias=bias,
-                   dtype=dtype, device=device, zero_point=cfg.get("zero_point", "int"))
+                   dtype=dtype, device=device, zero_point=cfg.get("zero_point", "int"),
+                   levels=cfg.get("levels", "uniform"))
 
     def spec(self, x: torch.Tensor) -> LinearSpec:
         return LinearSpec(self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
-                          x.device.type, x.dtype)
+                          x.device.type, x.dtype, self.levels)
 
     def canonical_qweight(self) -> torch.Tensor:
         """``[ceil(K / P), N]`` int32 words in the canonical layout, whatever layout is held."""
@@ -224,5 +245,6 @@ class QuantLinear(BackendChoice, nn.Module):
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         zp = "" if self.zero_point in (None, "int") else f", zero_point={self.zero_point}"
+        zp += "" if self.levels == "uniform" else f", levels={self.levels}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={g}, symmetric={self.symmetric}{zp}, bias={self.bias is not None}")

@@ -45,6 +45,9 @@ def emit_linear(b: GraphBuilder, module: nn.Module, x: str, name: str) -> str:
         w = _w8a8_weight(b, module, name)
         xq = _static_qdq(b, module, x, name) if module.static else _dynamic_qdq(b, module, x, name)
     elif isinstance(module, QuantLinear):
+        if module.codebook is not None:
+            raise ValueError(f"{name} has {module.levels} levels (codes index a codebook); the ONNX graph dequantizes "
+                             f"integer grids with DequantizeLinear only: re-quantize with --levels uniform to export")
         xq, w = x, _quant_linear_weight(b, module, name)
     elif isinstance(module, FakeQuantLinear):
         xq, w = x, _fake_quant_weight(b, module, name)

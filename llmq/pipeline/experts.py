@@ -59,6 +59,9 @@ def quantize_layer_experts(layer: nn.Module, prefix: str, recipe: WeightRecipe, 
     Returns ``(#experts modules, #weights)``.
     """
     selected = find_experts_modules(layer, lambda n: recipe.matches(f"{prefix}.{n}"))
+    if selected and recipe.levels.value != "uniform":
+        raise ValueError(f"{recipe.levels.value} levels are not implemented for fused MoE experts "
+                         f"({prefix}.{selected[0][0]}): exclude them (--exclude) or use levels='uniform'")
     weights = 0
     for local, experts in selected:
         name = f"{prefix}.{local}"

@@ -29,8 +29,9 @@ from llmq.arch import Subgroup as MapSubgroup
 from llmq.arch import arch_for, check_map, fold
 from llmq.arch.folding import fake_quantize_, head_groups, tie_heads
 from llmq.pipeline.block_loss import BlockOutputLoss
+from llmq.quant.levels import quantize_weight_levels
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
-from llmq.recipes import WeightMethod, WeightRecipe, ZeroPoint
+from llmq.recipes import Levels, WeightMethod, WeightRecipe, ZeroPoint
 
 # MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
 # calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
@@ -43,7 +44,7 @@ MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "poo
 METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
     WeightMethod.RTN: {"clip": None},
     WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True,
-                        **MOE_DEFAULTS},
+                        "error_feedback": True, "refit": True, **MOE_DEFAULTS},
     WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
                        "scale_loss": "block", "block_windows": 16, **MOE_DEFAULTS},
     WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0,
@@ -81,6 +82,9 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
         if not isinstance(args["expert_chunk"], int) or args["expert_chunk"] < 0:
             raise ValueError(f"expert_chunk must be an integer >= 0 (experts calibrated per pass; 0 = all at once), "
                              f"got {args['expert_chunk']!r}")
+    if recipe.levels is not Levels.UNIFORM and recipe.method is WeightMethod.RTN and args["clip"] not in (None, "mse"):
+        raise ValueError(f"rtn clip={args['clip']!r} clips a uniform grid; {recipe.levels.value} levels take "
+                         "clip=None (absmax scales) or clip='mse' (an error-minimising scale per group)")
     if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
         raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
                          f"choice per tensor), got {args['keep']!r}")
@@ -147,7 +151,8 @@ class SubgroupQuantizer:
         if r.method is WeightMethod.GPTQ:
             self.algos = [
                 GPTQ(lin.weight.data, r.bits, r.group_size, r.symmetric, blocksize=a["blocksize"],
-                     percdamp=a["percdamp"], act_order=a["act_order"], clip_search=a["clip_search"], name=name)
+                     percdamp=a["percdamp"], act_order=a["act_order"], clip_search=a["clip_search"], name=name,
+                     levels=r.levels.value, error_feedback=a["error_feedback"], refit=a["refit"])
                 for lin, name in zip(self.linears, self.full_names)
             ]
         elif r.method is WeightMethod.AWQ:
@@ -199,6 +204,9 @@ class SubgroupQuantizer:
                        lp_norm=a["lp_norm"], beta=a["beta"], kappa=a["kappa"], select_norm=a["select_norm"],
                        keep=a["keep"], zero_point=(r.zero_point or ZeroPoint.INT).value, name=name).quantize()
                    for lin, name in zip(self.linears, self.full_names)]
+        elif r.levels is not Levels.UNIFORM:  # data free: absmax scales, or searched with clip="mse"
+            out = [quantize_weight_levels(lin.weight.data, r.levels, r.bits, r.group_size, search=a["clip"] == "mse",
+                                          name=name) for lin, name in zip(self.linears, self.full_names)]
         elif a["clip"] is not None:
             out = [RTNClip(lin.weight.data, r.bits, r.group_size, r.symmetric, clip=a["clip"], name=name).quantize()
                    for lin, name in zip(self.linears, self.full_names)]

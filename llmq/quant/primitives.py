@@ -118,21 +118,26 @@ class QuantizedWeight:
         zeros: ``[N, n_groups]`` int32 integer zero points (for symmetric recipes all
             ``2**(bits-1)``), or float32 float zero points (``zero_point="float"``, HQQ-style:
             ``W = (code - zero) * scale`` with a zero off the integer grid; values fp16-representable,
-            as stored).
+            as stored); ``None`` with non-uniform levels.
         bits, group_size (``None`` = per channel), symmetric: the recipe used.
+        codebook: non-uniform levels only (``llmq.quant.levels``): ``[T, 2**bits]`` float32
+            fp16-valued, T = 1 or N; then ``W[n, k] = codebook[0 or n, code] * scale`` (symmetric).
+        levels: the level kind (``llmq.quant.levels.Levels`` value), ``"uniform"`` for the integer grid.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
-    zeros: torch.Tensor
+    zeros: torch.Tensor | None
     bits: int
     group_size: int | None
     symmetric: bool
+    codebook: torch.Tensor | None = None
+    levels: str = "uniform"
 
     @property
     def float_zeros(self) -> bool:
         """True when the zero points are floats (HQQ-style), not integer codes."""
-        return self.zeros.is_floating_point()
+        return self.zeros is not None and self.zeros.is_floating_point()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,6 +145,12 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[N, K]`` weight these codes stand for."""
+        if self.codebook is not None:
+            from llmq.quant.levels import lookup  # (levels builds on this module)
+
+            n, k = self.codes.shape
+            idx = torch.arange(k, device=self.codes.device) // effective_group_size(k, self.group_size)
+            return lookup(self.codes, self.codebook) * self.scales[:, idx].float()
         return dequantize_groups(self.codes, self.scales, self.zeros, self.group_size)
 
 

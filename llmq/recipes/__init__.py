@@ -20,14 +20,14 @@ from llmq.recipes.activation import (
 from llmq.recipes.kv import SUPPORTED_KV_BITS, SUPPORTED_KV_GROUP_SIZES, KVAxis, KVRecipe
 from llmq.recipes.schema import FORMAT_VERSION, check_format_version
 from llmq.recipes.weight import (
-    DEFAULT_EXCLUDE, FLOAT_ZERO_MAX_BITS, FLOAT_ZERO_METHODS, SUPPORTED_GROUP_SIZES, SUPPORTED_WEIGHT_BITS,
-    WeightMethod, WeightRecipe, ZeroPoint, default_zero_point,
+    DEFAULT_EXCLUDE, FLOAT_ZERO_MAX_BITS, FLOAT_ZERO_METHODS, LEVEL_BITS, LEVEL_METHODS, SUPPORTED_GROUP_SIZES,
+    SUPPORTED_WEIGHT_BITS, Levels, WeightMethod, WeightRecipe, ZeroPoint, default_zero_point,
 )
 
 __all__ = [
     "FORMAT_VERSION", "check_format_version",
     "SUPPORTED_WEIGHT_BITS", "SUPPORTED_GROUP_SIZES", "DEFAULT_EXCLUDE", "FLOAT_ZERO_METHODS", "FLOAT_ZERO_MAX_BITS",
-    "WeightMethod", "ZeroPoint", "WeightRecipe", "default_zero_point",
+    "WeightMethod", "ZeroPoint", "WeightRecipe", "default_zero_point", "Levels", "LEVEL_BITS", "LEVEL_METHODS",
     "SUPPORTED_ACT_BITS", "ActScheme", "ActGranularity", "ObserverKind", "DEFAULT_SMOOTHQUANT_ALPHA", "SCHEME_DEFAULT",
     "ActivationRecipe",
     "SUPPORTED_KV_BITS", "SUPPORTED_KV_GROUP_SIZES", "KVAxis", "KVRecipe",

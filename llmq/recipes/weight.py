@@ -9,7 +9,7 @@ from typing import Any
 
 from llmq.recipes.schema import _from_dict
 
-SUPPORTED_WEIGHT_BITS = (2, 3, 4, 8)
+SUPPORTED_WEIGHT_BITS = (2, 3, 4, 8)  # uniform levels; non-uniform kinds: llmq.quant.levels.LEVEL_BITS (binary: 1)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 
 # Modules that are never quantized unless a user includes them explicitly:
@@ -29,6 +29,20 @@ class WeightMethod(str, Enum):
     QAT = "qat"  # quantization-aware training (llmq.qat / scripts/qat_finetune.py), not a one-shot quantizer
 
 
+class Levels(str, Enum):
+    """Where the ``2**bits`` values of a code lie (CLI ``--levels``; tables and fitting: ``llmq.quant.levels``)."""
+
+    UNIFORM = "uniform"  # the integer grid (code - zero) * scale
+    NF = "nf"  # normal-float quantiles (NF4-style), one shared table
+    KMEANS = "kmeans"  # a learned table per output channel (sensitivity-weighted k-means)
+    LOG2 = "log2"  # signed powers of two, one shared table
+    BINARY = "binary"  # sign x per-group scale
+
+
+# bit widths each non-uniform kind takes
+LEVEL_BITS = {Levels.NF: (2, 3, 4), Levels.KMEANS: (2, 3, 4), Levels.LOG2: (2, 3, 4), Levels.BINARY: (1,)}
+
+
 class ZeroPoint(str, Enum):
     """How an asymmetric recipe stores its per-group zero points."""
 
@@ -44,6 +58,10 @@ FLOAT_ZERO_METHODS = (WeightMethod.HQQ,)
 # calibration split), SmolLM2-135M int8 per channel: integer zeros 23.535, float zeros 23.546
 # (2-4 bits favour float zeros: docs/quality.md, "HQQ zero points").
 FLOAT_ZERO_MAX_BITS = 4
+
+
+# Methods that quantize to non-uniform levels (the others have no notion of a codebook)
+LEVEL_METHODS = (WeightMethod.RTN, WeightMethod.GPTQ)
 
 
 def default_zero_point(method: WeightMethod, bits: int) -> ZeroPoint:
@@ -87,6 +105,10 @@ class WeightRecipe:
         exclude: fnmatch patterns; a match wins over ``include``.
         method_args: algorithm parameters recorded for reproducibility (e.g. GPTQ
             damping); plain JSON values only.
+        levels: where a code's values lie (``llmq.quant.levels``): ``"uniform"`` (the integer grid,
+            default; configs written before levels existed load as uniform) or ``"nf"``, ``"kmeans"``,
+            ``"log2"`` (2-4 bits) and ``"binary"`` (1 bit). Non-uniform levels are symmetric
+            (``symmetric=True``, no zero points) and run with ``method`` rtn or gptq.
     """
 
     bits: int = 4
@@ -97,9 +119,18 @@ class WeightRecipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     method_args: dict[str, Any] = field(default_factory=dict)
     zero_point: ZeroPoint | None = None
+    levels: Levels = Levels.UNIFORM
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_WEIGHT_BITS:
+        try:
+            object.__setattr__(self, "levels", Levels(self.levels))
+        except ValueError:
+            raise ValueError(f"unknown levels {self.levels!r}: choose one of {[v.value for v in Levels]}") from None
+        if self.levels is not Levels.UNIFORM:
+            self._check_levels()
+        elif self.bits == 1:
+            raise ValueError("1-bit weights exist only as binary levels: pass levels='binary' (--levels binary)")
+        elif self.bits not in SUPPORTED_WEIGHT_BITS:
             raise ValueError(f"unsupported weight bits {self.bits!r}: choose one of {SUPPORTED_WEIGHT_BITS}")
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
@@ -117,6 +148,20 @@ class WeightRecipe:
         if not isinstance(self.method_args, dict):
             raise ValueError(f"method_args must be a dict of JSON values, got {type(self.method_args).__name__}")
         object.__setattr__(self, "zero_point", self._resolve_zero_point())
+
+    def _check_levels(self) -> None:
+        allowed = LEVEL_BITS[self.levels]
+        if self.bits not in allowed:
+            fix = "levels='binary' is 1 bit: pass bits=1 (--bits 1)" if self.levels is Levels.BINARY else \
+                f"choose bits from {allowed}"
+            raise ValueError(f"{self.bits}-bit {self.levels.value} levels are not supported: {fix}")
+        if not self.symmetric or self.zero_point is not None:
+            raise ValueError(f"{self.levels.value} levels are symmetric (a codebook times a scale, no zero point): "
+                             "pass symmetric=True (--sym) and no zero_point, or use levels='uniform' for zero points")
+        method = WeightMethod(self.method)
+        if method not in LEVEL_METHODS:
+            raise ValueError(f"--method {method.value} quantizes to the uniform grid only; {self.levels.value} "
+                             f"levels run with {[m.value for m in LEVEL_METHODS]}")
 
     def _resolve_zero_point(self) -> ZeroPoint | None:
         if self.zero_point is not None:
@@ -155,6 +200,7 @@ class WeightRecipe:
             "exclude": list(self.exclude),
             "method_args": dict(self.method_args),
             "zero_point": None if self.zero_point is None else self.zero_point.value,
+            "levels": self.levels.value,
         }
 
     @classmethod
