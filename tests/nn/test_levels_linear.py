@@ -77,3 +77,24 @@ def test_quant_linear_refuses_what_the_levels_cannot_store(kwargs, match):
     args = {"symmetric": True, **kwargs}
     with pytest.raises(ValueError, match=match):
         QuantLinear(64, 8, args.pop("bits"), 32, args.pop("symmetric"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind,bits", KINDS, ids=[f"{k}{b}" for k, b in KINDS])
+@pytest.mark.parametrize("m", [1, 17], ids=lambda m: f"M{m}")
+def test_triton_backend_runs_the_lookup_kernels_end_to_end(m, kind, bits, dtype, kernel_tol):
+    """A ``QuantLinear`` holding a codebook, forced to ``triton-interpret``: the layer converts its qweight to
+    the tiled layout, the backend routes it to ``lut_matmul``, and the output equals the torch backend's
+    table lookup (K = 129: not a multiple of the group or the kernel's K block)."""
+    k, n = 129, 40
+    layer = QuantLinear.from_quantized(quantize_weight_levels(torch.randn(n, k) / k**0.5, kind, bits, 32),
+                                       bias=torch.randn(n))
+    layer.bias.data = layer.bias.to(dtype)
+    x = torch.randn(2, m, k).to(dtype)
+    layer.set_backend("torch")
+    expected = layer(x)
+    layer.set_backend("triton-interpret")
+    y = layer(x)
+    assert layer.backend_for(x).name == "triton-interpret" and layer.qweight_layout == "tiled"
+    assert y.dtype == dtype and y.shape == (2, m, n)
+    torch.testing.assert_close(y, expected, **kernel_tol[dtype])
