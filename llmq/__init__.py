@@ -53,6 +53,7 @@ _register_when_transformers_loads()
 
 # public name -> module that defines it
 _LAZY = {
+    "ActivationRecipe": "llmq.recipes",
     "FORMAT_VERSION": "llmq.recipes",
     "KVRecipe": "llmq.recipes",
     "WeightMethod": "llmq.recipes",

@@ -107,10 +107,12 @@ def prepare(model: nn.Module, recipe: ActivationRecipe, weight_recipe: WeightRec
     return model
 
 
-def smooth(model: nn.Module) -> list[str]:
+def smooth(model: nn.Module, check_ids: torch.Tensor | None = None) -> list[str]:
     """Fold SmoothQuant factors from the batches seen so far; static recipes then observe the next ones.
 
-    Returns the smoothed Linears' names. Only valid right after the first calibration pass.
+    ``check_ids`` (``[b, T]`` token ids): every fold is checked on them — the layer's float output must
+    not change (``llmq.arch.FoldError`` otherwise). Returns the smoothed Linears' names. Only valid right
+    after the first calibration pass.
     """
     state = _state(model)
     if state.phase != SMOOTH:
@@ -119,7 +121,7 @@ def smooth(model: nn.Module) -> list[str]:
         raise ValueError("no calibration batch has run through the model yet: run forward calls (or "
                          "llmq.ptq.calibrate) before smoothing")
     state.hooks.close()
-    state.smoothed = smooth_llama_layers(model, state.absmax, state.recipe.smoothquant_alpha)
+    state.smoothed = smooth_llama_layers(model, state.absmax, state.recipe.smoothquant_alpha, check_ids=check_ids)
     state.hooks = ExitStack()
     if state.recipe.scheme is ActScheme.STATIC:
         state.observers = state.hooks.enter_context(observer_hooks(model, state.names, state.recipe))
@@ -143,7 +145,7 @@ def calibrate(model: nn.Module, data: Iterable[torch.Tensor]) -> nn.Module:
         raise ValueError("calibrate needs at least one batch")
     _run(model, data)
     if state.phase == SMOOTH:
-        smooth(model)
+        smooth(model, check_ids=None if data[0].is_floating_point() else data[0])  # folds checked on batch 0
         if state.phase == OBSERVE:
             _run(model, data)
     state.batches += len(data)

@@ -3,7 +3,7 @@
     python scripts/eval_w8a8.py [--tokens 16384] [--calib-samples 32] [--alpha 0.5] [--out results/w8a8]
 
 Protocol: llmq.eval.perplexity (PEERS.md: BBC tech+politics even files, 512-token
-windows, no BOS); calibration: llmq.w8a8.calibration_batches (BBC business+sports
+windows, no BOS); calibration: llmq.calibration.calibration_batch (BBC business+sports
 odd files, seed 0). W8A8 runs the exact torch int8 reference backend on CPU.
 To keep the run short, calibration statistics are gathered once per model variant
 (fp / smoothed) with all five observers fed in the same pass — the same numbers
@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.api import quantize
+from llmq.calibration import CalibrationSpec, calibration_batch
 from llmq.data.bbc import TEXTS, named_text
 from llmq.eval.perplexity import perplexity
-from llmq.model.rtn import quantize_model_rtn
 from llmq.model.source import load_model, resolve_model_path
 from llmq.model.swap import find_linears, set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import make_observer
 from llmq.recipes import ObserverKind, WeightRecipe
-from llmq.w8a8.quantize import calibration_batches, collect_input_absmax, run_calibration, w8a8_weight_recipe
+from llmq.w8a8.quantize import collect_input_absmax, run_calibration, w8a8_weight_recipe
 
 OBSERVERS = [k.value for k in ObserverKind]
 
@@ -81,7 +82,7 @@ def main() -> None:
     fp, tok, _ = load_model(resolve_model_path(args.model), dtype=torch.float32)
     fp.eval()
     names = [n for n, _ in find_linears(fp, w8a8_weight_recipe())]
-    batches = calibration_batches(tok, args.calib_samples, 512)
+    batches = list(calibration_batch(tok, CalibrationSpec(nsamples=args.calib_samples, seqlen=512)).split(1))
     rows: list[dict] = []
     t_start = time.perf_counter()
 
@@ -99,7 +100,7 @@ def main() -> None:
             evaluate("fp", "fp32", fp)
         if want("int8-wo"):
             wo = copy.deepcopy(fp)
-            quantize_model_rtn(wo, WeightRecipe(bits=8, group_size=None, symmetric=True), progress=False)
+            quantize(wo, WeightRecipe(bits=8, group_size=None, symmetric=True), progress=False, device="cpu")
             evaluate("int8-wo", "int8 weight-only (RTN, per channel, sym)", wo)
             del wo
         variants = [("", fp, "no SQ")]

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from llmq.algorithms.smoothquant import smooth_llama_layers
+from llmq.calibration import CalibrationSpec, calibration_batch
 from llmq.data.bbc import TEXTS, named_text
 from llmq.eval.perplexity import perplexity
 from llmq.model.source import load_model, resolve_model_path
 from llmq.model.swap import find_linears, set_submodule
 from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import KLObserver, MinMaxObserver, PercentileObserver
-from llmq.w8a8.quantize import calibration_batches, collect_input_absmax, run_calibration, w8a8_weight_recipe
+from llmq.w8a8.quantize import collect_input_absmax, run_calibration, w8a8_weight_recipe
 
 
 class UnsmoothedKL(KLObserver):
@@ -106,7 +107,7 @@ def main() -> None:
     fp, tok, _ = load_model(resolve_model_path(args.model), dtype=torch.float32)
     fp.eval()
     names = [n for n, _ in find_linears(fp, w8a8_weight_recipe())]
-    batches = calibration_batches(tok, args.calib_samples, 512)
+    batches = list(calibration_batch(tok, CalibrationSpec(nsamples=args.calib_samples, seqlen=512)).split(1))
     with torch.no_grad():
         smooth_llama_layers(fp, collect_input_absmax(fp, names, batches, progress=True), args.alpha)
         obs = observe(fp, names, batches)

@@ -47,12 +47,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    from llmq.api import quantize
     from llmq.calibration import CalibrationSpec, calibration_batch
     from llmq.checkpoint import build_quantization_config, save_quantized
     from llmq.checkpoint.save import check_output_dir
     from llmq.data.bbc import named_text
     from llmq.eval.perplexity import perplexity
-    from llmq.model.rtn import quantize_model_rtn
     from llmq.model.source import load_model
     from llmq.qat import convert_qat, distill, prepare_qat
     from llmq.recipes import WeightRecipe
@@ -71,7 +71,7 @@ def main() -> None:
     windows = calibration_batch(tok, spec)
     rows = {"fp32": ppl(teacher)}
     rtn = copy.deepcopy(teacher)
-    quantize_model_rtn(rtn, WeightRecipe(args.bits, group, args.sym), progress=False)
+    quantize(rtn, WeightRecipe(args.bits, group, args.sym), progress=False, device="cpu")
     rows["rtn"] = ppl(rtn)
     del rtn
 

@@ -1,4 +1,4 @@
-"""Calibration data for activation-aware methods (GPTQ, AWQ)."""
+"""Calibration data for activation-aware methods (GPTQ, AWQ, W8A8): one sampler, ``calibration_batch``."""
 
 from llmq.calibration.data import (
     DEFAULT_SOURCE,

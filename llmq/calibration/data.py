@@ -1,4 +1,4 @@
-"""Calibration data: token windows for the methods that look at activations (GPTQ, AWQ).
+"""Calibration data: token windows for the methods that look at activations (GPTQ, AWQ, W8A8).
 
 Sources (``--calib``):
 
@@ -10,10 +10,15 @@ Sources (``--calib``):
 * ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (column
   ``text``; split ``train`` by default), when ``datasets`` is installed and online.
 
-Sampling (the GPTQ reference's): the texts are joined by blank lines, tokenized
-once without special tokens, and ``nsamples`` windows of ``seqlen`` tokens start
-at offsets drawn by a ``torch.Generator`` seeded with ``seed`` — the same
-arguments give the same tensor on every machine.
+Sampling (the one sampler: weight-only methods and W8A8 alike): the texts are joined
+by blank lines, tokenized once without special tokens, and ``nsamples`` windows of
+``seqlen`` tokens start at offsets drawn uniformly from ``0 … N − seqlen`` (N tokens)
+by a ``torch.Generator`` seeded with ``seed`` — the same arguments give the same
+tensor on every machine. ``N − seqlen`` is the last offset whose window still fits, so
+it is included (``randint``'s high bound is exclusive: ``N − seqlen + 1``). The GPTQ
+reference and the former ``llmq.w8a8.calibration_batches`` stopped one short
+(``0 … N − seqlen − 1``), a leftover of sampling a next-token target that calibration
+does not need; a text of exactly ``seqlen`` tokens gives one window here, none there.
 
 Every problem (missing file, empty text, fewer tokens than one window, bad
 ``nsamples``/``seqlen``) raises before any model is loaded or quantized:

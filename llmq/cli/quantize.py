@@ -214,18 +214,18 @@ def build_activation_recipe(args: argparse.Namespace) -> ActivationRecipe:
 
 
 def run_w8a8(args: argparse.Namespace) -> int:
-    from llmq.w8a8.quantize import quantize_w8a8, w8a8_weight_recipe
+    from llmq.api import quantize
+    from llmq.calibration import CalibrationSpec
 
     calib_samples = 128 if args.calib_samples is None else args.calib_samples
     if calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {calib_samples}")
     recipe = build_activation_recipe(args)
-    result = quantize_w8a8(args.model, recipe, args.out, force=args.force, exclude=tuple(args.exclude),
-                           n_samples=calib_samples, progress=True,
-                           trust_remote_code=args.trust_remote_code, device=args.device,
-                           max_memory_mb=args.max_memory)
+    result = quantize(args.model, recipe, args.out, force=args.force, progress=True,
+                      trust_remote_code=args.trust_remote_code, calibration=CalibrationSpec(nsamples=calib_samples),
+                      max_memory_mb=args.max_memory, device=args.device, exclude=tuple(args.exclude))
     if args.json:
-        print(json.dumps({"out": str(result.out_dir), "recipe": w8a8_weight_recipe().to_dict(),
+        print(json.dumps({"out": str(result.out_dir), "recipe": result.recipe.to_dict(),
                           "activation": recipe.to_dict(), **result.summary.to_dict()}))
     else:
         print(result.summary)

@@ -67,11 +67,11 @@ def build_model(name: str, weights: str, device: torch.device, dtype: torch.dtyp
     model.eval()
     if WEIGHT_RECIPES[weights] is not None:
         from llmq.model.lm_head import quantize_lm_head
-        from llmq.model.rtn import quantize_model_rtn
+        from llmq.api import quantize
         from llmq.recipes import WeightRecipe
 
         bits, group, head = WEIGHT_RECIPES[weights]
-        quantize_model_rtn(model, WeightRecipe(bits=bits, group_size=group), progress=False)
+        quantize(model, WeightRecipe(bits=bits, group_size=group), progress=False, device=str(device))
         quantize_lm_head(model, head)
         model.to(device)
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

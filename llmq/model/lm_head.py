@@ -28,7 +28,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from llmq.model.rtn import QuantizationSummary, model_bytes
+from llmq.pipeline.summary import QuantizationSummary, model_bytes
 from llmq.model.swap import set_submodule
 from llmq.nn.quant_linear import QuantLinear
 from llmq.quant.primitives import quantize_weight

@@ -28,66 +28,26 @@ from llmq.algorithms import AWQ, GPTQ, HQQ, RTNClip
 from llmq.arch import Subgroup as MapSubgroup
 from llmq.arch import arch_for, check_map, fold
 from llmq.arch.folding import fake_quantize_, head_groups, tie_heads
+from llmq.options import OPTIONS, options_for
 from llmq.pipeline.block_loss import BlockOutputLoss
 from llmq.quant.levels import quantize_weight_levels
 from llmq.quant.primitives import QuantizedWeight, quantize_weight
 from llmq.recipes import Levels, WeightMethod, WeightRecipe, ZeroPoint
 
-# MoE experts (llmq.moe.calibrated): an expert routed fewer (token, slot) pairs than this during
-# calibration is quantized with the fallback ("pooled": the method on statistics pooled over the
-# block's experts; "rtn": round to nearest) — see docs/moe.md for the measurement behind the default
-# expert_chunk: experts whose GPTQ/AWQ statistics are held at once (0 = all; llmq.moe.calibrated)
-MOE_DEFAULTS: dict[str, Any] = {"expert_min_tokens": 64, "expert_fallback": "pooled", "expert_chunk": 0}
-
-# Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults);
-# "calibration" records the data used and is not an algorithm parameter.
-METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {
-    WeightMethod.RTN: {"clip": None},
-    WeightMethod.GPTQ: {"blocksize": 128, "percdamp": 0.01, "act_order": True, "clip_search": True,
-                        "error_feedback": True, "refit": True, **MOE_DEFAULTS},
-    WeightMethod.AWQ: {"n_grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
-                       "scale_loss": "block", "block_windows": 16, **MOE_DEFAULTS},
-    WeightMethod.HQQ: {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "select_norm": 2.0,
-                       "keep": "group"},
-}
+# Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults): the typed options of
+# ``llmq.options`` (one frozen dataclass per method, validated there); "calibration" records the data used
+# and is not an algorithm parameter.
+METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {m: cls().to_dict() for m, cls in OPTIONS.items()}
 NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
 
 
 def method_args(recipe: WeightRecipe) -> dict[str, Any]:
-    """``recipe.method_args`` merged over the method's defaults; unknown keys raise ``ValueError``."""
-    if recipe.method not in METHOD_DEFAULTS:
-        hint = {WeightMethod.QAT: " (QAT trains the model: llmq.qat, scripts/qat_finetune.py)",
-                WeightMethod.SMOOTHQUANT: " (W8A8: llmq quantize --method smoothquant)"}.get(recipe.method, "")
-        raise ValueError(f"method {recipe.method.value!r} does not run in the weight-only layer pipeline{hint}; "
-                         f"choose one of {[m.value for m in METHOD_DEFAULTS]}")
-    defaults = METHOD_DEFAULTS[recipe.method]
-    given = {k: v for k, v in recipe.method_args.items() if k != "calibration"}
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {recipe.method.value} arguments {sorted(unknown)}; allowed: {sorted(defaults)}")
-    args = {**defaults, **given}
-    if recipe.method is WeightMethod.AWQ:
-        if args["scale_loss"] not in ("block", "linear"):
-            raise ValueError(f"awq scale_loss must be 'block' (the attention / MLP output, as the reference code) "
-                             f"or 'linear' (the Linears' outputs), got {args['scale_loss']!r}")
-        if not isinstance(args["block_windows"], int) or args["block_windows"] < 1:
-            raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
-                             f"got {args['block_windows']!r}")
-    if recipe.method in NEEDS_CALIBRATION:
-        if args["expert_fallback"] not in ("rtn", "pooled"):
-            raise ValueError(f"expert_fallback must be one of ('rtn', 'pooled') (what an MoE expert routed fewer "
-                             f"than expert_min_tokens calibration tokens gets), got {args['expert_fallback']!r}")
-        if not isinstance(args["expert_min_tokens"], int) or args["expert_min_tokens"] < 0:
-            raise ValueError(f"expert_min_tokens must be an integer >= 0, got {args['expert_min_tokens']!r}")
-        if not isinstance(args["expert_chunk"], int) or args["expert_chunk"] < 0:
-            raise ValueError(f"expert_chunk must be an integer >= 0 (experts calibrated per pass; 0 = all at once), "
-                             f"got {args['expert_chunk']!r}")
+    """``recipe.method_args`` merged over the method's defaults (``llmq.options.options_for``, as a dict);
+    an unknown method, key or value raises ``ValueError``, as does a clip that non-uniform levels cannot take."""
+    args = options_for(recipe.method, recipe.method_args).to_dict()
     if recipe.levels is not Levels.UNIFORM and recipe.method is WeightMethod.RTN and args["clip"] not in (None, "mse"):
         raise ValueError(f"rtn clip={args['clip']!r} clips a uniform grid; {recipe.levels.value} levels take "
                          "clip=None (absmax scales) or clip='mse' (an error-minimising scale per group)")
-    if recipe.method is WeightMethod.HQQ and args["keep"] not in ("group", "tensor"):
-        raise ValueError(f"hqq keep must be 'group' (each group's best zero) or 'tensor' (the reference's one "
-                         f"choice per tensor), got {args['keep']!r}")
     return args
 
 

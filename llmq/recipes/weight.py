@@ -104,7 +104,8 @@ class WeightRecipe:
             it matches one of them (``("*",)`` = every Linear).
         exclude: fnmatch patterns; a match wins over ``include``.
         method_args: algorithm parameters recorded for reproducibility (e.g. GPTQ
-            damping); plain JSON values only.
+            damping); plain JSON values only, or the method's typed options (``llmq.options``,
+            stored as their dict; ``options`` reads them back typed).
         levels: where a code's values lie (``llmq.quant.levels``): ``"uniform"`` (the integer grid,
             default; configs written before levels existed load as uniform) or ``"nf"``, ``"kmeans"``,
             ``"log2"`` (2-4 bits) and ``"binary"`` (1 bit). Non-uniform levels are symmetric
@@ -145,6 +146,8 @@ class WeightRecipe:
             raise ValueError(f"unknown method {self.method!r}: choose one of {[m.value for m in WeightMethod]}") from None
         object.__setattr__(self, "include", _check_patterns("include", self.include))
         object.__setattr__(self, "exclude", _check_patterns("exclude", self.exclude))
+        if hasattr(self.method_args, "to_dict"):  # typed options (llmq.options): kept as their JSON dict
+            object.__setattr__(self, "method_args", self.method_args.to_dict())
         if not isinstance(self.method_args, dict):
             raise ValueError(f"method_args must be a dict of JSON values, got {type(self.method_args).__name__}")
         object.__setattr__(self, "zero_point", self._resolve_zero_point())
@@ -183,6 +186,13 @@ class WeightRecipe:
             raise ValueError(f"zero_point='float' is produced by {[m.value for m in FLOAT_ZERO_METHODS]} only, "
                              f"not {self.method.value!r}: use zero_point='int' or --method hqq")
         return zp
+
+    @property
+    def options(self):
+        """``method_args`` as the method's typed options (``llmq.options``); a bad key or value: ``ValueError``."""
+        from llmq.options import options_for
+
+        return options_for(self.method, self.method_args)
 
     def matches(self, module_name: str) -> bool:
         """True if a module of this name should be quantized (include minus exclude)."""

@@ -1,48 +1,34 @@
-"""Quantize a float causal LM to W8A8: calibrate, smooth, observe, swap in ``W8A8Linear``.
+"""W8A8's hooks and weight recipe, shared by the layer quantizer (``llmq.w8a8.layerwise``) and ``llmq.ptq``.
 
-    ids = calibration_batches(tokenizer, n_samples=128, seq_len=512)   # BBC business+sports
-    summary = quantize_model_w8a8(model, ActivationRecipe(scheme="static", observer="kl"), ids)
+* ``absmax_hooks``: forward pre-hooks recording each Linear's per-input-channel ``max|x|`` (SmoothQuant);
+* ``observer_hooks``: forward pre-hooks feeding each Linear's input to a per-tensor observer
+  (``llmq.observers``); Linears that read the same tensor (q/k/v, gate/up) share one observer;
+* ``static_scales``: the observers' scales, refusing a Linear calibration never reached.
 
-Two drivers share the hooks below (``absmax_hooks``, ``observer_hooks``) and the
-SmoothQuant folding:
-
-* ``quantize_w8a8`` (``llmq quantize --method smoothquant``) goes layer by layer
-  from the safetensors files, never holding the float model
-  (``llmq.w8a8.layerwise``; each layer calibrated on the quantized layers' outputs);
-* ``quantize_model_w8a8`` quantizes a model already in memory, in whole-model passes
-  that observe the *float* smoothed model (any module tree; the path behind the
-  measured quality table in ``docs/w8a8.md``):
-
-1. if ``recipe.smoothquant_alpha`` is set: one calibration pass with forward
-   pre-hooks recording each selected Linear's per-input-channel ``max|x|``, then
-   ``llmq.algorithms.smoothquant.smooth_model`` folds the factors into the
-   norms / ``v_proj`` / ``up_proj`` (the float model's outputs do not change);
-2. if the scheme is static: a second pass (on the smoothed model) feeding every
-   Linear's input to an observer (``llmq.observers``, per tensor); Linears that
-   read the same tensor (q/k/v, gate/up) share one observer;
-3. every selected ``nn.Linear`` becomes a ``W8A8Linear`` (int8 weight per output
-   channel; static: the observer's scale).
+The entry points that lived here are deprecated aliases: ``quantize_w8a8`` of
+``llmq.quantize(folder, ActivationRecipe(...))`` (the layer-wise driver), ``quantize_model_w8a8``
+of ``llmq.ptq`` (prepare / calibrate / convert: whole-model passes over the *float* model in
+memory, the path behind the measured quality table in ``docs/w8a8.md``), ``calibration_batches``
+of ``llmq.calibration.calibration_batch`` (the one sampler).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.algorithms.smoothquant import smooth_model
-from llmq.model.swap import find_linears, set_submodule
-from llmq.nn.w8a8_linear import W8A8Linear
 from llmq.observers import Observer, make_observer
+from llmq.pipeline.summary import QuantizationSummary, model_bytes, summarize
 from llmq.recipes import DEFAULT_EXCLUDE, ActivationRecipe, ActScheme, WeightMethod, WeightRecipe
-from llmq.resources import peak_rss_mb
+
+W8A8Summary = QuantizationSummary  # the one summary (its W8A8 fields: scheme, observer, alpha, smoothed)
 
 
 def w8a8_weight_recipe(include=("*",), exclude=DEFAULT_EXCLUDE) -> WeightRecipe:
@@ -52,15 +38,14 @@ def w8a8_weight_recipe(include=("*",), exclude=DEFAULT_EXCLUDE) -> WeightRecipe:
 
 
 def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> list[torch.Tensor]:
-    """``n_samples`` random ``[1, seq_len]`` token windows of the BBC calibration articles (seeded)."""
-    from llmq.data.bbc import calibration_text
+    """Deprecated: ``llmq.calibration.calibration_batch(tokenizer, CalibrationSpec(nsamples=..., seqlen=...))``,
+    the one sampler (its windows may also start at the last possible offset, so they differ from
+    this function's before it became an alias). Returns its rows as ``[1, seq_len]`` windows."""
+    from llmq.calibration import CalibrationSpec, calibration_batch
 
-    ids = tokenizer(calibration_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    if ids.numel() <= seq_len:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
-    return [ids[s:s + seq_len][None] for s in starts.tolist()]
+    warnings.warn("llmq.w8a8.calibration_batches is deprecated: use llmq.calibration.calibration_batch",
+                  DeprecationWarning, stacklevel=2)
+    return list(calibration_batch(tokenizer, CalibrationSpec(nsamples=n_samples, seqlen=seq_len, seed=seed)).split(1))
 
 
 @torch.no_grad()
@@ -158,116 +143,50 @@ def static_scales(observers: dict[str, Observer], names: list[str]) -> dict[str,
     return {n: observers[n].scale() for n in names}
 
 
-@dataclass
-class W8A8Summary:
-    linears: int
-    smoothed: int
-    scheme: str
-    observer: str | None
-    alpha: float | None
-    calibration_samples: int
-    seconds: float
-    peak_rss_mb: float | None = None  # of the whole process, at the end
-    model_mb_before: float | None = None  # float model, fp32
-    model_mb_after: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        obs = f", observer {self.observer}" if self.observer else ""
-        sq = f"SmoothQuant alpha={self.alpha} on {self.smoothed} Linears" if self.alpha is not None else "no SmoothQuant"
-        out = (f"W8A8 {self.scheme}{obs}: {self.linears} Linears -> W8A8Linear, {sq}, "
-               f"{self.calibration_samples} calibration samples, {self.seconds:.1f} s")
-        if self.model_mb_before is not None and self.model_mb_after is not None:
-            out += f"\n  model size {self.model_mb_before:8.1f} MB -> {self.model_mb_after:8.1f} MB"
-        if self.peak_rss_mb is not None:
-            out += f"\n  peak RSS   {self.peak_rss_mb:8.1f} MB"
-        return out
-
-
 def quantize_model_w8a8(model: nn.Module, recipe: ActivationRecipe, batches: list[torch.Tensor] | None,
                         weight_recipe: WeightRecipe | None = None, progress: bool = True,
-                        backend: str | None = None) -> W8A8Summary:
-    """Quantize ``model`` in place (see module docstring). ``batches``: ``[1, T]`` token ids.
+                        backend: str | None = None) -> QuantizationSummary:
+    """Deprecated: ``llmq.ptq`` (``prepare``, ``calibrate(batches)``, ``convert``) — which this now runs, with the
+    same result: whole-model passes over the *float* model. ``llmq.quantize(model, recipe)`` instead
+    calibrates layer by layer on the quantized layers' outputs (``llmq.w8a8.layerwise``)."""
+    import llmq.ptq as ptq
 
-    Raises ``ValueError`` when static scales or SmoothQuant are asked for without
-    calibration data, or when a selected Linear never sees any (its observer is empty).
-    """
-    start = time.perf_counter()
-    weight_recipe = weight_recipe or w8a8_weight_recipe()
-    linears = find_linears(model, weight_recipe)
-    if not linears:
-        raise ValueError("the recipe selects no nn.Linear in this model; check include/exclude patterns")
-    names = [n for n, _ in linears]
+    warnings.warn("llmq.w8a8.quantize_model_w8a8 is deprecated: use llmq.ptq.prepare / calibrate / convert (the same "
+                  "whole-model passes) or llmq.quantize(model, recipe) (layer by layer)", DeprecationWarning,
+                  stacklevel=2)
+    start, before_mb = time.perf_counter(), model_bytes(model) / 1e6
     needs_data = recipe.smoothquant_alpha is not None or recipe.scheme is ActScheme.STATIC
     if needs_data and not batches:
         raise ValueError("static activation scales and SmoothQuant need calibration data: pass token batches "
-                         "(llmq.w8a8.calibration_batches) or use --act-scheme dynamic without --alpha")
-    model.eval()
-    smoothed: list[str] = []
-    if recipe.smoothquant_alpha is not None:
-        stats = collect_input_absmax(model, names, batches, progress)
-        smoothed = smooth_model(model, stats, recipe.smoothquant_alpha, check_ids=batches[0])
-    scales: dict[str, torch.Tensor] = {}
-    if recipe.scheme is ActScheme.STATIC:
-        scales = static_scales(observe_inputs(model, names, batches, recipe, progress), names)
-    for name, lin in tqdm(linears, desc="W8A8Linear", unit="linear", disable=not progress):
-        set_submodule(model, name, W8A8Linear.from_linear(lin, scales.get(name), name=name, backend=backend))
-    return W8A8Summary(len(linears), len(smoothed), recipe.scheme.value,
-                       recipe.observer.value if recipe.scheme is ActScheme.STATIC else None,
-                       recipe.smoothquant_alpha, len(batches or []), time.perf_counter() - start,
-                       peak_rss_mb=peak_rss_mb())
+                         "(llmq.calibration.calibration_batch) or use --act-scheme dynamic without --alpha")
+    ptq.prepare(model, recipe, weight_recipe, backend)
+    names = ptq._state(model).names
+    params = sum(model.get_submodule(n).weight.numel() for n in names)
+    if needs_data:
+        ptq.calibrate(model, batches)
+    smoothed = len(ptq._state(model).smoothed)
+    ptq.convert(model)
+    return summarize(model, len(names), params, before_mb, start, calibration_samples=len(batches or []),
+                     scheme=recipe.scheme.value, alpha=recipe.smoothquant_alpha, smoothed=smoothed,
+                     observer=recipe.observer.value if recipe.scheme is ActScheme.STATIC else None)
 
 
 def quantize_w8a8(model: str | os.PathLike, recipe: ActivationRecipe, out_dir: str | os.PathLike | None = None,
                   force: bool = False, exclude: tuple[str, ...] = (), n_samples: int = 128, seq_len: int = 512,
                   progress: bool = True, trust_remote_code: bool = False, device: str | None = None,
                   max_memory_mb: float | None = None, batch_size: int = 8, backend: str | None = None):
-    """``llmq quantize --method smoothquant``: calibrate and quantize layer by layer, (optionally) save.
+    """Deprecated: ``llmq.quantize(model, recipe, out_dir, exclude=..., calibration=CalibrationSpec(nsamples=...,
+    seqlen=...))`` — which this calls."""
+    from llmq.api import quantize
+    from llmq.calibration import CalibrationSpec
 
-    The float model is never loaded whole: ``llmq.w8a8.layerwise.quantize_layerwise_w8a8``
-    reads one decoder layer at a time from the safetensors files, and calibrates each
-    layer on the outputs of the already quantized layers before it (see that module).
-    ``max_memory_mb`` checks the plan before any work; ``device``: where layers run.
-    Bad calibration settings and output folders fail before anything is loaded.
-
-    The checkpoint's ``quantization_config`` has ``"weight"`` (int8 per channel,
-    method smoothquant), ``"activation"`` (the recipe) and ``"calibration"``; static
-    activation scales are ``act_scale`` buffers of each ``W8A8Linear``.
-    Returns ``llmq.api.QuantizeResult``.
-    """
-    from transformers import AutoTokenizer
-
-    from llmq.api import QuantizeResult, check_float_source
-    from llmq.checkpoint import build_quantization_config, save_quantized
-    from llmq.checkpoint.save import check_output_dir
-    from llmq.model.source import resolve_model_path
-    from llmq.w8a8.layerwise import needs_calibration, quantize_layerwise_w8a8
+    warnings.warn("llmq.w8a8.quantize_w8a8 is deprecated: use llmq.quantize(model, ActivationRecipe(...), out_dir)",
+                  DeprecationWarning, stacklevel=2)
+    from llmq.w8a8.layerwise import needs_calibration
 
     if needs_calibration(recipe) and (n_samples < 1 or seq_len < 1):
         raise ValueError(f"SmoothQuant and static activation scales need calibration data, but n_samples={n_samples} "
                          f"and seq_len={seq_len}; use --calib-samples >= 1, or --act-scheme dynamic --alpha none")
-    if device is not None:
-        from llmq.devices import resolve_device
-
-        device = resolve_device(device)  # a missing GPU or a bad name: one line, before any work
-    source = resolve_model_path(model)
-    check_float_source(source)
-    if out_dir is not None:
-        check_output_dir(out_dir, force, source_dir=source)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    wrecipe = w8a8_weight_recipe(exclude=DEFAULT_EXCLUDE + tuple(exclude))
-    batches = calibration_batches(tokenizer, n_samples, seq_len) if needs_calibration(recipe) else None
-    q_model, summary = quantize_layerwise_w8a8(source, recipe, batches, wrecipe, device=device,
-                                               max_memory_mb=max_memory_mb, batch_size=batch_size,
-                                               progress=progress, backend=backend,
-                                               trust_remote_code=trust_remote_code)
-    saved = None
-    if out_dir is not None:
-        extra = {"activation": recipe.to_dict(),
-                 "calibration": {"samples": summary.calibration_samples, "seq_len": seq_len, "seed": 0,
-                                 "text": "bbc business+sports, odd file numbers", "sequential": True}}
-        qcfg = build_quantization_config(q_model, wrecipe, extra)
-        saved = save_quantized(q_model, tokenizer, out_dir, qcfg, force=force, source_dir=source)
-    return QuantizeResult(q_model, tokenizer, summary, None if saved is None else Path(saved))
+    return quantize(model, recipe, out_dir, force=force, progress=progress, trust_remote_code=trust_remote_code,
+                    calibration=CalibrationSpec(nsamples=n_samples, seqlen=seq_len), max_memory_mb=max_memory_mb,
+                    device=device, batch_size=batch_size, exclude=exclude, backend=backend)

@@ -24,9 +24,9 @@ def calib_file(tmp_path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if quantization work starts."""
-    import llmq.pipeline
+    import llmq.pipeline.driver
 
-    monkeypatch.setattr(llmq.pipeline, "quantize_layerwise", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(llmq.pipeline.driver, "run_layerwise", lambda *a, **k: pytest.fail("work started"))
 
 
 @pytest.mark.parametrize(

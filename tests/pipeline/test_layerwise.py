@@ -52,10 +52,10 @@ def test_layerwise_on_cuda_agrees_with_cpu(tiny_model_dir, calib_ids, method, ac
     """The CUDA path (layers on the GPU, finished layers back on the host) gives the CPU result up to
     float rounding: nearly all packed words equal, logits close. ``acts-on-host`` takes the branch a
     tight ``--max-memory`` takes: calibration activations and replay caches on the host."""
-    import llmq.pipeline.layerwise as layerwise
+    from llmq.pipeline import driver
 
     if acts_on_host:
-        monkeypatch.setattr(layerwise, "check_memory_plan", lambda *a: True)
+        monkeypatch.setattr(driver, "check_memory_plan", lambda *a: True)
     recipe = WeightRecipe(4, 32, False, method=method)
     ids = _ids_for(method, calib_ids)
     gpu, _ = quantize_layerwise(tiny_model_dir, recipe, ids, device="cuda", batch_size=4, progress=False)
@@ -137,9 +137,9 @@ def test_calibrated_method_without_data(tiny_model_dir, method):
 
 
 def test_max_memory_too_small_fails_before_work(tiny_model_dir, calib_ids, monkeypatch):
-    import llmq.pipeline.layerwise as lw
+    from llmq.pipeline import driver
 
-    monkeypatch.setattr(lw, "capture_layer0_inputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(driver, "capture_layer0_inputs", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match="--max-memory"):
         quantize_layerwise(tiny_model_dir, WeightRecipe(4, 32, False, method="gptq"), calib_ids,
                            max_memory_mb=1, progress=False)

@@ -10,9 +10,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import llmq
-import llmq.w8a8.layerwise as lw
 from llmq.nn.w8a8_linear import W8A8Linear
-from llmq.pipeline.layerwise import LayerInputs, capture_layer0_inputs, forward_all
+from llmq.pipeline import driver
+from llmq.pipeline.capture import LayerInputs, capture_layer0_inputs, forward_all
 from llmq.recipes import ActivationRecipe
 from llmq.w8a8 import calibration_batches, quantize_model_w8a8, quantize_w8a8
 from llmq.w8a8.layerwise import quantize_layerwise_w8a8, smooth_layer
@@ -103,7 +103,7 @@ def test_layer0_is_calibrated_like_in_memory(model_dir, name):
 
 def test_one_float_layer_materialised_at_a_time(model_dir, monkeypatch):
     seen = []
-    real = lw.materialise
+    real = driver.materialise
 
     def spy(model, prefix, ckpt, device, *args, **kwargs):
         layers = model.model.layers
@@ -118,7 +118,7 @@ def test_one_float_layer_materialised_at_a_time(model_dir, monkeypatch):
             seen.append(i)
         return real(model, prefix, ckpt, device, *args, **kwargs)
 
-    monkeypatch.setattr(lw, "materialise", spy)
+    monkeypatch.setattr(driver, "materialise", spy)
     model, _ = quantize_layerwise_w8a8(model_dir, RECIPES["static-mse-sq"], calib(2), progress=False)
     assert seen == [0, 1, 2, 3]
     assert not any(p.is_meta for p in model.parameters())
@@ -150,14 +150,14 @@ def test_per_layer_fold_leaves_float_layer_outputs_unchanged(alpha):
                          ids=["none", "empty", "0-tokens"])
 @pytest.mark.parametrize("name", ["dynamic-sq", "static-minmax"])
 def test_no_calibration_data_fails_before_work(model_dir, monkeypatch, batches, name):
-    monkeypatch.setattr(lw, "empty_model", lambda *a, **k: pytest.fail("work started"))
-    monkeypatch.setattr(lw, "materialise", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(driver, "empty_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(driver, "materialise", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match="calibration"):
         quantize_layerwise_w8a8(model_dir, RECIPES[name], batches, progress=False)
 
 
 def test_zero_calibration_samples_fail_before_loading(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(lw, "quantize_layerwise_w8a8", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(driver, "run_layerwise", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match="need calibration data"):
         quantize_w8a8(model_dir, RECIPES["static-mse-sq"], tmp_path / "q", n_samples=0, progress=False)
     assert not (tmp_path / "q").exists()
@@ -166,7 +166,7 @@ def test_zero_calibration_samples_fail_before_loading(model_dir, tmp_path, monke
 def test_max_memory_too_small_fails_before_work(model_dir, tmp_path, monkeypatch, capsys):
     from llmq.cli.main import main
 
-    monkeypatch.setattr(lw, "capture_layer0_inputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(driver, "capture_layer0_inputs", lambda *a, **k: pytest.fail("work started"))
     code = main(["quantize", str(model_dir), "--method", "smoothquant", "--act-scheme", "static",
                  "--calib-samples", "2", "--max-memory", "1MB", "--out", str(tmp_path / "o")])
     assert code == 2
