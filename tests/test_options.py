@@ -38,7 +38,8 @@ def test_recipe_holds_typed_options_as_their_dict():
     recipe = WeightRecipe(method="awq", method_args=AWQOptions(scale_loss="linear", n_grid=10))
     assert recipe.method_args["scale_loss"] == "linear" and recipe.options.n_grid == 10
     assert WeightRecipe.from_dict(recipe.to_dict()) == recipe
-    assert list(recipe.method_args)[-2:] == ["expert_min_tokens", "expert_fallback"]  # the order recorded before
+    # the order recorded before, expert_chunk (added later) last
+    assert list(recipe.method_args)[-3:] == ["expert_min_tokens", "expert_fallback", "expert_chunk"]
 
 
 @pytest.mark.parametrize("method, args, phrase", [
@@ -47,10 +48,11 @@ def test_recipe_holds_typed_options_as_their_dict():
     ("awq", {"scale_loss": "mse"}, "awq scale_loss must be 'block'"),
     ("awq", {"block_windows": 0}, "block_windows must be a positive"),
     ("gptq", {"expert_fallback": "skip"}, "expert_fallback must be one of"),
+    ("awq", {"expert_chunk": -1}, "expert_chunk must be an integer >= 0"),
     ("gptq", {"blocksize": 0}, "gptq blocksize must be a positive integer"),
     ("gptq", {"percdamp": -1}, "percdamp must be a number >= 0"),
     ("smoothquant", {}, "does not run in the weight-only layer pipeline"),
-], ids=["unknown", "hqq-keep", "awq-loss", "awq-windows", "fallback", "blocksize", "percdamp", "smoothquant"])
+], ids=["unknown", "hqq-keep", "awq-loss", "awq-windows", "fallback", "chunk", "blocksize", "percdamp", "smoothquant"])
 def test_bad_options_are_refused_by_name(method, args, phrase):
     with pytest.raises(ValueError, match=phrase):
         options_for(method, args)
