@@ -296,11 +296,27 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
     else:
         for t in range(t_start, t_end):
             words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            # int3 (P = 10 fields per tile) with groups of >= 8 fields: a tile spans at most two groups (it
+            # starts at field (10t) % GF <= GF - 2 of its first group and ends 9 fields later, < 2·GF), so both
+            # groups' rows load once per tile and each field selects; fields from `cut` on are in the second
+            TWO_GROUPS: tl.constexpr = P % GROUP_FIELDS != 0 and GROUP_FIELDS % P != 0 and GROUP_FIELDS >= 8
+            if TWO_GROUPS:
+                g0 = (t * P) // GROUP_FIELDS
+                cut = (g0 + 1) * GROUP_FIELDS - t * P
+                s_a, _, _, _, _, nzs_a, z_a = _group_rows(s_ptr, z_ptr, tl.minimum(g0, num_groups - 1), offs_n, n_mask,
+                                                          N, BITS, ZERO_KIND)
+                s_b, _, _, _, _, nzs_b, z_b = _group_rows(s_ptr, z_ptr, tl.minimum(g0 + 1, num_groups - 1), offs_n,
+                                                          n_mask, N, BITS, ZERO_KIND)
             for i in tl.static_range(P):
-                # a group starts at this field; when tiles and groups do not align (int3: P = 10 fields per
-                # tile) every field looks its group up (L1 hits)
-                if i == 0 or (P % GROUP_FIELDS == 0 and i % GROUP_FIELDS == 0) or (P % GROUP_FIELDS != 0 and
-                                                                                   GROUP_FIELDS % P != 0):
+                if TWO_GROUPS:
+                    second = i >= cut
+                    s = tl.where(second, s_b, s_a)
+                    nzs = tl.where(second, nzs_b, nzs_a)
+                    z = tl.where(second, z_b, z_a)
+                # a group starts at this field; when tiles and groups do not align otherwise (int3 with groups
+                # of 4 fields) every field looks its group up (L1 hits)
+                elif i == 0 or (P % GROUP_FIELDS == 0 and i % GROUP_FIELDS == 0) or (P % GROUP_FIELDS != 0 and
+                                                                                     GROUP_FIELDS % P != 0):
                     grp = tl.minimum((t * P + i) // GROUP_FIELDS, num_groups - 1)
                     s, o0, o1, o2, o3, nzs, z = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
                 if BITS == 3:  # in-byte shifts (3i) % 8 take 8 values: one off row per field
