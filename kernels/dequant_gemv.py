@@ -53,9 +53,10 @@ PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps 
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
 # triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes); bf16 int3
-# (packed-dot-int3) runs 4 stages only (3: 8 bytes on sm_90a under 3.6).
+# (packed-dot-int3) runs 4 stages only (3: 8 bytes on sm_90a under 3.6), fp16 int3 3 stages only (4: 8 bytes on
+# sm_80 with integer zeros under 3.9).
 GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)],
-               "packed-dot-int3": [(4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+               "packed-dot-int3": [(4, 4)], "packed-dot-f16-int3": [(4, 3)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -174,7 +175,9 @@ def decode_path(block_m: int, bits: int, dtype: torch.dtype, is_packed: bool = F
     if block_m == 1:
         return "packed" if is_packed else "fma-int8" if bits == 8 else "fma"
     if is_packed:  # bf16 int3 at 3 stages spills 8 bytes on sm_90a under triton 3.6 (not under 3.9); fp16 int3 alike
-        return "packed-dot-int3" if bits == 3 else "packed-dot"
+        if bits == 3:  # fp16 int3 at 4 stages: 8 bytes of stack on sm_80 (integer zeros) under triton 3.9
+            return "packed-dot-int3" if dtype == torch.bfloat16 else "packed-dot-f16-int3"
+        return "packed-dot"
     return "dot-fp32" if fp32_dot(dtype) else "dot"
 
 
