@@ -70,11 +70,11 @@ def cases():
         if (bits, act, zeros) in GEMV_ONLY:
             continue
         w = Workload(k, n, 512, bits, 128, zeros, act, bias=True)
-        ints, constexprs = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
-        rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS
-        for bm, bn, warps, stages in rows:
-            args = {**mock_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
-            yield f"gemm {tag} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel, args, warps, stages
+        pl = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
+        for bm, bn, warps, stages in dequant_gemm.CONFIGS[pl.path]:
+            args = {**mock_pointers(w, w.act_dtype), **pl.ints, **pl.constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
+            yield (f"gemm {tag} {pl.path} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.KERNELS[pl.path],
+                   args, warps, stages)
 
 
 def main() -> int:
