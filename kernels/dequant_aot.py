@@ -34,8 +34,8 @@ from llmq.kernels.sass import compile_as_launched, resource_usage
 
 ZEROS = ("none", "int", "float")
 # (bits, activations, zero points): every bit width with fp16 activations and each kind of zero point
-# (each is another dequantization sequence: dequant_f16x2 for 2/4/8 bits, dequant_tile.scale_codes for
-# int3, which also covers bf16 / fp32); bf16 / fp32 activations at 4 bits with integer zeros
+# (each is another dequantization sequence: dequant_f16x2 for every bit width, in the decode kernel and the
+# f16x2 GEMM); bf16 / fp32 activations at 4 bits with integer zeros (dequant_tile.scale_codes in the GEMM)
 COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
 # bf16 activations on the decode kernel: dequant_bf16x2 has its own sequence per bit width and zero kind
 # (the GEMM's bf16 dequantization is scale_codes, covered above)

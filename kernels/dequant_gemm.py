@@ -15,6 +15,9 @@ Triton's tutorial matmul (``03-matrix-multiplication.py``) with the B operand pr
   LLM-sized N, and atomics would cost determinism and an fp32 round trip.
 * bias added in the epilogue; output stored once in ``x.dtype``.
 
+fp16 activations with fp16 scales run ``dequant_gemm_f16x2`` instead (``plan`` picks): packed fp16x2
+dequantization with the weight as the register operand of a swapped dot, no per-code shared-memory stores.
+
 Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` chooses the tile shape
 per (M bucket, N, K, BITS).
 """
