@@ -34,8 +34,8 @@ from llmq.kernels.sass import compile_as_launched, resource_usage
 
 ZEROS = ("none", "int", "float")
 # (bits, activations, zero points): every bit width with fp16 activations and each kind of zero point
-# (each is another dequantization sequence: dequant_f16x2 for 2/4/8 bits, dequant_tile.scale_codes for
-# int3, which also covers bf16 / fp32); bf16 / fp32 activations at 4 bits with integer zeros
+# (each is another dequantization sequence: dequant_f16x2 for every bit width, in the decode kernel and the
+# f16x2 GEMM); bf16 / fp32 activations at 4 bits with integer zeros (dequant_tile.scale_codes in the GEMM)
 COMBOS = [(b, "fp16", z) for b in (2, 3, 4, 8) for z in ZEROS] + [(4, act, "int") for act in ("bf16", "fp32")]
 # bf16 activations on the decode kernel: dequant_bf16x2 has its own sequence per bit width and zero kind
 # (the GEMM's bf16 dequantization is scale_codes, covered above)
@@ -70,11 +70,11 @@ def cases():
         if (bits, act, zeros) in GEMV_ONLY:
             continue
         w = Workload(k, n, 512, bits, 128, zeros, act, bias=True)
-        ints, constexprs = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
-        rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS
-        for bm, bn, warps, stages in rows:
-            args = {**mock_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
-            yield f"gemm {tag} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.dequant_gemm_kernel, args, warps, stages
+        pl = dequant_gemm.plan(512, n, k, bits, 128, k // 128, w.act_dtype, zeros != "none", True)
+        for bm, bn, warps, stages in dequant_gemm.CONFIGS[pl.path]:
+            args = {**mock_pointers(w, w.act_dtype), **pl.ints, **pl.constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
+            yield (f"gemm {tag} {pl.path} {bm}x{bn} warps={warps} stages={stages}", dequant_gemm.KERNELS[pl.path],
+                   args, warps, stages)
 
 
 def main() -> int:

@@ -54,15 +54,14 @@ def gemv_cases(w: Workload):
 @register("dequant-gemm")
 def gemm_cases(w: Workload):
     """The tiled tensor-core GEMM, every autotune tile (any M; the launcher runs it for M > 16)."""
-    ints, constexprs = dequant_gemm.plan(w.m, w.n, w.k, w.bits, w.group_size, _groups(w), w.act_dtype,
-                                         w.zeros != "none", w.bias)
-    p, f = constexprs["P"], constexprs["F"]
+    pl = dequant_gemm.plan(w.m, w.n, w.k, w.bits, w.group_size, _groups(w), w.act_dtype, w.zeros != "none", w.bias)
+    p = pl.constexprs["P"]
+    f = p if pl.path == "f16x2" else pl.constexprs["F"]  # fields per loop iteration (f16x2: the whole tile)
     n_tiles = -(-w.k // (TILE_WORDS * p))
-    rows = dequant_gemm.GPU_CONFIGS_FP32 if constexprs["FP32_DOT"] else dequant_gemm.GPU_CONFIGS
-    for bm, bn, warps, stages in rows:
-        args = {**mock_pointers(w, w.act_dtype), **ints, **constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
+    for bm, bn, warps, stages in dequant_gemm.CONFIGS[pl.path]:
+        args = {**mock_pointers(w, w.act_dtype), **pl.ints, **pl.constexprs, "BLOCK_M": bm, "BLOCK_N": bn}
         grid = -(-w.m // bm) * -(-w.n // bn)
-        yield Case("dequant-gemm", "gemm", f"{bm}x{bn} w{warps}s{stages}", w, dequant_gemm.dequant_gemm_kernel,
+        yield Case("dequant-gemm", "gemm", f"{pl.path} {bm}x{bn} w{warps}s{stages}", w, dequant_gemm.KERNELS[pl.path],
                    args, warps, stages, grid, n_tiles * (p // f), TILE_WORDS * f * bn,
                    w.weight_bytes() + w.io_bytes(), 2 * w.m * w.n * w.k)
 

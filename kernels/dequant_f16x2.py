@@ -35,13 +35,30 @@ def _f16x2_bits(v: float) -> int:
     return h | (h << 16)
 
 
+def field_window(bits: int, i: int) -> tuple[int, int, bool]:
+    """``(byte, bit shift in it, two bytes)`` of field ``i``: a field that straddles a byte (int3 fields 2
+    and 5, bits 6-8 and 15-17) is read from a 16-bit window of bytes ``byte, byte + 1`` instead; fp16's 10
+    mantissa bits hold it there (shift + bits <= 10), so ``1024 + code·2^sh`` is still exact."""
+    byte, sh = divmod(i * bits, 8)
+    assert sh + bits <= 10, (bits, i)
+    return byte, sh, sh + bits > 8
+
+
+def _selector(byte: int, two: bool) -> int:
+    """PRMT selector: the field's byte (and the next, for a two-byte window) of $1 into the low half and of
+    $2 into the high half: ``[w0.b, (w0.b+1), w1.b, (w1.b+1)]``; unused lanes are masked off afterwards."""
+    if two:
+        return byte | ((byte + 1) << 4) | ((4 + byte) << 8) | ((5 + byte) << 12)
+    return ((4 + byte) << 8) | byte
+
+
 def _asm(bits: int, i: int, float_zeros: bool) -> str:
     """PTX for field ``i``: operands $1, $2 = words of columns n, n+1; $3 = scale pair; $4 = off pair;
     $5 = -zero·scale pair (float zeros); $0 = the fp16 weight pair."""
-    byte, sh = divmod(i * bits, 8)
+    byte, sh, two = field_window(bits, i)
     mask = ((1 << bits) - 1) << sh
     head = ("{ .reg .b32 t, a, c, k; "
-            f"prmt.b32 t, $1, $2, {((4 + byte) << 8) | byte}; "  # [w0.byte, -, w1.byte, -]
+            f"prmt.b32 t, $1, $2, {_selector(byte, two)}; "  # [w0.byte(s), w1.byte(s)]
             f"lop3.b32 a, t, {mask | (mask << 16)}, {0x64006400}, 0xea; "  # (t & mask) | magic
             f"mov.b32 k, {_f16x2_bits(1.0 / (1 << sh))}; "
             "fma.rn.f16x2 c, a, k, $4; ")
@@ -77,11 +94,11 @@ _ASM_DOT_FLOAT: tl.constexpr = tl.constexpr(tuple(_asm_dot_byte(b, y, True, f) f
 _CONSTRAINTS: tl.constexpr = tl.constexpr(tuple("=r,r,r,r,r" + ",r,r" * (8 // b) + ",r" * fz
                                                 for fz in (0, 1) for b in (2, 4, 8)))
 
-# indexed by (BITS // 4) * 16 + field: 2 bits → 0..15, 4 bits → 16..23, 8 bits → 32..35 (others unused)
-_ASM_INT: tl.constexpr = tl.constexpr(tuple(_asm(b, i, False) if b and i < 32 // b else ""
-                                            for b in (2, 4, 8) for i in range(16)))
-_ASM_FLOAT: tl.constexpr = tl.constexpr(tuple(_asm(b, i, True) if b and i < 32 // b else ""
-                                              for b in (2, 4, 8) for i in range(16)))
+# indexed by BITS * 16 + field (fields past 32 // BITS and other bit widths unused)
+_ASM_INT: tl.constexpr = tl.constexpr(tuple(_asm(b, i, False) if b in (2, 3, 4, 8) and i < 32 // b else ""
+                                            for b in range(9) for i in range(16)))
+_ASM_FLOAT: tl.constexpr = tl.constexpr(tuple(_asm(b, i, True) if b in (2, 3, 4, 8) and i < 32 // b else ""
+                                              for b in range(9) for i in range(16)))
 
 
 # zero-point kinds (constexpr ZERO_KIND): symmetric (no zero points), uint8 zero points, float zero points
@@ -92,7 +109,14 @@ _NONE, _FLOAT = ZERO_NONE, ZERO_FLOAT
 
 
 def supports(bits: int) -> bool:
-    """Whether fields of ``bits`` never straddle a byte (2, 4, 8: yes; 3: no)."""
+    """Whether ``dequant_field_f16`` handles ``bits``: 2, 4, 8 (fields inside one byte) and 3 (the two
+    fields that straddle a byte read a two-byte window, ``field_window``)."""
+    return bits in (2, 3, 4, 8)
+
+
+def supports_byte_loop(bits: int) -> bool:
+    """Whether the M = 1 per-byte loop (``dot_byte_f16x2``: all fields of a byte in one asm block) applies:
+    the fields must tile the bytes (2, 4, 8 bits; int3 runs tensor-core dots at M = 1)."""
     return bits in (2, 4, 8)
 
 
@@ -128,10 +152,10 @@ def dequant_field_f16(words, i, scale, off, nzs, BITS: tl.constexpr, ZERO_KIND: 
     mask: tl.constexpr = ((1 << BITS) - 1) << sh
     if ASM:
         if ZERO_KIND == _FLOAT:
-            w = tl.inline_asm_elementwise(_ASM_FLOAT[(BITS // 4) * 16 + i], "=r,r,r,r,r,r", [words, scale, off, nzs],
+            w = tl.inline_asm_elementwise(_ASM_FLOAT[BITS * 16 + i], "=r,r,r,r,r,r", [words, scale, off, nzs],
                                           dtype=tl.float16, is_pure=True, pack=2)
         else:
-            w = tl.inline_asm_elementwise(_ASM_INT[(BITS // 4) * 16 + i], "=r,r,r,r,r", [words, scale, off],
+            w = tl.inline_asm_elementwise(_ASM_INT[BITS * 16 + i], "=r,r,r,r,r", [words, scale, off],
                                           dtype=tl.float16, is_pure=True, pack=2)
     else:
         codes = ((words >> (byte * 8)) & mask) >> sh  # the code, as the asm's a·2^-sh - 1024·2^-sh
@@ -195,7 +219,8 @@ def fma_f16x2(w, x, acc, ASM: tl.constexpr):
 @triton.jit
 def _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS: tl.constexpr, ZERO_KIND: tl.constexpr):
     """Scale row (fp16 ``[1, BLOCK_N]``), the four ``off`` rows (in-byte shifts 0, 1, 2, 3 × BITS; only
-    ``8 // BITS`` are used) and ``-round16(zero · scale)`` of group ``grp``."""
+    ``8 // BITS`` are used; int3 forms its own from the zero row, last), ``-round16(zero · scale)`` and the
+    zero row of group ``grp``."""
     s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0)[None, :]
     if ZERO_KIND == _NONE:
         z = tl.zeros_like(s)
@@ -203,7 +228,7 @@ def _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS: tl.constexpr, ZERO_K
         z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0)[None, :]
     nzs = (-(z.to(tl.float32) * s.to(tl.float32))).to(tl.float16)
     return (s, field_offset(z, 0, BITS, ZERO_KIND), field_offset(z, 1, BITS, ZERO_KIND),
-            field_offset(z, 2, BITS, ZERO_KIND), field_offset(z, 3, BITS, ZERO_KIND), nzs)
+            field_offset(z, 2, BITS, ZERO_KIND), field_offset(z, 3, BITS, ZERO_KIND), nzs, z)
 
 
 @triton.jit
@@ -253,7 +278,7 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
                 for y in tl.static_range(P // F):  # bytes of the words
                     if y * F == 0 or (y * F) % GROUP_FIELDS == 0:
                         grp = tl.minimum((t * P + y * F) // GROUP_FIELDS, num_groups - 1)
-                        s, o0, o1, o2, o3, nzs = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
+                        s, o0, o1, o2, o3, nzs, z = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
                     tl.static_assert(GROUP_FIELDS >= F, "a group boundary inside a byte: not on the fp16x2 path")
                     x0 = _x_field(x_ptr, t, y * F, offs_r, K, P, TILE, EVEN_K)
                     x1 = x0
@@ -271,11 +296,32 @@ def decode_tiles_f16x2(x_ptr, qw_ptr, s_ptr, z_ptr, m_mask, offs_n, n_mask, t_st
     else:
         for t in range(t_start, t_end):
             words = tl.load(qw_ptr + (t * TILE + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            # int3 (P = 10 fields per tile) with groups of >= 8 fields: a tile spans at most two groups (it
+            # starts at field (10t) % GF <= GF - 2 of its first group and ends 9 fields later, < 2·GF), so both
+            # groups' rows load once per tile and each field selects; fields from `cut` on are in the second
+            TWO_GROUPS: tl.constexpr = P % GROUP_FIELDS != 0 and GROUP_FIELDS % P != 0 and GROUP_FIELDS >= 8
+            if TWO_GROUPS:
+                g0 = (t * P) // GROUP_FIELDS
+                cut = (g0 + 1) * GROUP_FIELDS - t * P
+                s_a, _, _, _, _, nzs_a, z_a = _group_rows(s_ptr, z_ptr, tl.minimum(g0, num_groups - 1), offs_n, n_mask,
+                                                          N, BITS, ZERO_KIND)
+                s_b, _, _, _, _, nzs_b, z_b = _group_rows(s_ptr, z_ptr, tl.minimum(g0 + 1, num_groups - 1), offs_n,
+                                                          n_mask, N, BITS, ZERO_KIND)
             for i in tl.static_range(P):
-                if i == 0 or i % GROUP_FIELDS == 0:
+                if TWO_GROUPS:
+                    second = i >= cut
+                    s = tl.where(second, s_b, s_a)
+                    nzs = tl.where(second, nzs_b, nzs_a)
+                    z = tl.where(second, z_b, z_a)
+                # a group starts at this field; when tiles and groups do not align otherwise (int3 with groups
+                # of 4 fields) every field looks its group up (L1 hits)
+                elif i == 0 or (P % GROUP_FIELDS == 0 and i % GROUP_FIELDS == 0) or (P % GROUP_FIELDS != 0 and
+                                                                                     GROUP_FIELDS % P != 0):
                     grp = tl.minimum((t * P + i) // GROUP_FIELDS, num_groups - 1)
-                    s, o0, o1, o2, o3, nzs = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
-                if i % F == 0:
+                    s, o0, o1, o2, o3, nzs, z = _group_rows(s_ptr, z_ptr, grp, offs_n, n_mask, N, BITS, ZERO_KIND)
+                if BITS == 3:  # in-byte shifts (3i) % 8 take 8 values: one off row per field
+                    off = field_offset(z, i, BITS, ZERO_KIND)
+                elif i % F == 0:
                     off = o0
                 elif i % F == 1:
                     off = o1

@@ -15,6 +15,9 @@ Triton's tutorial matmul (``03-matrix-multiplication.py``) with the B operand pr
   LLM-sized N, and atomics would cost determinism and an fp32 round trip.
 * bias added in the epilogue; output stored once in ``x.dtype``.
 
+fp16 activations with fp16 scales run ``dequant_gemm_f16x2`` instead (``plan`` picks): packed fp16x2
+dequantization with the weight as the register operand of a swapped dot, no per-code shared-memory stores.
+
 Under ``TRITON_INTERPRET`` a single config runs; on CUDA ``@triton.autotune`` chooses the tile shape
 per (M bucket, N, K, BITS).
 """
@@ -25,7 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dataclasses import dataclass
+
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
+from llmq.kernels.dequant_f16x2 import supports as supports_f16x2
+from llmq.kernels.dequant_gemm_f16x2 import dequant_gemm_f16x2_kernel
 from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
                                        dequant_fields, dequant_matmul_reference, fields_per_dot)
@@ -43,12 +50,21 @@ GPU_CONFIGS = [
     (64, 256, 8, 3),  # 128x256 spills on sm_90a under triton 3.6 and 256x128 under 3.9; 64x256 under neither
 ]
 GPU_CONFIGS_FP32 = GPU_CONFIGS[:-1]  # fp32 activations (tf32x3 dots): the largest tile spills
+# fp16 activations and scales (dequant_gemm_f16x2, operands swapped: BLOCK_N is the wgmma's M side, a multiple
+# of 64 rows per warpgroup); 128x256 at 8 warps spills on sm_80 (int3: 24-48 bytes of stack)
+GPU_CONFIGS_F16X2 = [
+    (32, 128, 4, 4),
+    (64, 128, 4, 3),
+    (64, 256, 8, 3),
+    (128, 128, 8, 3),
+]
+CONFIGS = {"dot": GPU_CONFIGS, "dot-fp32": GPU_CONFIGS_FP32, "f16x2": GPU_CONFIGS_F16X2}
 INTERPRETER_CONFIGS = [(32, 64, 4, 1)]
 GROUP_M = 8
 
 
-def configs(fp32: bool) -> list[triton.Config]:
-    rows = INTERPRETER_CONFIGS if interpreting() else (GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS)
+def configs(path: str) -> list[triton.Config]:
+    rows = INTERPRETER_CONFIGS if interpreting() else CONFIGS[path]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
 
 
@@ -114,20 +130,44 @@ def dequant_gemm_kernel(
 
 # m_bucket (next power of two of M) keys the autotuner so every new prefill length does not retune.
 _KEY = ["m_bucket", "N", "K", "BITS", "HAS_ZEROS"]
-_tuned = {fp32: triton.autotune(configs(fp32), key=_KEY, do_bench=autotune_bench)(dequant_gemm_kernel) for fp32 in (False, True)}
+KERNELS = {"dot": dequant_gemm_kernel, "dot-fp32": dequant_gemm_kernel, "f16x2": dequant_gemm_f16x2_kernel}
+_tuned = {path: triton.autotune(configs(path), key=_KEY, do_bench=autotune_bench)(kernel)
+          for path, kernel in KERNELS.items()}
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The kernel variant (``KERNELS[path]``, autotuned over ``CONFIGS[path]``) and every integer and
+    constexpr argument by name (BLOCK_M / BLOCK_N come from the autotune config)."""
+
+    path: str
+    ints: dict
+    constexprs: dict
 
 
 def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, act_dtype: torch.dtype,
-         has_zeros: bool, has_bias: bool, stride_xm: int | None = None) -> tuple[dict, dict]:
-    """``(ints, constexprs)``: every integer and constexpr argument ``dequant_gemm_launch`` passes for
-    ``x [m, k]`` and an ``n``-column weight, by name (BLOCK_M / BLOCK_N come from the autotune config).
-    Pure: the cost report compiles from it."""
+         has_zeros: bool, has_bias: bool, stride_xm: int | None = None,
+         scale_dtype: torch.dtype = torch.float16) -> GemmPlan:
+    """How ``dequant_gemm_launch`` launches for ``x [m, k]`` and an ``n``-column weight. fp16 activations with
+    fp16 scales run ``dequant_gemm_f16x2`` (packed dequantization, weight as the register operand), the rest
+    the fp32-dequantizing kernel. Pure: the cost report compiles from it."""
+    p = codes_per_word(bits)
+    stride_xm = k if stride_xm is None else stride_xm
+    if act_dtype == torch.float16 and scale_dtype == torch.float16 and supports_f16x2(bits):
+        n_tiles = -(-k // (TILE_WORDS * p))
+        ints = dict(M=m, N=n, K=k, num_groups=num_groups, m_bucket=triton.next_power_of_2(m), stride_xm=stride_xm,
+                    stride_om=n)
+        # one group (per channel): a multiple of P, so the rows load once per tile
+        constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
+                          GROUP_FIELDS=n_tiles * p if num_groups == 1 else -(-group_size // TILE_WORDS),
+                          GROUP_M=GROUP_M, ASM=not interpreting())
+        return GemmPlan("f16x2", ints, constexprs)
     ints = dict(M=m, N=n, K=k, group_size=group_size, num_groups=num_groups, m_bucket=triton.next_power_of_2(m),
-                stride_xm=k if stride_xm is None else stride_xm, stride_om=n)
+                stride_xm=stride_xm, stride_om=n)
     fp32 = fp32_dot(act_dtype)
-    constexprs = dict(BITS=bits, P=codes_per_word(bits), TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
+    constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
                       FP32_DOT=fp32, GROUP_M=GROUP_M, F=fields_per_dot(bits, fp32))
-    return ints, constexprs
+    return GemmPlan("dot-fp32" if fp32 else "dot", ints, constexprs)
 
 
 # x        [M, K]        fp16 | bf16 | fp32, rows contiguous along K
@@ -154,11 +194,11 @@ def dequant_gemm_launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    ints, constexprs = plan(m, n, k, bits, group_size, scales.shape[0], x.dtype, qzeros is not None,
-                            bias is not None, x.stride(0))
-    _tuned[fp32_dot(x.dtype)][grid](
+    pl = plan(m, n, k, bits, group_size, scales.shape[0], x.dtype, qzeros is not None, bias is not None,
+              x.stride(0), scales.dtype)
+    _tuned[pl.path][grid](
         x, qweight, scales, qzeros if qzeros is not None else scales, bias if bias is not None else scales, out,
-        **ints, **constexprs)
+        **pl.ints, **pl.constexprs)
     return out
 
 

@@ -36,7 +36,8 @@ import triton.language as tl
 from llmq.kernels._launch import autotune_bench, check_args, fp32_dot
 from llmq.kernels.interpreter import interpreting
 from llmq.kernels.dequant_bf16x2 import decode_tiles_bf16x2, supports as supports_bf16
-from llmq.kernels.dequant_f16x2 import ZERO_FLOAT, ZERO_INT, ZERO_NONE, decode_tiles_f16x2, supports  # noqa: F401
+from llmq.kernels.dequant_f16x2 import (ZERO_FLOAT, ZERO_INT, ZERO_NONE, decode_tiles_f16x2, supports,  # noqa: F401
+                                        supports_byte_loop)
 from llmq.kernels.dequant_tile import (TILE_WORDS, accumulate_dot, dequant_field,  # noqa: F401
                                        dequant_fields, dequant_matmul_reference, fields_per_dot)
 from llmq.quant.packing import codes_per_word
@@ -52,9 +53,10 @@ PACKED_DOT_BLOCK_N = 128  # M = 2..16: 16 codes per thread per field at 4 warps 
 # pipelines keep several weight tiles in flight per program. The exceptions each avoid a small stack
 # frame seen on sm_90a: int8's FMA path and the fp16/bf16 dot path run 8 warps (4 warps: 16 bytes under
 # triton 3.9 / 8 bytes for int2 under 3.6) and, like the fp32 dot path, skip 2 stages (8 bytes); bf16 int3
-# (packed-dot-int3) runs 4 stages only (3: 8 bytes on sm_90a under 3.6).
+# (packed-dot-int3) runs 4 stages only (3: 8 bytes on sm_90a under 3.6), fp16 int3 3 stages only (4: 8 bytes on
+# sm_80 with integer zeros under 3.9).
 GPU_CONFIGS = {"fma": [(4, 2), (4, 3), (4, 4)], "packed": [(8, 3)], "packed-dot": [(4, 3), (4, 4)],
-               "packed-dot-int3": [(4, 4)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
+               "packed-dot-int3": [(4, 4)], "packed-dot-f16-int3": [(4, 3)], "fma-int8": [(8, 2), (8, 3), (8, 4)],
                "dot": [(8, 3), (8, 4)], "dot-fp32": [(4, 3), (4, 4)]}
 INTERPRETER_CONFIGS = [(4, 1)]
 PROGRAMS_PER_SM = 4  # split-K target: enough programs in flight to cover DRAM latency
@@ -172,8 +174,10 @@ def decode_path(block_m: int, bits: int, dtype: torch.dtype, is_packed: bool = F
     bits); tensor-core dots for 2-16 rows."""
     if block_m == 1:
         return "packed" if is_packed else "fma-int8" if bits == 8 else "fma"
-    if is_packed:  # bf16 int3 at 3 stages spills 8 bytes on sm_90a under triton 3.6 (not under 3.9)
-        return "packed-dot-int3" if bits == 3 else "packed-dot"
+    if is_packed:  # bf16 int3 at 3 stages spills 8 bytes on sm_90a under triton 3.6 (not under 3.9); fp16 int3 alike
+        if bits == 3:  # fp16 int3 at 4 stages: 8 bytes of stack on sm_80 (integer zeros) under triton 3.9
+            return "packed-dot-int3" if dtype == torch.bfloat16 else "packed-dot-f16-int3"
+        return "packed-dot"
     return "dot-fp32" if fp32_dot(dtype) else "dot"
 
 
@@ -207,12 +211,12 @@ class GemvPlan:
 
 def packed(bits: int, act_dtype: torch.dtype, scale_dtype: torch.dtype, group_size: int, m: int = 1,
            float_zeros: bool = False) -> bool:
-    """Whether the packed dequantization runs: fp16 scales, and fp16 activations with 2/4/8-bit codes
-    (``dequant_f16x2``: fields never straddle a byte; not int2 with 32-feature groups, which put a group
-    boundary inside a byte, nor int2 with float zeros at M > 1, whose dot configs spill 8 bytes on sm_90a) or
-    bf16 activations with 2/3/4/8-bit codes (``dequant_bf16x2``, any group: it dequantizes field by field;
-    not int8 with float zeros).
-    Otherwise (fp32 activations, other scale dtypes, fp16 int3) the fp32 dequantization runs."""
+    """Whether the packed dequantization runs: fp16 scales, and fp16 activations with 2/3/4/8-bit codes
+    (``dequant_f16x2``; int3's two byte-straddling fields read a two-byte window and int3 dots at M = 1; not
+    int2 with 32-feature groups, which put a group boundary inside a byte, nor int2 with float zeros at
+    M > 1, whose dot configs spill 8 bytes on sm_90a) or bf16 activations with 2/3/4/8-bit codes
+    (``dequant_bf16x2``, any group: it dequantizes field by field; not int8 with float zeros).
+    Otherwise (fp32 activations, other scale dtypes) the fp32 dequantization runs."""
     if scale_dtype != torch.float16:
         return False
     if act_dtype == torch.bfloat16:  # int8 float zeros: an 8-byte stack frame on sm_90a under triton 3.6
@@ -229,8 +233,9 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
     p = codes_per_word(bits)
     n_tiles = -(-k // (TILE_WORDS * p))
     is_packed = packed(bits, act_dtype, scale_dtype, group_size, m, float_zeros)
-    bf16_dots = is_packed and act_dtype == torch.bfloat16  # tensor-core dots at M = 1 too (dequant_bf16x2)
-    block_m = 1 if m == 1 and not bf16_dots else 16
+    # tensor-core dots at M = 1 too: bf16 (dequant_bf16x2) and fp16 int3 (fields do not tile bytes)
+    dots_at_1 = is_packed and (act_dtype == torch.bfloat16 or not supports_byte_loop(bits))
+    block_m = 1 if m == 1 and not dots_at_1 else 16
     block_n = (PACKED_BLOCK_N if block_m == 1 else PACKED_DOT_BLOCK_N) if is_packed else DECODE_BLOCK_N
     split = split_k or auto_split_k(n, k, bits, num_sms, block_n)
     tiles_per_split = -(-n_tiles // max(1, min(split, n_tiles)))
@@ -244,7 +249,8 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, num_groups: int, ac
                 stride_os=m * n if mode == OUT_PARTIALS else 0)
     constexprs = dict(BITS=bits, P=p, TILE=TILE_WORDS, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, OUT_MODE=mode,
                       FP32_DOT=fp32, F=fields_per_dot(bits, fp32), BLOCK_M=block_m, BLOCK_N=block_n,
-                      PACKED=is_packed, GROUP_FIELDS=-(-group_size // TILE_WORDS),
+                      # one group (per channel): a multiple of P, so the rows load once per tile
+                      PACKED=is_packed, GROUP_FIELDS=n_tiles * p if num_groups == 1 else -(-group_size // TILE_WORDS),
                       EVEN_K=k % (TILE_WORDS * p) == 0, EVEN_N=n % block_n == 0,
                       TILES_PER_STEP=2 if tiles_per_split % 2 == 0 and n_tiles % 2 == 0 else 1, ASM=not interpreting())
     grid = (-(-n // block_n), split, -(-m // block_m))

@@ -1,4 +1,4 @@
-"""The fp16x2 decode path (``kernels/dequant_f16x2.py``): fp16 activations and scales, 2/4/8 bits.
+"""The fp16x2 decode path (``kernels/dequant_f16x2.py``): fp16 activations and scales, 2/3/4/8 bits.
 
 Under the interpreter the path runs its plain-Triton twin of the inline assembly (``ASM = False``).
 Checked here: (1) that twin equals, bit for bit, an independent torch model of the PTX it stands for
@@ -6,6 +6,8 @@ Checked here: (1) that twin equals, bit for bit, an independent torch model of t
 path vs the fp32 reference for every bit width, zero-point kind, group size and awkward shapes, and
 that the launcher did take the path; (3) on a GPU, the inline assembly against the same torch model.
 """
+
+import struct
 
 import pytest
 import torch
@@ -72,7 +74,7 @@ def _inputs(bits, kind, n=64):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_interpreter_twin_is_bit_exact(bits, kind):
     """Every field: the ASM = False code gives the PTX model's bits (weights and fp16 accumulation)."""
     words, s, z, x, acc = _inputs(bits, kind)
@@ -87,7 +89,7 @@ def test_interpreter_twin_is_bit_exact(bits, kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_inline_asm_is_bit_exact_on_gpu(bits, kind):
     words, s, z, x, acc = (t.cuda() for t in _inputs(bits, kind))
     for i in range(32 // bits):
@@ -104,7 +106,7 @@ def test_inline_asm_is_bit_exact_on_gpu(bits, kind):
 @pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("group", [64, 128, None], ids=lambda g: "perchannel" if g is None else f"g{g}")
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
 def test_packed_decode_matches_reference(bits, kind, group, m, k, n, kernel_tol):
     layer = make_layer(k, n, bits, group, kind)
     assert layer.scales.dtype == torch.float16
@@ -133,10 +135,36 @@ def test_packed_decode_group_32_and_split_k(bits, kernel_tol):
 
 
 def test_path_choice():
-    """fp16x2 only for fp16 activations and scales, 2/4/8 bits, no group boundary inside a byte."""
+    """fp16x2 only for fp16 activations and scales, 2/3/4/8 bits, no group boundary inside a byte; int3 dots
+    at M = 1 (its fields do not tile bytes)."""
     assert dequant_gemv.packed(4, torch.float16, torch.float16, 128)
     assert dequant_gemv.packed(2, torch.float16, torch.float16, 64)
     assert not dequant_gemv.packed(2, torch.float16, torch.float16, 32)
-    assert not dequant_gemv.packed(3, torch.float16, torch.float16, 128)
+    assert dequant_gemv.packed(3, torch.float16, torch.float16, 128)
+    assert dequant_gemv.plan(1, 256, 4096, 3, 128, 32, torch.float16, False, False, 132).constexprs["BLOCK_M"] == 16
+    assert dequant_gemv.plan(1, 256, 4096, 4, 128, 32, torch.float16, False, False, 132).constexprs["BLOCK_M"] == 1
     assert not dequant_gemv.packed(4, torch.float32, torch.float16, 128)  # (bf16: test_dequant_bf16x2.py)
     assert not dequant_gemv.packed(4, torch.float16, torch.float32, 128)
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte j of the result is byte ``(sel >> 4j) & 7`` of ``b:a``."""
+    src = (b << 32) | a
+    return sum(((src >> (8 * ((sel >> (4 * j)) & 7))) & 0xFF) << (8 * j) for j in range(4))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"int{b}")
+def test_asm_byte_selection_reads_every_field(bits):
+    """The PRMT selector and LOP3 mask of each field's asm (``field_window``; int3's straddling fields read two
+    bytes) put code·2^sh under the fp16 exponent of 1024 in both halves: checked by emulating the two integer
+    ops in Python on random words (the asm itself only runs on a GPU)."""
+    from llmq.kernels.dequant_f16x2 import _selector, field_window
+    g = torch.Generator().manual_seed(bits)
+    for w0, w1 in torch.randint(0, 2**32, (200, 2), generator=g, dtype=torch.int64).tolist():
+        for i in range(32 // bits):
+            byte, sh, two = field_window(bits, i)
+            mask = ((1 << bits) - 1) << sh
+            a = (_prmt(w0, w1, _selector(byte, two)) & (mask | mask << 16)) | 0x64006400
+            for half, w in ((a & 0xFFFF, w0), (a >> 16, w1)):
+                value = struct.unpack("<e", struct.pack("<H", half))[0]
+                assert value == 1024 + ((w >> (i * bits)) & ((1 << bits) - 1)) * 2**sh, (bits, i)
