@@ -8,6 +8,7 @@ measured on the same text as the quality table (PEERS.md protocol) for fp32, RTN
     python scripts/qat_finetune.py --bits 3 --group 64 --steps 180       # table, results/qat.json + .png
     python scripts/qat_finetune.py ... --out out/smollm2-w3g64-qat       # also save the checkpoint
     python scripts/qat_finetune.py ... --text selection --tokens 8192    # choose settings on held-out text
+    python scripts/qat_finetune.py --levels binary --bits 1 --group 64    # non-linear levels (docs/levels.md)
 
 On 2 CPU threads one step (4 windows of 256 tokens) of SmolLM2-135M takes about 8 s, with about
 10 GB peak RSS (docs/qat.md).
@@ -30,6 +31,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group", type=int, default=64, help="group size (0 = per channel)")
     p.add_argument("--sym", action="store_true", help="symmetric (default asymmetric, integer zeros)")
+    p.add_argument("--levels", default="uniform", choices=["uniform", "nf", "kmeans", "log2", "binary"],
+                   help="weight levels (non-uniform levels are symmetric: --sym is implied)")
     p.add_argument("--steps", type=int, default=180, help="AdamW steps (chosen on held-out text)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=256)
@@ -61,6 +64,9 @@ def main() -> None:
     if args.out is not None:
         check_output_dir(args.out, args.force)  # refuse before training, not after
     group = args.group or None
+    sym = args.sym or args.levels != "uniform"
+    label = f"{args.levels} " if args.levels != "uniform" else ""
+    label += f"int{args.bits} g{group or 'channel'}"
     teacher, tok, folder = load_model(args.model)
     text = named_text(args.text)
 
@@ -71,13 +77,13 @@ def main() -> None:
     windows = calibration_batch(tok, spec)
     rows = {"fp32": ppl(teacher)}
     rtn = copy.deepcopy(teacher)
-    quantize(rtn, WeightRecipe(args.bits, group, args.sym), progress=False, device="cpu")
+    quantize(rtn, WeightRecipe(args.bits, group, sym, levels=args.levels), progress=False, device="cpu")
     rows["rtn"] = ppl(rtn)
     del rtn
 
     method_args = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
                    "loss": "kl_to_float_model", "calibration": spec.to_dict()}
-    recipe = WeightRecipe(args.bits, group, args.sym, method="qat", method_args=method_args)
+    recipe = WeightRecipe(args.bits, group, sym, method="qat", method_args=method_args, levels=args.levels)
     student = copy.deepcopy(teacher)
     prepare_qat(student, recipe)
     t0 = time.perf_counter()
@@ -85,12 +91,12 @@ def main() -> None:
                      scale_lr=args.scale_lr)
     convert_qat(student)
     rows["qat"] = ppl(student)
-    record = {"model": str(folder), "bits": args.bits, "group_size": group, "symmetric": args.sym,
+    record = {"model": str(folder), "levels": args.levels, "bits": args.bits, "group_size": group, "symmetric": sym,
               "text": args.text, "tokens": args.tokens, "perplexity": rows, "train_seconds": time.perf_counter() - t0,
               "losses": result.losses, "method_args": method_args, "peak_rss_mb": peak_rss_mb(),
               "threads": args.threads}
     fp = rows["fp32"]
-    print(f"\nSmolLM2-135M int{args.bits} g{group or 'channel'} {'sym' if args.sym else 'asym'}, perplexity on "
+    print(f"\nSmolLM2-135M {label} {'sym' if sym else 'asym'}, perplexity on "
           f"{args.text} text ({args.tokens} tokens); QAT: {args.steps} steps x {args.batch_size} x {args.seqlen} "
           f"tokens, {record['train_seconds']:.0f} s")
     print("| model | perplexity | vs fp32 |\n|---|---|---|")
@@ -100,7 +106,7 @@ def main() -> None:
     print(f"QAT recovers {100 * recovered:.0f} % of RTN's perplexity increase")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=1))
-    _plot(result.losses, args.json.with_suffix(".png"), f"int{args.bits} g{group or 'channel'}")
+    _plot(result.losses, args.json.with_suffix(".png"), label)
     if args.out is not None:
         save_quantized(student, tok, args.out, build_quantization_config(student, recipe), force=args.force,
                        source_dir=folder)

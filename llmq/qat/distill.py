@@ -29,7 +29,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
             progress: bool = True) -> DistillResult:
     """Train ``student`` (after ``prepare_qat``) for ``steps`` AdamW steps on ``windows`` ``[n, T]``.
 
-    Batches cycle through the windows in order. Only the ``FakeQuantLinear`` weights, biases and
+    Batches cycle through the windows in order. Only the fake-quantized Linears' weights, biases and
     scales train; every other student parameter (embeddings, norms, head) is frozen, and the teacher
     runs without gradients. ``lr`` is for the latent weights and biases, ``scale_lr`` for the group
     scales (they move on a much larger relative scale per step than the weights need to). The
@@ -38,7 +38,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, steps
     """
     weights, scales = qat_parameters(student)
     if not scales:
-        raise ValueError("the student has no FakeQuantLinear: call llmq.qat.prepare_qat(model, recipe) first")
+        raise ValueError("the student has no fake-quantized Linear: call llmq.qat.prepare_qat(model, recipe) first")
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty [n, seqlen] token tensor, got {tuple(windows.shape)}")
     for p in student.parameters():

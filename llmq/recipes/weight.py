@@ -61,7 +61,7 @@ FLOAT_ZERO_MAX_BITS = 4
 
 
 # Methods that quantize to non-uniform levels (the others have no notion of a codebook)
-LEVEL_METHODS = (WeightMethod.RTN, WeightMethod.GPTQ)
+LEVEL_METHODS = (WeightMethod.RTN, WeightMethod.GPTQ, WeightMethod.QAT)
 
 
 def default_zero_point(method: WeightMethod, bits: int) -> ZeroPoint:
