@@ -3,8 +3,9 @@
 1. Writes a random Llama (hidden 2048, intermediate 8192, 24 layers, vocab 32000:
    1.74 B parameters, 7.0 GB in fp32) to disk one decoder layer per safetensors
    shard, never holding more than one layer in memory.
-2. In a fresh subprocess, quantizes it with ``llmq.pipeline.quantize_layerwise``
-   (one decoder layer materialised at a time, ``--max-memory`` checked up front)
+2. In a fresh subprocess, quantizes it with the layer-wise driver, ``llmq.pipeline.run_layerwise``
+   (one decoder layer materialised at a time, ``--max-memory`` checked up front; called directly
+   because the folder has no tokenizer, which ``llmq.quantize`` would load)
    and saves the llmq checkpoint in small shards.
 3. Reports the subprocess's peak RSS (``ru_maxrss``, in MB = 10^6 bytes) against the model size.
 
@@ -72,7 +73,7 @@ def quantize_child(args) -> None:
     """Runs in the subprocess: quantize + save, print one JSON line."""
     torch.set_num_threads(args.threads)
     from llmq.checkpoint import build_quantization_config, save_quantized
-    from llmq.pipeline import quantize_layerwise
+    from llmq.pipeline import WeightQuantizer, run_layerwise
     from llmq.recipes import WeightRecipe
     from llmq.resources import peak_rss_mb
 
@@ -81,8 +82,8 @@ def quantize_child(args) -> None:
     if args.method in ("gptq", "awq"):
         ids = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    model, summary = quantize_layerwise(args.model_dir, recipe, ids, max_memory_mb=args.max_memory_mb,
-                                        progress=True)
+    model, summary = run_layerwise(args.model_dir, WeightQuantizer(recipe), ids, max_memory_mb=args.max_memory_mb,
+                                   progress=True)
     quant_s = time.perf_counter() - t0
     peak_quant = peak_rss_mb()
     save_quantized(model, None, args.out_dir, build_quantization_config(model, recipe), force=True,

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from llmq.pipeline import quantize_layerwise  # noqa: E402
+from llmq.pipeline import WeightQuantizer, run_layerwise  # noqa: E402  (the tiny folders have no tokenizer)
 from llmq.recipes import WeightMethod, WeightRecipe  # noqa: E402
 from moe_tiny import tiny_moe  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
         torch.manual_seed(100 + seed)
         calib, held_out = torch.randint(0, 128, (n, t)), torch.randint(0, 128, (16, 32))
         base = dict(bits=4, group_size=32, symmetric=False, include=("*experts*",))
-        q, _ = quantize_layerwise(folder, WeightRecipe(**base), device="cpu", progress=False)
+        q, _ = run_layerwise(folder, WeightQuantizer(WeightRecipe(**base)), None, device="cpu", progress=False)
         rows.append({"seed": seed, "variant": "rtn", "mse": held_out_mse(q, model, held_out)})
         for method in a.methods.split(","):
             variants = {"own": {"expert_min_tokens": 0},
@@ -65,8 +65,8 @@ def main() -> None:
                         "fallback=pooled": {"expert_min_tokens": a.min_tokens, "expert_fallback": "pooled"}}
             for name, args in variants.items():
                 t0 = time.perf_counter()
-                q, s = quantize_layerwise(folder, WeightRecipe(**base, method=WeightMethod(method), method_args=args),
-                                          calib, device="cpu", progress=False)
+                recipe = WeightRecipe(**base, method=WeightMethod(method), method_args=args)
+                q, s = run_layerwise(folder, WeightQuantizer(recipe), calib, device="cpu", progress=False)
                 fell = sum(len(v["experts"]) for v in s.expert_fallbacks.values())
                 rows.append({"seed": seed, "variant": f"{method} {name}", "mse": held_out_mse(q, model, held_out),
                              "fell_back": fell, "seconds": time.perf_counter() - t0})
