@@ -95,7 +95,11 @@ class GPTQOptions(_MoEOptions):
 class AWQOptions(_MoEOptions):
     """AWQ (``llmq.algorithms.AWQ``): ``n_grid`` scale exponents searched, ``clip`` / ``clip_grid`` /
     ``max_shrink`` the clipping search, ``scale_loss`` what scores the scales ("block": the attention / MLP
-    output, as the reference code, on ``block_windows`` calibration windows; "linear": the Linears' outputs)."""
+    output, as the reference code, on ``block_windows`` calibration windows; "linear": the Linears' outputs).
+    ``gqa_fold``: under grouped-query attention also search ``o_proj``'s scales, tied across the query heads
+    of each KV head, and fold them into ``v_proj`` (``llmq.arch.folding``); off (the default, as AutoAWQ
+    and llm-compressor) ``o_proj`` is only clipped there, logged per layer. On SmolLM2 the tied fold
+    measured worse on the selection and evaluation texts (docs/quality.md, "AWQ under GQA")."""
 
     n_grid: int = 20
     clip: bool = True
@@ -103,6 +107,7 @@ class AWQOptions(_MoEOptions):
     max_shrink: float = 0.5
     scale_loss: str = "block"
     block_windows: int = 16
+    gqa_fold: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +115,8 @@ class AWQOptions(_MoEOptions):
         if self.scale_loss not in ("block", "linear"):
             raise ValueError(f"awq scale_loss must be 'block' (the attention / MLP output, as the reference code) "
                              f"or 'linear' (the Linears' outputs), got {self.scale_loss!r}")
+        if not isinstance(self.gqa_fold, bool):
+            raise ValueError(f"awq gqa_fold must be true or false, got {self.gqa_fold!r}")
         if not isinstance(self.block_windows, int) or self.block_windows < 1:
             raise ValueError(f"awq block_windows must be a positive number of calibration windows, "
                              f"got {self.block_windows!r}")

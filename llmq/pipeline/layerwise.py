@@ -94,7 +94,7 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     store = inputs.hidden[0].device if inputs is not None and inputs.hidden else device
     plan = plan_subgroups(layer, selected, prefix)
     if recipe.method is WeightMethod.AWQ:
-        warn_clip_only(layer, prefix, plan)
+        warn_clip_only(layer, prefix, plan, method_args(recipe))
     probe = None if inputs is None else (lambda: layer_output(layer, inputs, device))
     for sub in plan:
         quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)

@@ -17,6 +17,7 @@ layer); AWQ only clips them, and says so with a warning naming each of them.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,6 +38,8 @@ from llmq.recipes import Levels, WeightMethod, WeightRecipe, ZeroPoint
 # Algorithm parameters each method accepts in ``recipe.method_args`` (with defaults): the typed options of
 # ``llmq.options`` (one frozen dataclass per method, validated there); "calibration" records the data used
 # and is not an algorithm parameter.
+log = logging.getLogger(__name__)
+
 METHOD_DEFAULTS: dict[WeightMethod, dict[str, Any]] = {m: cls().to_dict() for m, cls in OPTIONS.items()}
 NEEDS_CALIBRATION = (WeightMethod.GPTQ, WeightMethod.AWQ)
 
@@ -81,8 +84,16 @@ def plan_subgroups(layer: nn.Module, selected: list[str], prefix: str = "layer")
     return plan
 
 
-def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup]) -> None:
-    """AWQ on Linears with no producer to fold into only clips: say so, naming each of them."""
+def gqa_clip_only(layer: nn.Module, sub: Subgroup, args: dict[str, Any]) -> bool:
+    """True for AWQ's ``v → o`` sub-group under grouped-query attention with ``gqa_fold`` off
+    (``llmq.options.AWQOptions``): ``o_proj`` is then only clipped."""
+    m = sub.mapped
+    return m is not None and m.heads and not args["gqa_fold"] and head_groups(layer, m)[0] > 1
+
+
+def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup], args: dict[str, Any]) -> None:
+    """AWQ on Linears with no producer to fold into only clips: say so, naming each of them (a warning);
+    ``o_proj`` under grouped-query attention without ``gqa_fold`` is a choice, logged at INFO."""
     lone = [f"{prefix}.{n}" for sub in plan if sub.mapped is None for n in sub.names]
     if lone:
         arch = arch_for(layer)
@@ -90,6 +101,10 @@ def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup]) -> None:
                else f"the {arch.family} map has no producer for them")
         warnings.warn(f"AWQ only clips (no activation-aware scales) {len(lone)} Linears because {why}: "
                       f"{', '.join(lone)}", stacklevel=2)
+    tied = [f"{prefix}.{n}" for sub in plan if gqa_clip_only(layer, sub, args) for n in sub.names]
+    if tied:
+        log.info("AWQ only clips %s: grouped-query attention and gqa_fold=False (--method-arg gqa_fold=true "
+                 "folds scales tied across each KV head's query heads into v_proj)", ", ".join(tied))
 
 
 class SubgroupQuantizer:
@@ -145,7 +160,7 @@ class SubgroupQuantizer:
             out = [g.quantize() for g in self.algos]
         elif r.method is WeightMethod.AWQ:
             s, mapped = None, self.sub.mapped
-            if mapped is not None:
+            if mapped is not None and not gqa_clip_only(layer, self.sub, a):
                 if self.block_loss is not None:
                     self.block_loss.finish_recording()
                 tie = None

@@ -49,8 +49,9 @@ def test_weight_only_methods_run(family, method, caplog):
     model = tiny_model(family)
     ids = calibration_ids()
     ref = logits(model, ids)
+    args = {"gqa_fold": True} if method == "awq" else {}  # every subgroup, v -> o under GQA included
     with caplog.at_level(logging.DEBUG, logger="llmq.arch"):
-        quantize_model(model, WeightRecipe(8, 32, False, method=method),
+        quantize_model(model, WeightRecipe(8, 32, False, method=method, method_args=args),
                        ids if method in ("gptq", "awq") else None, batch_size=2, progress=False)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert sqnr_db(ref, logits(model, ids)) > 10  # 15-25 dB measured; a fold left uncompensated gives ~0
@@ -61,6 +62,21 @@ def test_weight_only_methods_run(family, method, caplog):
         assert max(d[3] for d in done) < 1e-5
     else:
         assert done == []
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_awq_only_clips_o_proj_under_gqa_by_default(family, caplog):
+    """Without gqa_fold, AWQ folds every subgroup of the map but v -> o (the tiny models are GQA: 4 query
+    heads over 2 KV heads), and says so at INFO, naming each layer's o_proj."""
+    model = tiny_model(family)
+    with caplog.at_level(logging.DEBUG, logger="llmq"):
+        quantize_model(model, WeightRecipe(8, 32, False, method="awq"), calibration_ids(), batch_size=2,
+                       progress=False)
+    expected = {(f"model.layers.{i}", sub.producer.name, sub.consumers)
+                for i, layer in enumerate(model.model.layers) for sub in arch_for(layer).subgroups if not sub.heads}
+    assert {d[:3] for d in folds(caplog)} == expected and len(expected) < len(expected_folds(model))
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "gqa_fold=False" in r.getMessage()]
+    assert len(told) == LAYERS and all(f"model.layers.{i}.self_attn.o_proj" in told[i] for i in range(LAYERS))
 
 
 @pytest.mark.parametrize("family", DENSE + MOE)
