@@ -98,8 +98,8 @@ class AWQOptions(_MoEOptions):
     output, as the reference code, on ``block_windows`` calibration windows; "linear": the Linears' outputs).
     ``gqa_fold``: under grouped-query attention also search ``o_proj``'s scales, tied across the query heads
     of each KV head, and fold them into ``v_proj`` (``llmq.arch.folding``); off (the default, as AutoAWQ
-    and llm-compressor) ``o_proj`` is only clipped there, logged per layer. On SmolLM2 the tied fold
-    measured worse on the selection and evaluation texts (docs/quality.md, "AWQ under GQA")."""
+    and llm-compressor) ``o_proj`` is only clipped there, after the MLP, logged per layer. On SmolLM2 the
+    default measured better on the selection and evaluation texts (docs/quality.md, "AWQ under GQA")."""
 
     n_grid: int = 20
     clip: bool = True

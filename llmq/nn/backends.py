@@ -122,8 +122,10 @@ class QuantizedBuffers:
         return result
 
     def storage_bytes(self) -> int:
-        """Bytes of all buffers as stored (packed codes, scales, zeros, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the module as a checkpoint stores it (packed codes, scales, zeros, codebook, bias): its
+        ``state_dict``, so codes held in a backend's layout (e.g. int3 in the cpu backend's 4-bit
+        containers, ``llmq.nn.layouts``) count in the canonical packing they are saved in."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
 class BackendChoice(QuantizedBuffers, ChoosesBackend):

@@ -92,9 +92,10 @@ def quantize_layer(layer: nn.Module, prefix: str, recipe: WeightRecipe, inputs: 
     state = {"batch": 0, "device": device}
     # replay caches live with the calibration activations (on the host when --max-memory moved them there)
     store = inputs.hidden[0].device if inputs is not None and inputs.hidden else device
-    plan = plan_subgroups(layer, selected, prefix)
-    if recipe.method is WeightMethod.AWQ:
-        warn_clip_only(layer, prefix, plan, method_args(recipe))
+    awq = recipe.method is WeightMethod.AWQ
+    plan = plan_subgroups(layer, selected, prefix, gqa_clip_only=awq and not method_args(recipe)["gqa_fold"])
+    if awq:
+        warn_clip_only(layer, prefix, plan)
     probe = None if inputs is None else (lambda: layer_output(layer, inputs, device))
     for sub in plan:
         quantizer = SubgroupQuantizer(sub, layer, recipe, prefix)

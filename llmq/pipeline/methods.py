@@ -58,6 +58,7 @@ def method_args(recipe: WeightRecipe) -> dict[str, Any]:
 class Subgroup:
     names: tuple[str, ...]  # selected Linears reading one input (local names inside the decoder layer)
     mapped: MapSubgroup | None = None  # its entry in the layer's architecture map (AWQ folds into its producer)
+    gqa_clip_only: bool = False  # AWQ's o_proj under GQA without gqa_fold: clipped by choice, not for want of a map
 
     @property
     def producer(self) -> str | None:
@@ -68,43 +69,46 @@ class Subgroup:
         return None if self.mapped is None else self.mapped.block
 
 
-def plan_subgroups(layer: nn.Module, selected: list[str], prefix: str = "layer") -> list[Subgroup]:
+def plan_subgroups(layer: nn.Module, selected: list[str], prefix: str = "layer",
+                   gqa_clip_only: bool = False) -> list[Subgroup]:
     """Split the selected Linears of ``layer`` (local names, module order) into sequential sub-groups:
-    the map's sub-groups first (``llmq.arch.arch_for``), then every other Linear alone."""
-    plan, covered = [], set()
+    the map's sub-groups first (``llmq.arch.arch_for``), then every other Linear alone.
+
+    ``gqa_clip_only`` (AWQ without ``gqa_fold``, ``llmq.options.AWQOptions``): the map's ``v → o`` sub-group
+    under grouped-query attention is planned with the other Linears, alone and after the mapped ones, and
+    AWQ only clips it. The MLP's statistics then come from the float ``o_proj``, as in the reference AWQ
+    (every scale searched on the float layer's inputs); on SmolLM2 that order measured better than
+    clipping ``o_proj`` in its place (docs/quality.md, "AWQ under GQA").
+    """
+    plan, covered, deferred = [], set(), set()
     arch = arch_for(layer)
     if arch is not None:
         check_map(arch, layer, prefix)
         for mapped in arch.subgroups:
             names = tuple(n for n in mapped.consumers if n in selected)
-            if names:
+            if names and gqa_clip_only and mapped.heads and head_groups(layer, mapped)[0] > 1:
+                deferred.update(names)
+            elif names:
                 plan.append(Subgroup(names, mapped))
                 covered.update(names)
-    plan += [Subgroup((n,)) for n in selected if n not in covered]
+    plan += [Subgroup((n,), gqa_clip_only=n in deferred) for n in selected if n not in covered]
     return plan
 
 
-def gqa_clip_only(layer: nn.Module, sub: Subgroup, args: dict[str, Any]) -> bool:
-    """True for AWQ's ``v → o`` sub-group under grouped-query attention with ``gqa_fold`` off
-    (``llmq.options.AWQOptions``): ``o_proj`` is then only clipped."""
-    m = sub.mapped
-    return m is not None and m.heads and not args["gqa_fold"] and head_groups(layer, m)[0] > 1
-
-
-def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup], args: dict[str, Any]) -> None:
+def warn_clip_only(layer: nn.Module, prefix: str, plan: list[Subgroup]) -> None:
     """AWQ on Linears with no producer to fold into only clips: say so, naming each of them (a warning);
     ``o_proj`` under grouped-query attention without ``gqa_fold`` is a choice, logged at INFO."""
-    lone = [f"{prefix}.{n}" for sub in plan if sub.mapped is None for n in sub.names]
+    lone = [f"{prefix}.{n}" for sub in plan if sub.mapped is None and not sub.gqa_clip_only for n in sub.names]
     if lone:
         arch = arch_for(layer)
         why = (f"{type(layer).__name__} has no architecture map (llmq.arch.maps)" if arch is None
                else f"the {arch.family} map has no producer for them")
         warnings.warn(f"AWQ only clips (no activation-aware scales) {len(lone)} Linears because {why}: "
                       f"{', '.join(lone)}", stacklevel=2)
-    tied = [f"{prefix}.{n}" for sub in plan if gqa_clip_only(layer, sub, args) for n in sub.names]
-    if tied:
-        log.info("AWQ only clips %s: grouped-query attention and gqa_fold=False (--method-arg gqa_fold=true "
-                 "folds scales tied across each KV head's query heads into v_proj)", ", ".join(tied))
+    chosen = [f"{prefix}.{n}" for sub in plan if sub.gqa_clip_only for n in sub.names]
+    if chosen:
+        log.info("AWQ only clips %s, after the MLP: grouped-query attention and gqa_fold=False (--method-arg "
+                 "gqa_fold=true folds scales tied across each KV head's query heads into v_proj)", ", ".join(chosen))
 
 
 class SubgroupQuantizer:
@@ -160,7 +164,7 @@ class SubgroupQuantizer:
             out = [g.quantize() for g in self.algos]
         elif r.method is WeightMethod.AWQ:
             s, mapped = None, self.sub.mapped
-            if mapped is not None and not gqa_clip_only(layer, self.sub, a):
+            if mapped is not None:
                 if self.block_loss is not None:
                     self.block_loss.finish_recording()
                 tie = None

@@ -200,3 +200,20 @@ def test_first_call_inside_torch_compile():
     x = torch.randn(3, 128)
     y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(y, model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_storage_bytes_count_the_checkpoint_layout_not_the_backends(bits):
+    """The summary's bits per weight come from ``storage_bytes``: int3 held in the cpu backend's 4-bit
+    containers must still count as the 3.2-bit packing a checkpoint saves (it read 4.375 for int3 g64)."""
+    torch.manual_seed(0)
+    k, n = 160, 64
+    ql = QuantLinear.from_quantized(quantize_weight(torch.randn(n, k), bits, 32, False))
+    canonical = ql.storage_bytes()
+    groups = k // 32
+    expected = pack(torch.zeros(k, n, dtype=torch.uint8), bits).numel() * 4 + groups * n * 2 + groups * n
+    # int32 words, fp16 scales, uint8 zeros
+    assert canonical == expected
+    ql(torch.randn(2, k))  # picks the cpu backend on the CPU and converts qweight to its layout
+    assert ql.qweight_layout != "canonical" or bits not in (3, 4)
+    assert ql.storage_bytes() == canonical

@@ -71,14 +71,15 @@ _WEIGHT = {  # case → (WeightRecipe kwargs, on disk?, MoE family or None)
     "rtn-clip-disk": (dict(bits=3, group_size=32, method="rtn", method_args={"clip": "mse"}), True, None),
     "gptq-memory": (dict(bits=4, group_size=32, method="gptq"), False, None),
     "gptq-disk": (dict(bits=4, group_size=32, symmetric=True, method="gptq"), True, None),
-    "awq-disk": (dict(bits=4, group_size=32, method="awq"), True, None),
+    # the AWQ cases were recorded when AWQ folded o_proj into v_proj under GQA, since opt-in (gqa_fold)
+    "awq-disk": (dict(bits=4, group_size=32, method="awq", method_args={"gqa_fold": True}), True, None),
     "hqq-disk": (dict(bits=4, group_size=32, method="hqq"), True, None),
     "moe-rtn-disk": (dict(bits=4, group_size=32), True, "mixtral"),
     "moe-rtn-memory": (dict(bits=4, group_size=32), False, "qwen3_moe"),
     "moe-gptq-disk": (dict(bits=4, group_size=32, method="gptq", method_args={"expert_min_tokens": 4}), True,
                       "qwen3_moe"),
-    "moe-awq-disk": (dict(bits=4, group_size=32, method="awq", method_args={"expert_min_tokens": 4}), True,
-                     "mixtral"),
+    "moe-awq-disk": (dict(bits=4, group_size=32, method="awq", method_args={"expert_min_tokens": 4, "gqa_fold": True}),
+                     True, "mixtral"),
 }
 _W8A8 = {  # case → (ActivationRecipe kwargs, on disk?)
     "w8a8-dynamic-disk": (dict(scheme="dynamic", smoothquant_alpha=None), True),
