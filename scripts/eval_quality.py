@@ -1,7 +1,7 @@
 """Regenerate the quality table: SmolLM2-135M perplexity per method and setting.
 
 Every run is a fresh subprocess (so its peak RSS is its own): quantize the
-float model layer by layer (``llmq.pipeline.quantize_layerwise``), then
+float model layer by layer (``llmq.quantize`` on the model folder), then
 evaluate ``llmq.eval.perplexity`` on the held-out BBC text (PEERS.md protocol:
 first 16,384 tokens, 512-token windows, no BOS). Calibration (GPTQ, AWQ) is
 the BBC calibration split (business + sports, odd files), seed 0.
@@ -56,7 +56,8 @@ def run_one(method: str, setting: str, args) -> dict:
     from transformers import AutoTokenizer
 
     from llmq.calibration import CalibrationSpec, calibration_batch
-    from llmq.pipeline import NEEDS_CALIBRATION, quantize_layerwise
+    from llmq.api import quantize
+    from llmq.pipeline import NEEDS_CALIBRATION
     from llmq.recipes import WeightMethod, WeightRecipe
 
     bits, group = ALL_SETTINGS[setting]
@@ -72,7 +73,8 @@ def run_one(method: str, setting: str, args) -> dict:
     recipe = WeightRecipe(bits=bits, group_size=group, symmetric=args.sym or args.levels != "uniform", method=method,
                           zero_point=args.zero_point, method_args=parse_method_args(args.method_arg),
                           levels=args.levels)
-    model, summary = quantize_layerwise(folder, recipe, ids, progress=False)
+    result = quantize(folder, recipe, progress=False, calibration_ids=ids)
+    model, summary = result.model, result.summary
     quant_s, quant_cpu = time.perf_counter() - t0, _cpu_s() - c0
     rss = peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(folder)
