@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -161,27 +160,38 @@ def test_workload_bytes():
     assert Workload(64, 64, 1, act="bf16").act_dtype == torch.bfloat16
 
 
-def test_crossover_compares_the_fused_gemm_at_its_fitted_time(monkeypatch):
+def test_crossover_compares_the_fused_gemm_at_its_fitted_time():
     """The crossover table picks dequantize+cuBLAS from the smallest M where it beats the fused GEMM's
     *fitted* time (predicted / FUSED_GEMM_FIT) at that and every larger M: a GEMM the model calls equal
-    to cuBLAS still loses to dequantize+cuBLAS at 1.06x cuBLAS."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import kernel_cost
+    to cuBLAS still loses to dequantize+cuBLAS at 1.06x cuBLAS. In a subprocess: importing
+    scripts/kernel_cost.py unsets TRITON_INTERPRET (it compiles), which must not leak into this worker."""
+    code = """
+import json, sys
+from types import SimpleNamespace
+sys.path.insert(0, "scripts")
+import kernel_cost
 
-    def fake_run(workloads, device, families, capability, log=None):
-        m = workloads[0].m
-        gemm = 100.0 * m / 256 if m >= 256 else 80.0  # tensor-bound from M = 256 (= "cuBLAS")
-        scratch = gemm * 1.06 + (90.0 if m < 512 else 0.0)  # a dequantize cost that only pays from 512
-        return [SimpleNamespace(kernel="gemm", predicted_us=gemm, picked=True),
-                SimpleNamespace(kernel="scratch+cublas", predicted_us=scratch, picked=True)]
+def fake_run(workloads, device, families, capability, log=None):
+    m = workloads[0].m
+    gemm = 100.0 * m / 256 if m >= 256 else 80.0  # tensor-bound from M = 256 (= "cuBLAS")
+    scratch = gemm * 1.06 + (90.0 if m < 512 else 0.0)  # a dequantize cost that only pays from 512
+    return [SimpleNamespace(kernel="gemm", predicted_us=gemm, picked=True),
+            SimpleNamespace(kernel="scratch+cublas", predicted_us=scratch, picked=True)]
 
-    monkeypatch.setattr(kernel_cost, "run", fake_run)
-    device = kernel_cost.DEVICES["h200"]
-    table, rows = kernel_cost.crossover_table([device], [4], log=None)
-    entry = table["devices"]["h200"]["4"]["large"]
-    assert entry == {"gemv_max_m": 16, "scratch_min_m": 512, "source": "predicted"}
+kernel_cost.run = fake_run
+device = kernel_cost.DEVICES["h200"]
+table, rows = kernel_cost.crossover_table([device], [4], log=None)
+fit = kernel_cost.FUSED_GEMM_FIT
+kernel_cost.FUSED_GEMM_FIT = 1.0  # the raw model
+raw, _ = kernel_cost.crossover_table([device], [4], log=None)
+print(json.dumps({"table": table, "rows": rows, "fit": fit, "raw": raw}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    table = out["table"]
+    assert table["devices"]["h200"]["4"]["large"] == {"gemv_max_m": 16, "scratch_min_m": 512, "source": "predicted"}
     assert table["devices"]["default"] == table["devices"]["h200"]
-    assert all(r["gemm_fitted"] == pytest.approx(r["gemm"] / kernel_cost.FUSED_GEMM_FIT) for r in rows)
-    monkeypatch.setattr(kernel_cost, "FUSED_GEMM_FIT", 1.0)  # the raw model: the GEMM never loses
-    table, _ = kernel_cost.crossover_table([device], [4], log=None)
-    assert table["devices"]["h200"]["4"]["large"]["scratch_min_m"] == 1 << 62
+    assert all(r["gemm_fitted"] == pytest.approx(r["gemm"] / out["fit"]) for r in out["rows"])
+    assert out["raw"]["devices"]["h200"]["4"]["large"]["scratch_min_m"] == 1 << 62  # the GEMM never loses
