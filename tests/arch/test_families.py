@@ -130,7 +130,8 @@ def test_excluded_consumer_is_compensated(caplog):
     """An excluded k_proj still reads input_layernorm: AWQ's fold scales its float columns too."""
     model = tiny_model("llama")
     k_before = model.model.layers[0].self_attn.k_proj.weight.clone()
-    recipe = WeightRecipe(4, 32, False, method="awq", exclude=("lm_head", "*k_proj"))
+    recipe = WeightRecipe(4, 32, False, method="awq", exclude=("lm_head", "*k_proj"),
+                          method_args={"gqa_fold": True})  # every subgroup folds, v -> o under GQA included
     with caplog.at_level(logging.DEBUG, logger="llmq.arch"):
         quantize_model(model, recipe, calibration_ids(), progress=False)
     k = model.model.layers[0].self_attn.k_proj
@@ -182,7 +183,8 @@ def test_maps_are_complete():
 
 @pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen3"])
 def test_layer_by_layer_from_disk(family, tmp_path, caplog):
-    """The disk path (one layer materialised at a time): AWQ and W8A8 + SmoothQuant fold every subgroup."""
+    """The disk path (one layer materialised at a time): AWQ (with gqa_fold) and W8A8 + SmoothQuant fold every
+    subgroup."""
     from llmq.pipeline import quantize_layerwise
     from llmq.w8a8.layerwise import quantize_layerwise_w8a8
 
@@ -190,8 +192,8 @@ def test_layer_by_layer_from_disk(family, tmp_path, caplog):
     model.save_pretrained(tmp_path / family)
     ids = calibration_ids()
     with caplog.at_level(logging.DEBUG, logger="llmq.arch"):
-        quantize_layerwise(tmp_path / family, WeightRecipe(4, 32, False, method="awq"), ids, batch_size=2,
-                           progress=False)
+        quantize_layerwise(tmp_path / family, WeightRecipe(4, 32, False, method="awq", method_args={"gqa_fold": True}),
+                           ids, batch_size=2, progress=False)
         assert {d[:3] for d in folds(caplog)} == expected_folds(model) and len(folds(caplog)) == 8
         caplog.clear()
         quantize_layerwise_w8a8(tmp_path / family, SQ, list(ids.split(1)), batch_size=2, progress=False)
