@@ -9,8 +9,8 @@ the float model, conversion to packed ``QuantLinear``s.
 
 from llmq.qat.distill import DistillResult, distill
 from llmq.qat.fake_levels import FakeLevelsLinear
-from llmq.qat.fake_quant import FakeQuantLinear, fp16_ste, round_ste
+from llmq.qat.fake_quant import FakeQuantLinear, FakeQuantizedLinear, fp16_ste, round_ste
 from llmq.qat.prepare import convert_qat, prepare_qat, qat_parameters
 
-__all__ = ["DistillResult", "FakeLevelsLinear", "FakeQuantLinear", "convert_qat", "distill", "fp16_ste", "prepare_qat",
+__all__ = ["DistillResult", "FakeLevelsLinear", "FakeQuantLinear", "FakeQuantizedLinear", "convert_qat", "distill", "fp16_ste", "prepare_qat",
            "qat_parameters", "round_ste"]

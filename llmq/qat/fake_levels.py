@@ -18,19 +18,15 @@ the latent weights and the scales, as with uniform QAT.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmq.nn.quant_linear import QuantLinear
-from llmq.qat.fake_quant import fp16_ste
+from llmq.qat.fake_quant import FakeQuantizedLinear
 from llmq.quant.levels import level_codes, level_params, lookup, nearest_level
-from llmq.quant.primitives import QuantizedWeight, check_finite, to_groups
+from llmq.quant.primitives import QuantizedWeight, to_groups
 from llmq.recipes import Levels
 
-_MIN_SCALE = torch.finfo(torch.float16).tiny
 
-
-class FakeLevelsLinear(nn.Module):
+class FakeLevelsLinear(FakeQuantizedLinear):
     """An ``nn.Linear`` whose weight is fake-quantized to non-linear levels in every forward.
 
     Parameters and buffers (K = in, N = out features, G = ceil(K / group_size), or 1 per channel,
@@ -49,24 +45,18 @@ class FakeLevelsLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, levels: Levels | str, bits: int, group_size: int | None,
                  name: str = "weight") -> None:
-        super().__init__()
-        check_finite(linear.weight.data, name)
-        self.levels = Levels(levels)
-        if self.levels is Levels.UNIFORM:
+        if Levels(levels) is Levels.UNIFORM:
             raise ValueError(f"{name}: FakeLevelsLinear is for non-uniform levels; uniform QAT is FakeQuantLinear")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.group_size = bits, group_size
-        w = linear.weight.detach().float()
-        self.weight = nn.Parameter(w.clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
-        scale, codebook = level_params(w, self.levels, bits, group_size)  # data-free start, as RTN
+        super().__init__(linear, name)
+        self.levels, self.bits, self.group_size = Levels(levels), bits, group_size
+        scale, codebook = level_params(self.weight.detach(), self.levels, bits, group_size)  # data-free start, as RTN
         self.scale = nn.Parameter(scale)
         self.register_buffer("codebook", codebook.float().contiguous())
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """``[N, K]`` float32: ``codebook[nearest(w/s)] · s`` with clipped-STE / LSQ gradients."""
         n = self.out_features
-        s = fp16_ste(self.scale.clamp(min=_MIN_SCALE))[..., None]  # [N, G, 1]
+        s = self.ste_scale()  # [N, G, 1]
         v = to_groups(self.weight, self.group_size) / s  # [N, G, g], zero-padded
         lo = self.codebook[:, :1, None]  # [T, 1, 1]: the table's range, per row for kmeans
         hi = self.codebook[:, -1:, None]
@@ -76,22 +66,13 @@ class FakeLevelsLinear(nn.Module):
         q = level + (inside - inside.detach())  # value: exactly the level (no rounding); gradient: inside's
         return (q * s).reshape(n, -1)[:, : self.in_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fake_quantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
     @torch.no_grad()
     def quantized_weight(self) -> QuantizedWeight:
         """The level codes, scales and codebook this layer's forward simulates."""
-        scales = self.scale.clamp(min=_MIN_SCALE).to(torch.float16).float()
+        scales = self.stored_scales()
         codes = level_codes(self.weight, scales, self.codebook, self.group_size)
         return QuantizedWeight(codes, scales, None, self.bits, self.group_size, True,
                                codebook=self.codebook.clone(), levels=self.levels.value)
-
-    @torch.no_grad()
-    def to_quant_linear(self) -> QuantLinear:
-        """A ``QuantLinear`` holding exactly the weight ``fake_quantized_weight`` gives."""
-        return QuantLinear.from_quantized(self.quantized_weight(), None if self.bias is None else self.bias.detach())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, levels={self.levels.value}, "

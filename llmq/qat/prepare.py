@@ -7,14 +7,12 @@ from torch import nn
 
 from llmq.model.swap import find_linears, set_submodule
 from llmq.qat.fake_levels import FakeLevelsLinear
-from llmq.qat.fake_quant import FakeQuantLinear
+from llmq.qat.fake_quant import FakeQuantLinear, FakeQuantizedLinear
 from llmq.recipes import Levels, WeightRecipe, ZeroPoint
-
-FAKE_QUANT_LINEARS = (FakeQuantLinear, FakeLevelsLinear)
 
 
 def prepare_qat(model: nn.Module, recipe: WeightRecipe) -> list[str]:
-    """Replace every Linear ``recipe`` selects by a ``FakeQuantLinear`` (in place); returns their names.
+    """Replace every Linear ``recipe`` selects by a fake-quantized one (in place); returns their names.
 
     Only ``recipe.bits``, ``group_size``, ``symmetric`` and ``levels`` matter here: uniform recipes
     get ``FakeQuantLinear`` (asymmetric ones keep integer zeros), non-uniform levels (binary, nf,
@@ -39,7 +37,7 @@ def qat_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
     """``(weights and biases, scales)`` of the model's fake-quantized Linears, for two optimizer groups."""
     weights, scales = [], []
     for m in model.modules():
-        if isinstance(m, FAKE_QUANT_LINEARS):
+        if isinstance(m, FakeQuantizedLinear):
             weights += [m.weight] + ([m.bias] if m.bias is not None else [])
             scales.append(m.scale)
     return weights, scales
@@ -47,7 +45,7 @@ def qat_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
 
 def convert_qat(model: nn.Module) -> int:
     """Replace every fake-quantized Linear by the ``QuantLinear`` it simulates (in place); returns how many."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FAKE_QUANT_LINEARS)]
+    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
     for name in names:
         set_submodule(model, name, model.get_submodule(name).to_quant_linear())
     return len(names)
