@@ -59,7 +59,7 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
                    help="static caches + torch.compile'd decode step (CUDA graphs on a GPU); writes "
                         "bench_compile.json/png (llmq.kv.bench_compile)")
     p.add_argument("--compile-backend", default=None, choices=["inductor", "aot_eager", "eager"],
-                   help="torch.compile backend for --compile (default: inductor on CUDA, eager on CPU)")
+                   help="torch.compile backend for --compile (default: inductor; eager checks the graphs only)")
 
 
 def register(sub) -> None:

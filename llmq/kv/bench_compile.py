@@ -16,9 +16,11 @@ the baseline of the ``vs eager fp`` column. Then the largest batch that fits
 per sequence and its peak minus that cache), run with the prefilled sequence copied to every row,
 and stepped down on OOM or a measured peak over budget.
 
-On CPU (no GPU) it runs the small model with the ``eager`` dynamo backend by default: the
-numbers prove the path works and count graphs (``graphs``, ``graph_breaks``, ``recompiles``
-during the timed steps); they say nothing about GPU speed. The largest batch is then computed only.
+On CPU (no GPU) it runs the small model (fp32) with inductor as well, without CUDA graphs: the cpu
+backend's int4 / int8 kernels lower into the compiled graph (``llmq.nn.cpu_backend``), so the rows
+are the CPU's compiled decode speed (docs/cpu_backend.md); they say nothing about GPU speed.
+``--compile-backend eager`` only checks the graph plumbing, quickly. Every row counts graphs
+(``graphs``, ``graph_breaks``, ``recompiles`` during the timed steps). The largest batch is computed only.
 
 Writes ``bench_compile.json`` (after every run) and ``bench_compile.png`` under ``--out``.
 """
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    backend = args.compile_backend or ("inductor" if cuda else "eager")
+    backend = args.compile_backend or "inductor"
     mode = "reduce-overhead" if cuda and backend == "inductor" else None
     model_name = args.model or ("llama-7b-random" if cuda else "smollm2-135m")
     contexts = args.contexts or ([1024, 8192, 32768] if cuda else [256])
@@ -185,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if cuda else torch.float32
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'unknown'})"
     if not cuda:
-        print(f"No CUDA GPU: --compile runs {model_name} on CPU with the {backend!r} backend, to show the static "
-              f"caches compile into one graph and count graphs; these numbers say nothing about GPU speed.")
+        print(f"No CUDA GPU: --compile runs {model_name} on CPU with the {backend!r} backend (no CUDA graphs); "
+              f"these numbers are the CPU's and say nothing about GPU speed.")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, largest = [], []

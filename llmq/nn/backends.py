@@ -47,6 +47,12 @@ class LinearSpec:
 
 
 class LinearBackend(Protocol):
+    """A way to run ``QuantLinear``'s matmul. Two optional methods, looked up with ``getattr``:
+    ``layout_for(bits, group_size) -> str`` when the qweight layout it reads depends on the scheme
+    (cpu), and ``hold_inputs(layer)``, run when a layer is prepared for it, to build what it derives
+    from the buffers ahead of the first forward (cpu: the kernel's bf16 scales, needed inside
+    ``torch.compile``)."""
+
     name: str
     layout: str
 

@@ -112,6 +112,14 @@ class CpuBackend:
         how = "two calls on the high and low nibbles" if spec.bits == 8 else f"{spec.bits}-bit codes"
         return True, f"torch int4 CPU kernel (_weight_int4pack_mm_for_cpu), {how}, bf16 compute"
 
+    def hold_inputs(self, layer) -> None:
+        """Build the kernel-side scales and zeros of ``layer`` now (once its weight is held in this
+        backend's layout), so that a ``torch.compile``d forward finds them (``_derived``)."""
+        if uses_int8_kernel(layer.bits, layer.group_size):
+            _derived(layer, _int8_params)
+        else:
+            _derived(layer, int4_scale_zeros)
+
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         k, n = layer.in_features, layer.out_features
         int8_kernel = uses_int8_kernel(layer.bits, layer.group_size)
@@ -160,11 +168,21 @@ def _derived(layer, build):
 
     Held outside the layer's buffers (never saved, never moved) and keyed by the buffers' identity and
     version counters, so loading a state dict, ``.to()`` or an in-place edit of ``scales`` invalidates it.
+
+    Inside ``torch.compile`` the tensors built eagerly are used as they are: dynamo cannot trace the
+    data-pointer key, and inductor cannot lower the int4 kernel on scales computed inside the graph
+    (its lowering binds them as a realized buffer). ``CpuBackend.hold_inputs`` builds them whenever the
+    layer is prepared (``llmq.nn.prepare``, ``from_pretrained``, ``.to()``) or converted, so a compiled
+    graph finds them; after editing ``scales`` or ``zero_points`` in place, run ``llmq.nn.prepare(model)``
+    (or one eager forward) before the next compiled call.
     """
     if torch.compiler.is_compiling():
-        # dynamo cannot trace the data-pointer key; inside a graph the few elementwise ops are traced
-        # (and fused) instead of cached
-        return build(layer)
+        cached = layer.__dict__.get("_cpu_kernel_params")
+        if cached is None:
+            raise RuntimeError(
+                "the cpu backend's kernel scales were not built before torch.compile traced this QuantLinear: "
+                "call llmq.nn.prepare(model) before compiling, or run one forward eagerly")
+        return cached[1]
     zp = layer.zero_points
     key = (layer.scales.data_ptr(), layer.scales._version, layer.scales.dtype,
            None if zp is None else (zp.data_ptr(), zp._version))

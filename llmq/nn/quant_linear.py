@@ -194,6 +194,9 @@ class QuantLinear(BackendChoice, nn.Module):
 
     def _hold_inputs_of(self, backend: LinearBackend) -> None:
         self.use_qweight_layout(self.layout_read_by(backend))
+        hold_inputs = getattr(backend, "hold_inputs", None)  # what a backend derives from the buffers (cpu)
+        if hold_inputs is not None:
+            hold_inputs(self)
 
     def layout_read_by(self, backend: LinearBackend) -> str:
         """The qweight layout ``backend`` reads for this layer: ``backend.layout``, or

@@ -4,12 +4,14 @@ Every accepted case is checked against the exact (float64) product with llmq's d
 within the error bound ``llmq.nn.cpu_backend`` documents; declined cases name their reason.
 """
 
+import shutil
+
 import pytest
 import torch
 
 from llmq.nn import QuantLinear, available_backends, choose_backend
 from llmq.nn.backends import LinearSpec, dequantize_packed
-from llmq.nn.cpu_backend import kernel_group
+from llmq.nn.cpu_backend import kernel_group, uses_int8_kernel
 from llmq.nn.cpu_layout import from_cpu, from_cpu_split, int4_order, padded_k, to_cpu, to_cpu_split
 from llmq.quant.packing import pack
 from llmq.quant.primitives import quantize_weight
@@ -200,6 +202,56 @@ def test_first_call_inside_torch_compile():
     x = torch.randn(3, 128)
     y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(y, model(x), atol=0, rtol=0)
+
+
+_CXX = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                          reason="inductor on the CPU compiles C++: no C++ compiler on this machine")
+
+
+@_CXX
+@pytest.mark.parametrize("bits, group", [(4, 64), (3, 32), (8, None), (8, 32)], ids=["int4", "int3", "int8", "int8-g32"])
+def test_inductor_compiles_the_kernels(bits, group):
+    """Inductor lowers torch's int4 kernel only on scales built outside the graph: a compiled decode step
+    (M = 1) runs the cpu backend (the scales were computed in the graph before, and inductor's lowering
+    failed with an AssertionError on them). The kernels' outputs match eager bit for bit; the int8
+    kernel's fp32 zero correction (asymmetric, ``rowsum(x)·(128 − zero)·s``) is fused by inductor and may
+    round differently, so every case is also held to the documented error bound."""
+    torch.manual_seed(0)
+    layer, qw, b = _layer(128, 64, bits, group, False)
+    x = torch.randn(1, 1, 128)
+    assert layer.backend_for(x).name == "cpu"
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend="inductor", fullgraph=True)(x)
+    exact = x.double() @ qw.dequantize().double().t() + b.double()
+    assert ((y.double() - exact).abs().reshape(1, -1) <= error_bound(layer, x)).all()
+    if not uses_int8_kernel(bits, group):
+        torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+
+
+def test_compiled_forward_follows_prepare_after_an_in_place_edit():
+    """Inside a graph the kernel scales built eagerly are used; ``llmq.nn.prepare`` rebuilds them after
+    an in-place edit of the scales, and the compiled forward then follows the edit."""
+    from llmq.nn import prepare
+
+    layer, _, _ = _layer(128, 64, 4, 32, False)
+    x = torch.randn(2, 128)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    before = compiled(x)
+    with torch.no_grad():
+        layer.scales.mul_(2)
+    prepare(layer)
+    after = compiled(x)
+    torch.testing.assert_close(after, layer(x), atol=0, rtol=0)
+    assert not torch.equal(after, before)
+
+
+def test_compile_without_built_kernel_scales_names_the_fix():
+    layer, _, _ = _layer(128, 64, 4, 32, False)
+    del layer.__dict__["_cpu_kernel_params"]  # built at construction (prepare); dropped to show the message
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"llmq\.nn\.prepare\(model\) before compiling"):
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(torch.randn(2, 128))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
