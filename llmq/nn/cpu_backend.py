@@ -172,8 +172,8 @@ def _derived(layer, build):
     Inside ``torch.compile`` the tensors built eagerly are used as they are: dynamo cannot trace the
     data-pointer key, and inductor cannot lower the int4 kernel on scales computed inside the graph
     (its lowering binds them as a realized buffer). ``CpuBackend.hold_inputs`` builds them whenever the
-    layer is prepared (``llmq.nn.prepare``, ``from_pretrained``, ``.to()``) or converted, so a compiled
-    graph finds them; after editing ``scales`` or ``zero_points`` in place, run ``llmq.nn.prepare(model)``
+    layer is prepared (``llmq.nn.prepare``, ``from_pretrained``, ``.to()``), and every eager forward checks
+    them, so a compiled graph finds them; after editing ``scales`` or ``zero_points`` in place, run ``llmq.nn.prepare(model)``
     (or one eager forward) before the next compiled call.
     """
     if torch.compiler.is_compiling():
